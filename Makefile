@@ -1,0 +1,29 @@
+# Fiddler reproduction: common tasks. `make help` lists them.
+PYTHON ?= python3
+TORCH_CPU_PIN := torch==2.13.0
+
+.PHONY: help install test lint format demo reproduce
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed -e 's/:.*## /\t/'
+
+install:  ## install the project and its dev tools (keeps an existing torch; else the CPU wheel)
+	$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install $(TORCH_CPU_PIN)
+	$(PYTHON) -m pip install -e '.[dev]'
+
+test:  ## run the test suite (CPU)
+	$(PYTHON) -m pytest -q
+
+lint:  ## ruff check and format check
+	$(PYTHON) -m ruff check .
+	$(PYTHON) -m ruff format --check .
+
+format:  ## apply ruff's formatting and safe fixes
+	$(PYTHON) -m ruff check --fix .
+	$(PYTHON) -m ruff format .
+
+demo:  ## generate from the small preset on the CPU (random weights, Mixtral vocabulary)
+	$(PYTHON) -m fiddler generate --model mixtral-small --device cpu --prompt "The capital of France is" --max-new-tokens 16
+
+reproduce:  ## the paper's sweep: arrives with the harness (issue 5); not implemented yet
+	@echo "make reproduce is not implemented yet: the harness (issue 5) provides it. Try 'make demo'." >&2; exit 1

@@ -1,0 +1,3 @@
+from fiddler.cli import main
+
+raise SystemExit(main())

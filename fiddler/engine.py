@@ -1,0 +1,159 @@
+"""The engine: prefill, decode steps, the KV cache and beam reordering, CUDA graphs for decode.
+
+Contract: an ``Engine`` wraps a ``MixtralModel`` (dense weights + an expert executor). A
+generation calls ``begin(batch, seq_len)``, ``prefill`` once for the prompt (one sequence),
+``expand(batch)`` to give every beam the prompt's cache, then ``decode`` once per new token,
+and ``reorder`` whenever beams are re-selected. Logits come back as float32 on the model's
+device. On CUDA, when the executor is capturable, each decode batch size is recorded once as a
+CUDA graph and replayed (the cache and inputs are static buffers); otherwise steps run eagerly.
+The engine knows nothing about tokenization or sampling.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from fiddler.config import ModelConfig
+from fiddler.loading import load_dense, load_expert_stack
+from fiddler.model import KVCache, MixtralModel
+from fiddler.moe import ResidentExperts
+from fiddler.weights import WeightSource
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+GRAPH_WARMUP_STEPS = 2  # eager runs on a side stream before capture, as torch's graph docs ask
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise ValueError(f"--dtype must be one of {sorted(DTYPES)}, got {name!r}")
+    return DTYPES[name]
+
+
+class DecodeGraph:
+    """One decode step for a fixed batch size, recorded as a CUDA graph over static buffers."""
+
+    def __init__(self, model: MixtralModel, cache: KVCache, tokens: torch.Tensor, position: int):
+        device = model.device
+        self.tokens = tokens.detach().clone().view(-1, 1)
+        self.positions = torch.tensor([position], device=device, dtype=torch.long)
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(GRAPH_WARMUP_STEPS):  # rewrites the same cache slot with the same values
+                model.forward(self.tokens, self.positions, cache)
+        torch.cuda.current_stream(device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = model.forward(self.tokens, self.positions, cache)
+
+    def run(self, tokens: torch.Tensor, position: int) -> torch.Tensor:
+        self.tokens.copy_(tokens.view(-1, 1))
+        self.positions.fill_(position)
+        self.graph.replay()
+        return self.logits
+
+
+class Engine:
+    def __init__(self, model: MixtralModel, cuda_graphs: bool = True):
+        self.model = model
+        self.config: ModelConfig = model.config
+        self.device = model.device
+        self.use_graphs = cuda_graphs and self.device.type == "cuda" and model.experts.capturable
+        self.cache: KVCache | None = None
+        self.length = 0  # filled cache positions
+        self.batch = 0
+        self._graphs: dict[int, DecodeGraph] = {}
+        self._graph_failure: str | None = None
+
+    @classmethod
+    def resident(
+        cls,
+        source: WeightSource,
+        device: torch.device | str,
+        dtype: torch.dtype,
+        max_seq_len: int,
+        expert_strategy: str = "auto",
+        cuda_graphs: bool = True,
+    ) -> Engine:
+        """The whole model on ``device`` (the upper bound when it fits)."""
+        dense = load_dense(source, device, dtype)
+        stacks = [load_expert_stack(source, layer, device, dtype) for layer in range(source.config.num_layers)]
+        experts = ResidentExperts([s[0] for s in stacks], [s[1] for s in stacks], strategy=expert_strategy)
+        model = MixtralModel(source.config, dense, experts, max_seq_len=max_seq_len)
+        return cls(model, cuda_graphs=cuda_graphs)
+
+    # ---- one generation ----------------------------------------------------------------
+
+    def begin(self, batch: int, seq_len: int) -> None:
+        """Make room for ``batch`` sequences of up to ``seq_len`` tokens (prompt + new)."""
+        limit = min(self.model.max_seq_len, self.config.max_position_embeddings)
+        if seq_len > limit:
+            raise ValueError(
+                f"prompt + new tokens = {seq_len} exceeds this model's context of {limit} tokens; "
+                "shorten the prompt or lower --max-new-tokens"
+            )
+        cache = self.cache
+        if cache is None or cache.batch != batch or cache.seq_len < seq_len:
+            self.cache = None
+            self._graphs.clear()  # graphs point at the old cache
+            self.cache = KVCache.allocate(self.config, batch, seq_len, self.device, self.model.dtype)
+        self.batch = batch
+        self.length = 0
+
+    def prefill(self, prompt: torch.Tensor) -> torch.Tensor:
+        """prompt: [T] token ids for one sequence (row 0) -> logits [1, V]."""
+        assert self.cache is not None, "call begin() first"
+        tokens = prompt.to(self.device).view(1, -1)
+        num_tokens = tokens.shape[1]
+        positions = torch.arange(self.length, self.length + num_tokens, device=self.device)
+        row0 = self.cache.rows(1)
+        logits = self.model.forward(tokens, positions, row0, kv_len=self.length + num_tokens)
+        self.length += num_tokens
+        return logits
+
+    def expand(self, batch: int) -> None:
+        """Copy row 0's cache into rows 1..batch-1 (every beam starts from the prompt)."""
+        assert self.cache is not None and batch == self.cache.batch
+        if batch > 1:
+            self.cache.copy_rows_(torch.zeros(batch, dtype=torch.long, device=self.device))
+
+    def reorder(self, source_rows: torch.Tensor) -> None:
+        assert self.cache is not None
+        self.cache.copy_rows_(source_rows.to(self.device))
+
+    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens: [B] the last token of each sequence -> logits [B, V]."""
+        assert self.cache is not None
+        tokens = tokens.to(self.device)
+        position = self.length
+        self.length += 1
+        if self.use_graphs and self._graph_failure is None:
+            logits = self._decode_graph(tokens, position)
+            if logits is not None:
+                return logits
+        positions = torch.tensor([position], device=self.device)
+        return self.model.forward(tokens.view(-1, 1), positions, self.cache, kv_len=position + 1)
+
+    def _decode_graph(self, tokens: torch.Tensor, position: int) -> torch.Tensor | None:
+        batch = tokens.shape[0]
+        graph = self._graphs.get(batch)
+        if graph is None:
+            try:
+                graph = DecodeGraph(self.model, self.cache, tokens, position)
+            except RuntimeError as err:  # an op that cannot be captured: fall back to eager, once
+                self._graph_failure = str(err).splitlines()[0]
+                log.warning("CUDA graph capture failed, decoding eagerly: %s", self._graph_failure)
+                return None
+            self._graphs[batch] = graph
+        return graph.run(tokens, position)
+
+    def stats(self) -> dict[str, object]:
+        return {
+            "cuda_graphs": self.use_graphs and self._graph_failure is None,
+            "cuda_graph_failure": self._graph_failure,
+            **self.model.experts.stats(),
+        }

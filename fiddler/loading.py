@@ -1,0 +1,63 @@
+"""Assemble the model's tensors from a ``WeightSource``, each written straight into the buffer
+where it will live (no intermediate copy of the model).
+
+Contract: ``load_dense`` gives the non-expert weights on one device, with q/k/v fused;
+``load_expert_stack`` gives one layer's experts stacked as w13 [X, 2F, D] (w1 rows, then w3
+rows) and w2 [X, D, F]; ``load_expert_into`` fills one expert's w13 / w2 buffers wherever
+they are (GPU, pinned host memory).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fiddler.config import ModelConfig
+from fiddler.model import DenseWeights, LayerWeights
+from fiddler.weights import EMBED, FINAL_NORM, LM_HEAD, WeightSource, dense_layer_names, expert_name, load
+
+
+def load_dense(source: WeightSource, device: torch.device | str, dtype: torch.dtype) -> DenseWeights:
+    cfg = source.config
+    layers = []
+    for layer in range(cfg.num_layers):
+        names = dense_layer_names(layer)
+        wqkv = torch.empty(cfg.q_size + 2 * cfg.kv_size, cfg.hidden_size, device=device, dtype=dtype)
+        q, k, v = wqkv.split((cfg.q_size, cfg.kv_size, cfg.kv_size))
+        for part, role in ((q, "wq"), (k, "wk"), (v, "wv")):
+            source.load_into(names[role], part)
+        layers.append(
+            LayerWeights(
+                attn_norm=load(source, names["attn_norm"], device, dtype),
+                wqkv=wqkv,
+                wo=load(source, names["wo"], device, dtype),
+                moe_norm=load(source, names["moe_norm"], device, dtype),
+                router=load(source, names["router"], device, dtype),
+            )
+        )
+    embed = load(source, EMBED, device, dtype)
+    lm_head = embed if cfg.tie_word_embeddings else load(source, LM_HEAD, device, dtype)
+    return DenseWeights(embed=embed, layers=layers, norm=load(source, FINAL_NORM, device, dtype), lm_head=lm_head)
+
+
+def load_expert_into(source: WeightSource, layer: int, expert: int, w13: torch.Tensor, w2: torch.Tensor) -> None:
+    w1, w3 = w13.chunk(2, dim=0)
+    source.load_into(expert_name(layer, expert, "w1"), w1)
+    source.load_into(expert_name(layer, expert, "w3"), w3)
+    source.load_into(expert_name(layer, expert, "w2"), w2)
+
+
+def expert_shapes(config: ModelConfig) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(w13 shape, w2 shape) of one expert."""
+    return (2 * config.intermediate_size, config.hidden_size), (config.hidden_size, config.intermediate_size)
+
+
+def load_expert_stack(
+    source: WeightSource, layer: int, device: torch.device | str, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    cfg = source.config
+    w13_shape, w2_shape = expert_shapes(cfg)
+    w13 = torch.empty(cfg.num_experts, *w13_shape, device=device, dtype=dtype)
+    w2 = torch.empty(cfg.num_experts, *w2_shape, device=device, dtype=dtype)
+    for expert in range(cfg.num_experts):
+        load_expert_into(source, layer, expert, w13[expert], w2[expert])
+    return w13, w2
