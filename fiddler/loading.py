@@ -4,16 +4,29 @@ where it will live (no intermediate copy of the model).
 Contract: ``load_dense`` gives the non-expert weights on one device, with q/k/v fused;
 ``load_expert_stack`` gives one layer's experts stacked as w13 [X, 2F, D] (w1 rows, then w3
 rows) and w2 [X, D, F]; ``load_expert_into`` fills one expert's w13 / w2 buffers wherever
-they are (GPU, pinned host memory).
+they are (GPU, pinned host memory); ``load_host_weights`` puts every expert (and optionally
+every dense tensor) into one page-locked ``HostArena``.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from fiddler.config import ModelConfig
+from fiddler.host_memory import HostArena, aligned_size
 from fiddler.model import DenseWeights, LayerWeights
-from fiddler.weights import EMBED, FINAL_NORM, LM_HEAD, WeightSource, dense_layer_names, expert_name, load
+from fiddler.weights import (
+    EMBED,
+    FINAL_NORM,
+    LM_HEAD,
+    WeightSource,
+    dense_layer_names,
+    expert_name,
+    load,
+    tensor_shapes,
+)
 
 
 def load_dense(source: WeightSource, device: torch.device | str, dtype: torch.dtype) -> DenseWeights:
@@ -61,3 +74,41 @@ def load_expert_stack(
     for expert in range(cfg.num_experts):
         load_expert_into(source, layer, expert, w13[expert], w2[expert])
     return w13, w2
+
+
+@dataclasses.dataclass
+class HostWeights:
+    arena: HostArena
+    experts: list[list[tuple[torch.Tensor, torch.Tensor]]]  # [layer][expert] -> (w13, w2)
+    dense: dict[str, torch.Tensor]  # checkpoint name -> tensor (empty unless asked for)
+
+    def close(self) -> None:
+        self.experts, self.dense = [], {}
+        self.arena.close()
+
+
+def load_host_weights(
+    source: WeightSource, dtype: torch.dtype, pin: bool = True, include_dense: bool = False
+) -> HostWeights:
+    """Every expert (w13 and w2 of one expert adjacent) and, if asked, every dense tensor, in
+    one host arena, page-locked when CUDA is present."""
+    cfg = source.config
+    element = torch.empty((), dtype=dtype).element_size()
+    w13_shape, w2_shape = expert_shapes(cfg)
+    dense_shapes = {n: s for n, s in tensor_shapes(cfg).items() if ".experts." not in n} if include_dense else {}
+    sizes = [torch.Size(s).numel() * element for s in dense_shapes.values()]
+    sizes += [torch.Size(s).numel() * element for _ in range(cfg.num_expert_slots) for s in (w13_shape, w2_shape)]
+    arena = HostArena(aligned_size(sizes), pin=pin)
+    dense = {}
+    for name, shape in dense_shapes.items():
+        dense[name] = arena.take(shape, dtype)
+        source.load_into(name, dense[name])
+    experts = []
+    for layer in range(cfg.num_layers):
+        row = []
+        for expert in range(cfg.num_experts):
+            w13, w2 = arena.take(w13_shape, dtype), arena.take(w2_shape, dtype)
+            load_expert_into(source, layer, expert, w13, w2)
+            row.append((w13, w2))
+        experts.append(row)
+    return HostWeights(arena=arena, experts=experts, dense=dense)

@@ -52,7 +52,7 @@ def grouped_mm_supported(device: torch.device, dtype: torch.dtype) -> bool:
         return False
     try:
         a = torch.ones(2, 16, device=device, dtype=dtype)
-        b = torch.ones(2, 16, 16, device=device, dtype=dtype)
+        b = torch.ones(2, 16, 16, device=device, dtype=dtype).transpose(-2, -1)  # the layout used below
         torch._grouped_mm(a, b, offs=torch.tensor([1, 2], device=device, dtype=torch.int32))
         return True
     except (RuntimeError, NotImplementedError):
@@ -87,8 +87,8 @@ class ResidentExperts:
         num_experts = self.w13[layer].shape[0]
         flat = routing.experts.reshape(-1)  # [N*K]
         order = torch.argsort(flat, stable=True)
-        # one_hot().sum() rather than bincount: bincount sizes its output on the host.
-        counts = F.one_hot(flat, num_experts).sum(dim=0)
+        # A comparison, not bincount or one_hot: those read values on the host (no graph capture).
+        counts = (flat[:, None] == torch.arange(num_experts, device=flat.device)).sum(dim=0)
         offsets = counts.cumsum(dim=0).to(torch.int32)
         rows = hidden.index_select(0, order // top_k)
         gate_up = torch._grouped_mm(rows, self.w13[layer].transpose(-2, -1), offs=offsets)
