@@ -1,8 +1,8 @@
 """GPU-host experiment for the engine core (issue 2), one call does all of it:
 
 1. host: materialise the whole model's random weights (bf16) into one page-locked host arena
-   (map, parallel first touch, cudaHostRegister, fill from GPU-generated values), timed by
-   phase, after a small probe of arena variants; then host->device bandwidth from that arena.
+   (chunks touched and registered by worker threads while the GPU fills ready ones), timed;
+   then host->device bandwidth of one expert from that arena.
 2. engine: the whole model resident on the GPU; decode ms/token with the grouped expert path
    in a CUDA graph, the same eagerly, and the per-expert loop; teacher-forced logits kept.
 3. transformers: ``MixtralForCausalLM`` on the same weights (built on meta, assigned), one
@@ -30,12 +30,9 @@ from fiddler.config import resolve_model
 from fiddler.engine import Engine, parse_dtype
 from fiddler.generate import GenerationSettings, generate
 from fiddler.hf_reference import build_transformers_model
-from fiddler.host_memory import HostArena
 from fiddler.loading import load_host_weights
 from fiddler.timing import Clock
 from fiddler.weights import RandomWeights
-
-GIB = 1 << 30
 
 
 def write_atomic(path: Path, payload: dict) -> None:
@@ -85,23 +82,13 @@ def peak_gb() -> float | None:
     return torch.cuda.max_memory_allocated() / 1e9 if torch.cuda.is_available() else None
 
 
-def host_phase(config, seed: int, probe_bytes: int) -> dict:
+def host_phase(config, seed: int) -> dict:
     clock = Clock("cuda")
-    probes = []
-    for name, huge, touch in (
-        ("register-only", False, False),
-        ("touch+register", False, True),
-        ("hugepage+touch+register", True, True),
-    ):
-        arena = HostArena(probe_bytes, pin=True, huge_pages=huge, touch=touch)
-        probes.append({"variant": name, "gb": probe_bytes / 1e9, **arena.phases_s})
-        arena.close()
     start = clock.now()
     source = RandomWeights(config, seed=seed, generator_device="cuda")
     host = load_host_weights(source, torch.bfloat16, pin=True, include_dense=True)
     total = clock.now() - start
-    phases = dict(host.arena.phases_s)
-    phases["fill"] = total - sum(phases.values())
+    phases = dict(host.arena.timings)
     # host -> device bandwidth of one expert from the arena
     w13, w2 = host.experts[0][0]
     dst13, dst2 = torch.empty_like(w13, device="cuda"), torch.empty_like(w2, device="cuda")
@@ -115,7 +102,6 @@ def host_phase(config, seed: int, probe_bytes: int) -> dict:
     spot = torch.empty_like(dst2)
     source.load_into("model.layers.0.block_sparse_moe.experts.0.w2.weight", spot)
     result = {
-        "probe": probes,
         "model_gb": host.arena.offset / 1e9,
         "total_s": total,
         "phases_s": phases,
@@ -235,7 +221,6 @@ def main() -> int:
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--probe-gib", type=float, default=8.0)
     parser.add_argument("--skip-host", action="store_true")
     args = parser.parse_args()
 
@@ -257,7 +242,7 @@ def main() -> int:
     }
     write_atomic(path, record)
     if device.type == "cuda" and not args.skip_host:
-        record["host"] = host_phase(config, args.seed, int(args.probe_gib * GIB))
+        record["host"] = host_phase(config, args.seed)
         print("host", json.dumps(record["host"]), flush=True)
         write_atomic(path, record)
         release()

@@ -1,19 +1,25 @@
-"""Large page-locked host buffers for expert weights, and filling them fast.
+"""Large page-locked host buffers for weights, prepared in parallel with filling them.
 
-Contract: ``HostArena(nbytes, pin)`` is one anonymous mapping, advised to use transparent huge
-pages, whose pages are touched in parallel and then registered with ``cudaHostRegister``
-when ``pin`` is true and CUDA is present (torch's pinned allocator rounds every block up to a
-power of two, so a 93 GB model would not fit a 125 GB host). ``take(shape, dtype)`` hands out
-aligned tensor views in order, like a bump allocator. Without CUDA the arena is ordinary
-memory, so the same code runs in CPU tests. ``HostArena.phases_s`` records how long each step
-took (map, touch, register), for the run record.
+Contract: ``HostArena(block_sizes, pin)`` lays the blocks out (page-aligned, in order) in one
+anonymous mapping advised to use transparent huge pages. The mapping is prepared in chunks of
+whole blocks by worker threads: each chunk's pages are touched (the kernel zeroes fresh
+memory; a fresh VM also backs it on first touch, the slow part) and, when ``pin`` is true
+and CUDA is present, registered with ``cudaHostRegister`` (torch's pinned allocator rounds
+every block up to a power of two, so a 93 GB model would not fit a 125 GB host that way).
+``take(shape, dtype)`` returns the next block as a tensor view once its chunk is ready, so the
+caller fills early chunks while later ones are still being prepared. No block straddles two
+registrations, so every copy from a block is one DMA. Without CUDA the arena is ordinary
+memory and the same code runs in CPU tests. ``timings`` records the preparation work.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import mmap
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
@@ -21,60 +27,124 @@ from fiddler.timing import Clock
 
 ALIGNMENT = 4096  # bytes; page-aligned views keep DMA transfers on their fast path
 TOUCH_STRIDE = 4096  # write one byte per base page: every page gets faulted in
+CHUNK_BYTES = 1 << 30  # unit of parallel preparation and of registration
+PREPARE_WORKERS = 8
+
+
+@dataclasses.dataclass
+class _Chunk:
+    start: int
+    end: int
+    ready: Future | None = None
+    registered: bool = False
+
+
+def nbytes_of(shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    return math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+
+
+def _align(offset: int) -> int:
+    return -(-offset // ALIGNMENT) * ALIGNMENT
 
 
 class HostArena:
-    def __init__(self, nbytes: int, pin: bool = True, huge_pages: bool = True, touch: bool = True):
-        if nbytes <= 0:
-            raise ValueError(f"arena size must be positive, got {nbytes}")
-        self.nbytes = nbytes
-        self.offset = 0
-        self.pinned = False
-        self.phases_s: dict[str, float] = {}
-        clock = Clock("cpu")
-        start = clock.now()
-        self._map = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    def __init__(
+        self,
+        block_sizes: list[int],
+        pin: bool = True,
+        huge_pages: bool = True,
+        chunk_bytes: int = CHUNK_BYTES,
+        workers: int = PREPARE_WORKERS,
+    ):
+        if not block_sizes or min(block_sizes) <= 0:
+            raise ValueError("an arena needs at least one block, all of positive size")
+        self.offsets: list[int] = []
+        end = 0
+        for size in block_sizes:
+            self.offsets.append(_align(end))
+            end = self.offsets[-1] + size
+        self.sizes = list(block_sizes)
+        self.nbytes = end
+        self.next_block = 0
+        self.pin = pin and torch.cuda.is_available()
+        self.timings: dict[str, float] = {"touch_s_sum": 0.0, "register_s_sum": 0.0}
+        self._clock = Clock("cpu")
+        self._started = self._clock.now()
+        self._map = mmap.mmap(-1, self.nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         if huge_pages and hasattr(mmap, "MADV_HUGEPAGE"):
             self._map.madvise(mmap.MADV_HUGEPAGE)
         self.bytes = torch.frombuffer(self._map, dtype=torch.uint8)
-        self.phases_s["map"] = clock.now() - start
-        if touch:
-            start = clock.now()
-            # One strided fill: torch spreads it over its intra-op threads, so the kernel's page
-            # zeroing runs on every core instead of one.
-            self.bytes[::TOUCH_STRIDE].fill_(0)
-            self.phases_s["touch"] = clock.now() - start
-        if pin and torch.cuda.is_available():
-            start = clock.now()
-            err = torch.cuda.cudart().cudaHostRegister(self.bytes.data_ptr(), nbytes, 0)
+        self._chunks, self._chunk_of_block = self._plan_chunks(chunk_bytes)
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="host-arena")
+        for chunk in self._chunks:
+            chunk.ready = self._pool.submit(self._prepare, chunk)
+
+    def _plan_chunks(self, chunk_bytes: int) -> tuple[list[_Chunk], list[int]]:
+        """Group consecutive whole blocks into chunks of about ``chunk_bytes``;
+        returns the chunks and, per block, the index of its chunk."""
+        chunks: list[_Chunk] = []
+        chunk_of_block: list[int] = []
+        start = 0
+        for offset, size in zip(self.offsets, self.sizes, strict=True):
+            chunk_of_block.append(len(chunks))
+            end = offset + size
+            if end - start >= chunk_bytes:
+                chunks.append(_Chunk(start, _align(end)))
+                start = _align(end)
+        if start < self.nbytes:
+            chunks.append(_Chunk(start, self.nbytes))
+        chunks[-1].end = self.nbytes
+        return chunks, chunk_of_block
+
+    def _prepare(self, chunk: _Chunk) -> None:
+        t0 = self._clock.now()
+        self.bytes[chunk.start : chunk.end : TOUCH_STRIDE].fill_(0)
+        t1 = self._clock.now()
+        with self._lock:
+            self.timings["touch_s_sum"] += t1 - t0
+        if self.pin:
+            err = torch.cuda.cudart().cudaHostRegister(self.bytes[chunk.start :].data_ptr(), chunk.end - chunk.start, 0)
             code = int(getattr(err, "value", err))
             if code != 0:
-                raise RuntimeError(f"cudaHostRegister of {nbytes / 1e9:.1f} GB failed with CUDA error {code}")
-            self.pinned = True
-            self.phases_s["register"] = clock.now() - start
+                raise RuntimeError(
+                    f"cudaHostRegister of {(chunk.end - chunk.start) / 1e9:.2f} GB failed with CUDA error {code}"
+                )
+            chunk.registered = True
+            with self._lock:
+                self.timings["register_s_sum"] += self._clock.now() - t1
+
+    @property
+    def pinned(self) -> bool:
+        return self.pin and all(c.registered for c in self._chunks)
+
+    def wait_ready(self) -> float:
+        """Block until every chunk is prepared; seconds since the arena was created."""
+        for chunk in self._chunks:
+            chunk.ready.result()
+        self.timings["prepared_after_s"] = self._clock.now() - self._started
+        return self.timings["prepared_after_s"]
 
     def take(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        """The next aligned view of ``shape`` (raises when the arena is full)."""
-        size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-        start = -(-self.offset // ALIGNMENT) * ALIGNMENT
-        if start + size > self.nbytes:
-            raise MemoryError(f"host arena of {self.nbytes} bytes cannot hold {size} more at offset {start}")
-        self.offset = start + size
+        """The next block, as a tensor of ``shape`` and ``dtype``, once its memory is ready."""
+        index = self.next_block
+        if index >= len(self.sizes):
+            raise MemoryError(f"host arena has only {len(self.sizes)} blocks")
+        size = nbytes_of(shape, dtype)
+        if size != self.sizes[index]:
+            raise ValueError(f"block {index} holds {self.sizes[index]} bytes, not {size} for {shape} {dtype}")
+        self._chunks[self._chunk_of_block[index]].ready.result()  # re-raises a preparation error
+        self.next_block += 1
+        start = self.offsets[index]
         return self.bytes[start : start + size].view(dtype).view(shape)
 
     def close(self) -> None:
         """Unregister and unmap. Views taken from the arena must not be used afterwards."""
-        if self.pinned:
-            torch.cuda.cudart().cudaHostUnregister(self.bytes.data_ptr())
-            self.pinned = False
+        self._pool.shutdown(wait=True)
+        for chunk in self._chunks:
+            if chunk.registered:
+                torch.cuda.cudart().cudaHostUnregister(self.bytes[chunk.start :].data_ptr())
+                chunk.registered = False
         del self.bytes
         with contextlib.suppress(BufferError):  # views still alive: the mapping goes when they do
             self._map.close()
-
-
-def aligned_size(sizes: list[int]) -> int:
-    """Bytes an arena needs to hand out blocks of these sizes with ``take``."""
-    total = 0
-    for size in sizes:
-        total = -(-total // ALIGNMENT) * ALIGNMENT + size
-    return total

@@ -15,7 +15,7 @@ import dataclasses
 import torch
 
 from fiddler.config import ModelConfig
-from fiddler.host_memory import HostArena, aligned_size
+from fiddler.host_memory import HostArena, nbytes_of
 from fiddler.model import DenseWeights, LayerWeights
 from fiddler.weights import (
     EMBED,
@@ -93,12 +93,11 @@ def load_host_weights(
     """Every expert (w13 and w2 of one expert adjacent) and, if asked, every dense tensor, in
     one host arena, page-locked when CUDA is present."""
     cfg = source.config
-    element = torch.empty((), dtype=dtype).element_size()
     w13_shape, w2_shape = expert_shapes(cfg)
     dense_shapes = {n: s for n, s in tensor_shapes(cfg).items() if ".experts." not in n} if include_dense else {}
-    sizes = [torch.Size(s).numel() * element for s in dense_shapes.values()]
-    sizes += [torch.Size(s).numel() * element for _ in range(cfg.num_expert_slots) for s in (w13_shape, w2_shape)]
-    arena = HostArena(aligned_size(sizes), pin=pin)
+    sizes = [nbytes_of(s, dtype) for s in dense_shapes.values()]
+    sizes += [nbytes_of(s, dtype) for _ in range(cfg.num_expert_slots) for s in (w13_shape, w2_shape)]
+    arena = HostArena(sizes, pin=pin)
     dense = {}
     for name, shape in dense_shapes.items():
         dense[name] = arena.take(shape, dtype)
