@@ -88,6 +88,7 @@ def host_phase(config, seed: int) -> dict:
     source = RandomWeights(config, seed=seed, generator_device="cuda")
     host = load_host_weights(source, torch.bfloat16, pin=True, include_dense=True)
     total = clock.now() - start
+    host.arena.wait_ready()
     phases = dict(host.arena.timings)
     # host -> device bandwidth of one expert from the arena
     w13, w2 = host.experts[0][0]
@@ -102,7 +103,7 @@ def host_phase(config, seed: int) -> dict:
     spot = torch.empty_like(dst2)
     source.load_into("model.layers.0.block_sparse_moe.experts.0.w2.weight", spot)
     result = {
-        "model_gb": host.arena.offset / 1e9,
+        "model_gb": host.arena.nbytes / 1e9,
         "total_s": total,
         "phases_s": phases,
         "pinned": host.arena.pinned,
