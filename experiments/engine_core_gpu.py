@@ -223,6 +223,7 @@ def main() -> int:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip-host", action="store_true")
+    parser.add_argument("--only-host", action="store_true", help="measure the host arena only (a fresh VM)")
     args = parser.parse_args()
 
     out = Path(args.out)
@@ -247,6 +248,8 @@ def main() -> int:
         print("host", json.dumps(record["host"]), flush=True)
         write_atomic(path, record)
         release()
+    if args.only_host:
+        return 0
     engine, sequence, logits = engine_phase(config, args.seed, device, dtype, prompt, args.new_tokens, args.repeats)
     record["engine"] = engine
     write_atomic(path, record)
