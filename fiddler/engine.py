@@ -16,9 +16,13 @@ import logging
 import torch
 
 from fiddler.config import ModelConfig
-from fiddler.loading import load_dense, load_expert_stack
+from fiddler.cost_model import LatencyModel
+from fiddler.cpu_experts import CpuExpertKernel
+from fiddler.loading import load_dense, load_expert_stack, load_host_weights
 from fiddler.model import KVCache, MixtralModel
 from fiddler.moe import ResidentExperts
+from fiddler.orchestrator import FiddlerExecutor
+from fiddler.placement import Placement
 from fiddler.weights import WeightSource
 
 log = logging.getLogger(__name__)
@@ -86,6 +90,35 @@ class Engine:
         model = MixtralModel(source.config, dense, experts, max_seq_len=max_seq_len)
         return cls(model, cuda_graphs=cuda_graphs)
 
+    @classmethod
+    def fiddler(
+        cls,
+        source: WeightSource,
+        device: torch.device | str,
+        dtype: torch.dtype,
+        max_seq_len: int,
+        placement: Placement,
+        latency: LatencyModel,
+        policy: str,
+        cpu_kernel: CpuExpertKernel,
+        staging_slots: int = 2,
+        layer_timing: bool = False,
+    ) -> Engine:
+        """Dense weights and the placement's experts on ``device``; every expert also in
+        page-locked host memory, where the CPU path reads it and copies start from."""
+        device = torch.device(device)
+        dense = load_dense(source, device, dtype)
+        host = load_host_weights(source, dtype, pin=device.type == "cuda")
+        resident = {
+            (layer, expert): tuple(t.to(device) for t in host.experts[layer][expert])
+            for layer, expert in sorted(placement.resident)
+        }
+        executor = FiddlerExecutor(
+            source.config, device, host, resident, placement, latency, policy, cpu_kernel, staging_slots, layer_timing
+        )
+        model = MixtralModel(source.config, dense, executor, max_seq_len=max_seq_len)
+        return cls(model, cuda_graphs=False)
+
     # ---- one generation ----------------------------------------------------------------
 
     def begin(self, batch: int, seq_len: int) -> None:
@@ -103,6 +136,7 @@ class Engine:
             self.cache = KVCache.allocate(self.config, batch, seq_len, self.device, self.model.dtype)
         self.batch = batch
         self.length = 0
+        self.model.experts.reset_stats()
 
     def prefill(self, prompt: torch.Tensor) -> torch.Tensor:
         """prompt: [T] token ids for one sequence (row 0) -> logits [1, V]."""

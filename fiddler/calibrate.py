@@ -1,0 +1,251 @@
+"""Measure this machine's expert latencies; the latency model (``fiddler.cost_model``) reads
+the result. No latency is a constant in code.
+
+Contract: ``calibrate(config, device, dtype, ...)`` returns a JSON-serialisable dictionary,
+schema ``fiddler-calibration`` version 1 (``save_calibration`` writes it atomically):
+
+- ``schema``, ``version``; ``machine``: ``fiddler.machine.machine_identity``; ``created``.
+- ``model``: ``hidden_size``, ``intermediate_size``, ``dtype``, ``expert_bytes``; latencies
+  depend on the expert's shape, so a file only serves models of that shape.
+- ``device`` (the accelerator, or ``cpu`` standing in), ``cpu_threads``, ``cpu_kernel``.
+- ``token_counts``: n values of the curves below (seconds, medians):
+  ``cpu_expert_s`` one expert on the CPU for n tokens, weights not in cache;
+  ``gpu_expert_s`` one expert on the accelerator for n tokens;
+  ``act_d2h_s`` / ``act_h2d_s`` n hidden vectors accelerator->host / host->accelerator.
+- ``copy_expert_s``: one expert's weights host->accelerator from page-locked memory.
+- ``concurrent``: ``cpu_slowdown`` (CPU expert time while copies run / alone) and
+  ``copy_slowdown`` (copy time while CPU experts run / alone); ``measured`` false where there
+  is no accelerator to copy to (then both are 1).
+- derived for reading: ``cpu_weight_gb_per_s`` per n, ``copy_gb_per_s``.
+
+Later versions may add keys (the CPU kernel and simulator issues extend this schema); readers
+ignore keys they do not know, and ``version`` changes only when a key changes meaning.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import statistics
+import threading
+from pathlib import Path
+
+import torch
+
+from fiddler.config import ModelConfig
+from fiddler.cpu_experts import make_kernel, set_cpu_threads
+from fiddler.host_memory import HostArena, nbytes_of
+from fiddler.loading import expert_shapes, load_expert_into
+from fiddler.machine import machine_identity
+from fiddler.moe import expert_ffn
+from fiddler.streams import new_stream, on_stream
+from fiddler.timing import Clock, synchronize
+from fiddler.weights import RandomWeights
+
+SCHEMA = "fiddler-calibration"
+VERSION = 1
+DEFAULT_TOKEN_COUNTS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+QUICK_TOKEN_COUNTS = (1, 4, 16, 64, 256)
+# Experts are read in rotation from a set larger than any CPU's last-level cache, so each
+# CPU measurement streams its weights from memory as a real missing expert does.
+COLD_SET_BYTES = 2_000_000_000
+GPU_INNER_RUNS = 10  # GPU expert runs per timing sample: one run is too short to time alone
+CONCURRENT_COPIES = 24  # copies queued while CPU experts are timed alongside them
+
+
+def _median_time(clock: Clock, fn, repeats: int) -> float:
+    fn()  # warm-up
+    samples = []
+    for _ in range(repeats):
+        start = clock.now()
+        fn()
+        samples.append(clock.now() - start)
+    return statistics.median(samples)
+
+
+class _ColdExperts:
+    """A rotation of distinct experts in (page-locked) host memory."""
+
+    def __init__(self, config: ModelConfig, dtype: torch.dtype, seed: int, device: torch.device):
+        w13_shape, w2_shape = expert_shapes(config)
+        self.expert_bytes = nbytes_of(w13_shape, dtype) + nbytes_of(w2_shape, dtype)
+        count = min(max(2, math.ceil(COLD_SET_BYTES / self.expert_bytes)), config.num_expert_slots)
+        self.arena = HostArena([nbytes_of(w13_shape, dtype), nbytes_of(w2_shape, dtype)] * count, pin=True)
+        source = RandomWeights(config, seed=seed, generator_device=device.type)
+        self.experts = []
+        for index in range(count):
+            layer, expert = divmod(index, config.num_experts)
+            w13, w2 = self.arena.take(w13_shape, dtype), self.arena.take(w2_shape, dtype)
+            load_expert_into(source, layer, expert, w13, w2)
+            self.experts.append((w13, w2))
+        synchronize(device)
+        self._next = 0
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        pair = self.experts[self._next]
+        self._next = (self._next + 1) % len(self.experts)
+        return pair
+
+
+def calibrate(
+    config: ModelConfig,
+    device: torch.device | str,
+    dtype: torch.dtype,
+    cpu_threads: int | None = None,
+    cpu_kernel: str = "torch",
+    token_counts: tuple[int, ...] = DEFAULT_TOKEN_COUNTS,
+    repeats: int = 5,
+    seed: int = 0,
+) -> dict[str, object]:
+    device = torch.device(device)
+    threads = set_cpu_threads(cpu_threads)
+    kernel = make_kernel(cpu_kernel)
+    cold = _ColdExperts(config, dtype, seed, device)
+    host_clock, device_clock = Clock("cpu"), Clock(device)
+    hidden = config.hidden_size
+    generator = torch.Generator().manual_seed(seed)
+
+    cpu_s = []
+    for n in token_counts:
+        x = torch.randn(n, hidden, generator=generator).to(dtype)
+        cpu_s.append(_median_time(host_clock, lambda x=x: kernel(x, *cold.next()), repeats))
+
+    slot13, slot2 = (torch.empty_like(w, device=device) for w in cold.experts[0])
+
+    def copy_one() -> None:
+        w13, w2 = cold.next()
+        slot13.copy_(w13, non_blocking=True)
+        slot2.copy_(w2, non_blocking=True)
+
+    copy_s = _median_time(device_clock, copy_one, repeats)
+
+    gpu_s, d2h_s, h2d_s = [], [], []
+    staging = torch.empty(max(token_counts), hidden, dtype=dtype, pin_memory=device.type == "cuda")
+    for n in token_counts:
+        x = torch.randn(n, hidden, generator=generator).to(device=device, dtype=dtype)
+
+        def gpu_runs(x=x) -> None:
+            for _ in range(GPU_INNER_RUNS):
+                expert_ffn(x, slot13, slot2)
+
+        gpu_s.append(_median_time(device_clock, gpu_runs, repeats) / GPU_INNER_RUNS)
+        d2h_s.append(_median_time(device_clock, lambda x=x, n=n: staging[:n].copy_(x, non_blocking=True), repeats))
+        h2d_s.append(_median_time(device_clock, lambda x=x, n=n: x.copy_(staging[:n], non_blocking=True), repeats))
+
+    concurrent = _measure_concurrency(device, kernel, cold, slot13, slot2, cpu_s[0], copy_s, repeats)
+    cold.arena.close()
+    bytes_ = cold.expert_bytes
+    return {
+        "schema": SCHEMA,
+        "version": VERSION,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine_identity(device),
+        "model": {
+            "hidden_size": config.hidden_size,
+            "intermediate_size": config.intermediate_size,
+            "dtype": str(dtype).removeprefix("torch."),
+            "expert_bytes": bytes_,
+        },
+        "device": device.type,
+        "cpu_threads": threads,
+        "cpu_kernel": kernel.name,
+        "token_counts": list(token_counts),
+        "cpu_expert_s": cpu_s,
+        "gpu_expert_s": gpu_s,
+        "act_d2h_s": d2h_s,
+        "act_h2d_s": h2d_s,
+        "copy_expert_s": copy_s,
+        "concurrent": concurrent,
+        "cpu_weight_gb_per_s": [bytes_ / s / 1e9 for s in cpu_s],
+        "copy_gb_per_s": bytes_ / copy_s / 1e9,
+    }
+
+
+def _measure_concurrency(device, kernel, cold, slot13, slot2, cpu_alone, copy_alone, repeats) -> dict[str, object]:
+    """CPU expert (1 token) while copies stream, and copies while the CPU computes experts."""
+    if device.type != "cuda":
+        return {"measured": False, "cpu_slowdown": 1.0, "copy_slowdown": 1.0}
+    host_clock = Clock("cpu")
+    x = torch.randn(1, slot13.shape[1]).to(slot13.dtype)
+    stream = new_stream(device)
+    with on_stream(stream):  # keep the copy engine busy for the whole CPU measurement
+        for _ in range(CONCURRENT_COPIES):
+            w13, w2 = cold.next()
+            slot13.copy_(w13, non_blocking=True)
+            slot2.copy_(w2, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record(stream)
+    cpu_samples = []
+    while not done.query():
+        start = host_clock.now()
+        kernel(x, *cold.next())
+        if not done.query():  # count only runs that overlapped copies from start to end
+            cpu_samples.append(host_clock.now() - start)
+    done.synchronize()
+
+    stop = threading.Event()
+
+    def cpu_load() -> None:
+        while not stop.is_set():
+            kernel(x, *cold.next())
+
+    worker = threading.Thread(target=cpu_load, daemon=True)
+    worker.start()
+    copy_samples = []
+    with on_stream(stream):
+        for _ in range(max(repeats, 2)):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            w13, w2 = cold.next()
+            start.record(stream)
+            slot13.copy_(w13, non_blocking=True)
+            slot2.copy_(w2, non_blocking=True)
+            end.record(stream)
+            end.synchronize()
+            copy_samples.append(start.elapsed_time(end) / 1e3)
+    stop.set()
+    worker.join()
+    cpu_together = statistics.median(cpu_samples) if cpu_samples else cpu_alone
+    return {
+        "measured": bool(cpu_samples),
+        "cpu_slowdown": cpu_together / cpu_alone,
+        "copy_slowdown": statistics.median(copy_samples) / copy_alone,
+        "cpu_samples": len(cpu_samples),
+    }
+
+
+def save_calibration(calibration: dict[str, object], path: str | Path) -> None:
+    """Write atomically: a crash leaves the old file or the new one, never half of one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(calibration, indent=1))
+    os.replace(tmp, path)
+
+
+def load_calibration(path: str | Path) -> dict[str, object]:
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"calibration file {path} does not exist; make one with 'fiddler calibrate'") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON ({err}); run 'fiddler calibrate' again") from None
+    if not isinstance(data, dict) or data.get("schema") != SCHEMA:
+        raise ValueError(f"{path} is not a fiddler calibration file (schema {SCHEMA!r})")
+    if data.get("version") != VERSION:
+        raise ValueError(f"{path} has calibration version {data.get('version')}; this code reads {VERSION}")
+    return data
+
+
+def calibration_matches(calibration: dict[str, object], config: ModelConfig, dtype: torch.dtype) -> str | None:
+    """None when the file serves this model, else what differs."""
+    model = calibration["model"]
+    wanted = {
+        "hidden_size": config.hidden_size,
+        "intermediate_size": config.intermediate_size,
+        "dtype": str(dtype).removeprefix("torch."),
+    }
+    diffs = [f"{k} {model.get(k)} != {v}" for k, v in wanted.items() if model.get(k) != v]
+    return "; ".join(diffs) or None

@@ -1,0 +1,251 @@
+"""Fiddler's MoE executor: GPU-resident experts on the accelerator, missing experts on the CPU
+(activations cross) or copied into staging buffers, as each layer's plan says.
+
+Contract: ``FiddlerExecutor`` is an ``ExpertExecutor``. Per layer it reads the routing on the
+host (one synchronisation), asks ``fiddler.planner.plan_layer`` for a plan, then runs the
+plan with the paths overlapping: copies are queued on a side stream into reusable staging
+slots (a slot is reused only after the accelerator has finished with it); the CPU experts'
+activations go down in one transfer and a worker thread computes them while the accelerator
+runs the resident experts and then each copied expert once its copy has landed; the CPU
+results come back in one transfer. Outputs are identical, up to summation order, to running
+every expert in one place. ``stats()`` counts what ran where and what crossed PCIe:
+``h2d_bytes`` = copied expert weights + CPU results, ``d2h_bytes`` = activations sent to the
+CPU + the routing read on the host.
+
+Shape legend: N tokens, K experts per token, D hidden, R = N * K routed (token, slot) rows.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import torch
+
+from fiddler.config import ModelConfig
+from fiddler.cost_model import LatencyModel
+from fiddler.cpu_experts import CpuExpertKernel
+from fiddler.loading import HostWeights, expert_shapes
+from fiddler.moe import Routing, combine, expert_ffn
+from fiddler.placement import Placement
+from fiddler.planner import LayerPlan, plan_layer
+from fiddler.streams import host_wait, new_stream, on_stream, record, wait
+from fiddler.timing import Clock
+
+
+@dataclasses.dataclass
+class _Slot:
+    w13: torch.Tensor
+    w2: torch.Tensor
+    free: torch.cuda.Event | None = None  # the accelerator's last use of this slot
+
+
+@dataclasses.dataclass
+class ExpertCounters:
+    layers: int = 0
+    experts_gpu: int = 0
+    experts_cpu: int = 0
+    experts_copied: int = 0
+    rows_gpu: int = 0  # routed (token, expert) pairs served by each path
+    rows_cpu: int = 0
+    rows_copied: int = 0
+    h2d_bytes: int = 0
+    d2h_bytes: int = 0
+    predicted_s: float = 0.0
+    measured_s: float = 0.0  # only with layer timing on
+
+    def to_json(self) -> dict[str, object]:
+        rows = self.rows_gpu + self.rows_cpu + self.rows_copied
+        return dataclasses.asdict(self) | {"gpu_hit_rate": self.rows_gpu / rows if rows else None}
+
+
+class FiddlerExecutor:
+    capturable = False
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        device: torch.device,
+        host: HostWeights,
+        resident: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]],
+        placement: Placement,
+        latency: LatencyModel,
+        policy: str,
+        cpu_kernel: CpuExpertKernel,
+        staging_slots: int = 2,
+        layer_timing: bool = False,
+    ):
+        self.config, self.device, self.host = config, device, host
+        self.resident, self.placement, self.latency = resident, placement, latency
+        self.policy, self.cpu_kernel = policy, cpu_kernel
+        self.resident_by_layer = [placement.resident_in_layer(layer) for layer in range(config.num_layers)]
+        self.dtype = host.experts[0][0][0].dtype
+        w13_shape, w2_shape = expert_shapes(config)
+        self.slots = [
+            _Slot(
+                torch.empty(w13_shape, device=device, dtype=self.dtype),
+                torch.empty(w2_shape, device=device, dtype=self.dtype),
+            )
+            for _ in range(staging_slots)
+        ]
+        self._next_slot = 0
+        self.expert_bytes = sum(t.numel() * t.element_size() for t in (self.slots[0].w13, self.slots[0].w2))
+        self.copy_stream = new_stream(device)
+        self.cpu_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fiddler-cpu")
+        self._host_in = self._host_out = torch.empty(0)
+        self._host_out_free: torch.cuda.Event | None = None  # last transfer out of _host_out
+        self.layer_timing = layer_timing
+        self.layer_log: list[dict[str, object]] = []
+        self.counters = ExpertCounters()
+
+    # ---- the executor interface ---------------------------------------------------------
+
+    def __call__(self, layer: int, hidden: torch.Tensor, routing: Routing) -> torch.Tensor:
+        clock = Clock(self.device) if self.layer_timing else None
+        start = clock.now() if clock else 0.0
+        num_tokens, top_k = routing.experts.shape
+        flat = routing.experts.reshape(-1)
+        order = torch.argsort(flat, stable=True)  # rows sorted by expert, on the accelerator
+        counts = torch.bincount(flat.cpu(), minlength=self.config.num_experts).tolist()  # the one sync
+        offsets = [0]
+        for count in counts:
+            offsets.append(offsets[-1] + count)
+        tokens = {e: c for e, c in enumerate(counts) if c}
+        plan = plan_layer(tokens, self.resident_by_layer[layer], self.policy, self.latency, len(self.slots))
+        token_of_row = order // top_k
+
+        pending_copies = list(plan.copy)
+        in_flight: collections.deque = collections.deque()
+        for _ in range(min(len(self.slots), len(pending_copies))):
+            in_flight.append(self._queue_copy(layer, pending_copies.pop(0)))
+        cpu_rows = self._cpu_rows(plan, offsets, order.device)
+        cpu_job = self._start_cpu(layer, plan, counts, hidden, token_of_row, cpu_rows)
+        sorted_out = hidden.new_empty(flat.shape[0], hidden.shape[-1])
+        for expert in plan.gpu:
+            w13, w2 = self.resident[(layer, expert)]
+            self._run_on_accelerator(hidden, token_of_row, sorted_out, offsets, expert, w13, w2)
+        while in_flight:
+            expert, slot, landed = in_flight.popleft()
+            wait(landed)
+            self._run_on_accelerator(hidden, token_of_row, sorted_out, offsets, expert, slot.w13, slot.w2)
+            slot.free = record(self.device)
+            if pending_copies:  # into the slot just freed: the copy waits for that compute
+                in_flight.append(self._queue_copy(layer, pending_copies.pop(0)))
+        if cpu_job is not None:
+            cpu_job.result()  # re-raises a failure in the worker
+            results = self._host_out[: cpu_rows.shape[0]].to(self.device, non_blocking=True)
+            self._host_out_free = record(self.device)
+            sorted_out.index_copy_(0, cpu_rows, results)
+        outputs = torch.empty_like(sorted_out).index_copy_(0, order, sorted_out)
+        self._count(plan, tokens, flat, hidden)
+        if clock:
+            measured = clock.now() - start
+            self.counters.measured_s += measured
+            self.layer_log.append(
+                {
+                    "layer": layer,
+                    "tokens": tokens,
+                    "gpu": plan.gpu,
+                    "cpu": plan.cpu,
+                    "copy": plan.copy,
+                    "predicted_s": plan.predicted_s,
+                    "measured_s": measured,
+                }
+            )
+        return combine(outputs.view(num_tokens, top_k, -1), routing, hidden.dtype)
+
+    def stats(self) -> dict[str, object]:
+        return {
+            "executor": "fiddler",
+            "policy": self.policy,
+            "cpu_kernel": self.cpu_kernel.name,
+            "experts_resident": self.placement.num_resident,
+            "staging_slots": len(self.slots),
+            **self.counters.to_json(),
+        }
+
+    def reset_stats(self) -> None:
+        self.counters = ExpertCounters()
+        self.layer_log = []
+
+    def close(self) -> None:
+        self.cpu_worker.shutdown(wait=True)
+
+    # ---- the three paths ----------------------------------------------------------------
+
+    def _queue_copy(self, layer: int, expert: int) -> tuple[int, _Slot, torch.cuda.Event | None]:
+        """Queue one expert's copy into the next slot (round robin) on the side stream."""
+        slot = self.slots[self._next_slot]
+        self._next_slot = (self._next_slot + 1) % len(self.slots)
+        w13, w2 = self.host.experts[layer][expert]
+        with on_stream(self.copy_stream):
+            wait(slot.free, self.copy_stream)  # the accelerator is done with the slot's last expert
+            slot.w13.copy_(w13, non_blocking=True)
+            slot.w2.copy_(w2, non_blocking=True)
+            landed = record(self.device, self.copy_stream)
+        return expert, slot, landed
+
+    @staticmethod
+    def _cpu_rows(plan: LayerPlan, offsets: list[int], device: torch.device) -> torch.Tensor:
+        """Positions, in expert-sorted row order, of the rows the CPU computes."""
+        ranges = [torch.arange(offsets[e], offsets[e + 1]) for e in plan.cpu]
+        rows = torch.cat(ranges) if ranges else torch.empty(0, dtype=torch.long)
+        return rows.to(device, non_blocking=True)
+
+    def _start_cpu(
+        self,
+        layer: int,
+        plan: LayerPlan,
+        counts: list[int],
+        hidden: torch.Tensor,
+        token_of_row: torch.Tensor,
+        cpu_rows: torch.Tensor,
+    ) -> Future | None:
+        if not plan.cpu:
+            return None
+        num_rows = cpu_rows.shape[0]
+        self._ensure_host_buffers(num_rows, hidden.shape[-1])
+        host_in = self._host_in[:num_rows]
+        host_in.copy_(hidden.index_select(0, token_of_row.index_select(0, cpu_rows)), non_blocking=True)
+        arrived = record(self.device)
+        out_free = self._host_out_free
+        experts = [(e, counts[e], *self.host.experts[layer][e]) for e in plan.cpu]
+        return self.cpu_worker.submit(self._cpu_experts, experts, host_in, self._host_out, arrived, out_free)
+
+    def _cpu_experts(self, experts, host_in, host_out, arrived, out_free) -> None:
+        host_wait(arrived)  # the activations are in host memory
+        host_wait(out_free)  # the previous layer's results have left host_out
+        position = 0
+        for _, count, w13, w2 in experts:
+            end = position + count
+            host_out[position:end] = self.cpu_kernel(host_in[position:end], w13, w2)
+            position = end
+
+    def _ensure_host_buffers(self, rows: int, hidden: int) -> None:
+        if self._host_in.shape[0] < rows:
+            host_wait(self._host_out_free)  # nothing may still be reading the old buffers
+            pin = self.device.type == "cuda"
+            self._host_in = torch.empty(rows, hidden, dtype=self.dtype, pin_memory=pin)
+            self._host_out = torch.empty(rows, hidden, dtype=self.dtype, pin_memory=pin)
+            self._host_out_free = None
+
+    @staticmethod
+    def _run_on_accelerator(hidden, token_of_row, sorted_out, offsets, expert, w13, w2) -> None:
+        rows = slice(offsets[expert], offsets[expert + 1])
+        sorted_out[rows] = expert_ffn(hidden.index_select(0, token_of_row[rows]), w13, w2)
+
+    def _count(self, plan: LayerPlan, tokens: dict[int, int], flat: torch.Tensor, hidden: torch.Tensor) -> None:
+        c = self.counters
+        row_bytes = hidden.shape[-1] * hidden.element_size()
+        cpu_rows = sum(tokens[e] for e in plan.cpu)
+        c.layers += 1
+        c.experts_gpu += len(plan.gpu)
+        c.experts_cpu += len(plan.cpu)
+        c.experts_copied += len(plan.copy)
+        c.rows_gpu += sum(tokens[e] for e in plan.gpu)
+        c.rows_cpu += cpu_rows
+        c.rows_copied += sum(tokens[e] for e in plan.copy)
+        c.h2d_bytes += len(plan.copy) * self.expert_bytes + cpu_rows * row_bytes
+        c.d2h_bytes += cpu_rows * row_bytes + flat.numel() * flat.element_size()
+        c.predicted_s += plan.predicted_s

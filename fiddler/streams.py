@@ -1,0 +1,47 @@
+"""CUDA streams and events that become no-ops on the CPU.
+
+Contract: executors and calibration order their work with these helpers only, so the same
+code path runs on a GPU (asynchronous copies on a side stream, ordered by events) and in CPU
+tests (everything synchronous, every helper a no-op).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+
+
+def new_stream(device: torch.device) -> torch.cuda.Stream | None:
+    return torch.cuda.Stream(device) if device.type == "cuda" else None
+
+
+@contextlib.contextmanager
+def on_stream(stream: torch.cuda.Stream | None) -> Iterator[None]:
+    if stream is None:
+        yield
+    else:
+        with torch.cuda.stream(stream):
+            yield
+
+
+def record(device: torch.device, stream: torch.cuda.Stream | None = None) -> torch.cuda.Event | None:
+    """An event marking the work queued so far on ``stream`` (default: the current stream)."""
+    if device.type != "cuda":
+        return None
+    event = torch.cuda.Event()
+    event.record(stream if stream is not None else torch.cuda.current_stream(device))
+    return event
+
+
+def wait(event: torch.cuda.Event | None, stream: torch.cuda.Stream | None = None) -> None:
+    """Make ``stream`` (default: the current one) wait for ``event`` without blocking the host."""
+    if event is not None:
+        (stream if stream is not None else torch.cuda.current_stream()).wait_event(event)
+
+
+def host_wait(event: torch.cuda.Event | None) -> None:
+    """Block the calling host thread until ``event`` has happened."""
+    if event is not None:
+        event.synchronize()
