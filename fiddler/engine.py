@@ -119,6 +119,12 @@ class Engine:
         model = MixtralModel(source.config, dense, executor, max_seq_len=max_seq_len)
         return cls(model, cuda_graphs=False)
 
+    def set_executor(self, executor) -> None:
+        """Swap the MoE executor (e.g. wrap it); recorded graphs belong to the old one."""
+        self.model.experts = executor
+        self._graphs.clear()
+        self.use_graphs = self.use_graphs and executor.capturable
+
     # ---- one generation ----------------------------------------------------------------
 
     def begin(self, batch: int, seq_len: int) -> None:

@@ -60,3 +60,84 @@ def test_user_errors_exit_2_with_one_line(capsys, tmp_path, tiny_checkpoint):
         code = main(["generate", "--device", "cpu", "--max-new-tokens", "2", *args])
         err = capsys.readouterr().err.strip().splitlines()
         assert code == 2 and message in err[-1], (args, err)
+
+
+def test_calibrate_profile_and_generate_under_a_budget(capsys, tmp_path):
+    cal, pop = tmp_path / "cal.json", tmp_path / "pop.json"
+    assert (
+        main(
+            ["calibrate", "--model", "mixtral-tiny", "--device", "cpu", "--quick", "--repeats", "2", "--out", str(cal)]
+        )
+        == 0
+    )
+    assert json.loads(cal.read_text())["schema"] == "fiddler-calibration"
+    assert (
+        main(
+            [
+                "profile",
+                "--model",
+                "mixtral-tiny",
+                "--device",
+                "cpu",
+                "--random-prompts",
+                "3",
+                "--prompt-len",
+                "8",
+                "--max-new-tokens",
+                "2",
+                "--out",
+                str(pop),
+            ]
+        )
+        == 0
+    )
+    counts = json.loads(pop.read_text())["counts"]
+    assert sum(map(sum, counts)) == 3 * (8 + 1) * 2 * 2  # prompts x tokens x layers x top-k
+    code = main(
+        [
+            "generate",
+            "--model",
+            "mixtral-tiny",
+            "--device",
+            "cpu",
+            "--prompt-ids",
+            "1,2,3,4",
+            "--max-new-tokens",
+            "4",
+            "--gpu-memory-gb",
+            "0.017",
+            "--policy",
+            "paper",
+            "--calibration",
+            str(cal),
+            "--popularity",
+            str(pop),
+            "--json",
+        ]
+    )
+    assert code == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    stats = result["stats"]
+    assert stats["executor"] == "fiddler" and stats["policy"] == "paper"
+    assert 0 < stats["experts_resident"] < 8 and stats["engine"]["placement"]["order"] == "popularity"
+
+
+def test_budget_too_small_is_one_clear_error(capsys):
+    code = main(
+        [
+            "generate",
+            "--model",
+            "mixtral-tiny",
+            "--device",
+            "cpu",
+            "--prompt-ids",
+            "1,2",
+            "--max-new-tokens",
+            "2",
+            "--gpu-memory-gb",
+            "0.001",
+            "--policy",
+            "hybrid",
+        ]
+    )
+    assert code == 2 and "cannot hold even the non-expert part" in capsys.readouterr().err

@@ -1,0 +1,58 @@
+import json
+
+import pytest
+import torch
+
+from fiddler.build import EngineOptions, build_engine
+from fiddler.calibrate import SCHEMA, calibrate, calibration_matches, load_calibration, save_calibration
+from fiddler.config import ModelConfig
+from fiddler.cost_model import LatencyModel
+
+TINY = ModelConfig.preset("mixtral-tiny")
+
+
+@pytest.fixture(scope="module")
+def tiny_calibration():
+    return calibrate(TINY, "cpu", torch.float32, token_counts=(1, 4, 16), repeats=2)
+
+
+def test_calibration_schema(tiny_calibration, tmp_path):
+    c = tiny_calibration
+    assert c["schema"] == SCHEMA and c["version"] == 1 and c["device"] == "cpu"
+    assert c["model"]["hidden_size"] == TINY.hidden_size and c["cpu_kernel"] == "torch"
+    for key in ("cpu_expert_s", "gpu_expert_s", "act_d2h_s", "act_h2d_s", "cpu_weight_gb_per_s"):
+        assert len(c[key]) == 3 and all(v > 0 for v in c[key]), key
+    assert c["copy_expert_s"] > 0 and c["concurrent"]["measured"] is False
+    assert "cpu_cores" in c["machine"]
+    path = tmp_path / "cal.json"
+    save_calibration(c, path)
+    assert load_calibration(path) == json.loads(json.dumps(c))
+    assert not list(tmp_path.glob("*.tmp"))
+    model = LatencyModel.from_calibration(load_calibration(path))
+    assert model.cpu(4) == c["cpu_expert_s"][1]
+
+
+def test_calibration_must_fit_the_model(tiny_calibration, tmp_path):
+    assert calibration_matches(tiny_calibration, TINY, torch.float32) is None
+    assert "hidden_size" in calibration_matches(tiny_calibration, ModelConfig.preset("mixtral-small"), torch.float32)
+    path = tmp_path / "cal.json"
+    save_calibration(tiny_calibration, path)
+    options = EngineOptions(
+        config=ModelConfig.preset("mixtral-small"),
+        device="cpu",
+        dtype=torch.float32,
+        max_seq_len=32,
+        gpu_memory_gb=0.2,
+        policy="hybrid",
+        calibration=path,
+    )
+    with pytest.raises(ValueError, match="another expert shape"):
+        build_engine(options)
+
+
+def test_bad_calibration_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="fiddler calibrate"):
+        load_calibration(tmp_path / "none.json")
+    (tmp_path / "x.json").write_text('{"schema": "other"}')
+    with pytest.raises(ValueError, match="not a fiddler calibration"):
+        load_calibration(tmp_path / "x.json")

@@ -1,0 +1,145 @@
+"""Fiddler's executor on the CPU (standing in for the GPU): same numbers as the resident
+model for every placement and policy, and counters that match the plans it made."""
+
+import dataclasses
+import random
+
+import pytest
+import torch
+from conftest import PROMPT
+from test_planner import HOST_LIKE, PAPER_LIKE
+
+from fiddler.config import ModelConfig
+from fiddler.cpu_experts import make_kernel
+from fiddler.engine import Engine
+from fiddler.generate import GenerationSettings, generate
+from fiddler.placement import plan_placement
+from fiddler.planner import POLICIES, plan_layer
+from fiddler.weights import RandomWeights
+
+FP32_TOL = 1e-4
+CONFIG = ModelConfig.preset("mixtral-tiny")
+SOURCE = RandomWeights(CONFIG, seed=11)
+
+
+def placement_with(resident: set[tuple[int, int]]):
+    base = plan_placement(CONFIG, 1.0, torch.float32, 128)
+    return dataclasses.replace(base, resident=frozenset(resident))
+
+
+def random_placement(rng: random.Random):
+    pairs = [(layer, e) for layer in range(CONFIG.num_layers) for e in range(CONFIG.num_experts)]
+    return placement_with(set(rng.sample(pairs, rng.randint(0, len(pairs)))))
+
+
+def fiddler_engine(placement, policy, latency=HOST_LIKE, slots=2, timing=False):
+    return Engine.fiddler(
+        SOURCE,
+        "cpu",
+        torch.float32,
+        128,
+        placement,
+        latency,
+        policy,
+        make_kernel("torch"),
+        staging_slots=slots,
+        layer_timing=timing,
+    )
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return Engine.resident(SOURCE, "cpu", torch.float32, 128)
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_outputs_match_the_resident_model(reference, policy):
+    rng = random.Random(hash(policy) % 1000)
+    for _ in range(3):
+        placement = random_placement(rng)
+        engine = fiddler_engine(placement, policy, latency=rng.choice([HOST_LIKE, PAPER_LIKE]), slots=rng.randint(1, 3))
+        for settings in (GenerationSettings(max_new_tokens=8), GenerationSettings(max_new_tokens=5, beam_width=3)):
+            want = generate(reference, PROMPT, settings).token_ids
+            assert generate(engine, PROMPT, settings).token_ids == want
+        engine.model.experts.close()
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_teacher_forced_logits_match(reference, policy):
+    engine = fiddler_engine(random_placement(random.Random(5)), policy)
+    continuation = [17, 900, 31000, 5]
+    for e in (reference, engine):
+        e.begin(1, len(PROMPT) + len(continuation))
+    got = [engine.prefill(torch.tensor(PROMPT))[0]]
+    want = [reference.prefill(torch.tensor(PROMPT))[0]]
+    for token in continuation:
+        got.append(engine.decode(torch.tensor([token]))[0])
+        want.append(reference.decode(torch.tensor([token]))[0])
+    for a, b in zip(got, want, strict=True):
+        assert (a - b).abs().max() < FP32_TOL
+    engine.model.experts.close()
+
+
+def replay_plans(engine, policy, latency, slots):
+    """Recompute every plan from the executor's layer log and sum what it should have counted."""
+    executor = engine.model.experts
+    expected = {"experts_gpu": 0, "experts_cpu": 0, "experts_copied": 0, "rows_cpu": 0, "rows_copied": 0}
+    for entry in executor.layer_log:
+        resident = executor.resident_by_layer[entry["layer"]]
+        plan = plan_layer(entry["tokens"], resident, policy, latency, slots)
+        assert (plan.gpu, plan.cpu, plan.copy) == (entry["gpu"], entry["cpu"], entry["copy"])
+        expected["experts_gpu"] += len(plan.gpu)
+        expected["experts_cpu"] += len(plan.cpu)
+        expected["experts_copied"] += len(plan.copy)
+        expected["rows_cpu"] += sum(entry["tokens"][e] for e in plan.cpu)
+        expected["rows_copied"] += sum(entry["tokens"][e] for e in plan.copy)
+    return expected
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_counters_match_the_plans(policy):
+    placement = random_placement(random.Random(3))
+    engine = fiddler_engine(placement, policy, timing=True)
+    result = generate(engine, PROMPT, GenerationSettings(max_new_tokens=6))
+    stats = result.stats
+    expected = replay_plans(engine, policy, HOST_LIKE, 2)
+    for key, value in expected.items():
+        assert stats[key] == value, key
+    expert_bytes = engine.model.experts.expert_bytes
+    row_bytes = CONFIG.hidden_size * 4
+    assert stats["h2d_bytes"] == stats["experts_copied"] * expert_bytes + stats["rows_cpu"] * row_bytes
+    routing_ids = (len(PROMPT) + 5) * CONFIG.num_experts_per_token * CONFIG.num_layers * 8  # int64 ids read
+    assert stats["d2h_bytes"] == stats["rows_cpu"] * row_bytes + routing_ids
+    assert stats["layers"] == CONFIG.num_layers * 6
+    engine.model.experts.close()
+
+
+def test_copy_experts_copies_every_miss_and_cpu_experts_copies_none():
+    placement = placement_with({(0, 0), (1, 1)})
+    copy = generate(fiddler_engine(placement, "copy-experts"), PROMPT, GenerationSettings(max_new_tokens=4)).stats
+    cpu = generate(fiddler_engine(placement, "cpu-experts"), PROMPT, GenerationSettings(max_new_tokens=4)).stats
+    assert copy["experts_cpu"] == 0 and copy["experts_copied"] > 0
+    assert cpu["experts_copied"] == 0 and cpu["experts_cpu"] == copy["experts_copied"]
+    assert cpu["experts_gpu"] == copy["experts_gpu"] and cpu["rows_gpu"] == copy["rows_gpu"]
+    assert cpu["h2d_bytes"] < copy["h2d_bytes"]
+    assert 0 < copy["gpu_hit_rate"] < 1
+
+
+def test_hybrid_really_uses_both_paths_when_planned():
+    engine = fiddler_engine(placement_with(set()), "hybrid", timing=True)
+    stats = generate(engine, PROMPT, GenerationSettings(max_new_tokens=4)).stats
+    both = [e for e in engine.model.experts.layer_log if e["cpu"] and e["copy"]]
+    assert both, "the host-like latency model should split the prefill layers"
+    assert stats["experts_cpu"] > 0 and stats["experts_copied"] > 0
+    engine.model.experts.close()
+
+
+def test_repeated_random_runs_do_not_race(reference):
+    """Side stream, CPU worker and main loop: many short runs with one staging slot."""
+    rng = random.Random(42)
+    for trial in range(12):
+        prompt = [1, *(rng.randrange(3, CONFIG.vocab_size) for _ in range(rng.randint(2, 20)))]
+        engine = fiddler_engine(random_placement(rng), rng.choice(POLICIES), slots=1)
+        settings = GenerationSettings(max_new_tokens=rng.randint(1, 6), beam_width=rng.choice([1, 2]))
+        assert generate(engine, prompt, settings).token_ids == generate(reference, prompt, settings).token_ids, trial
+        engine.model.experts.close()

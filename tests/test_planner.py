@@ -1,0 +1,73 @@
+import random
+
+import pytest
+
+from fiddler.cost_model import LatencyModel
+from fiddler.planner import POLICIES, plan_layer, predict_layer
+
+# A latency model shaped like the GPU host's (DESIGN.md): a CPU expert costs about a copy.
+HOST_LIKE = LatencyModel(
+    token_counts=[1, 16, 64, 128, 512],
+    cpu_expert_s=[7.5e-3, 7.2e-3, 9.8e-3, 15.6e-3, 50e-3],
+    gpu_expert_s=[1.2e-4, 1.3e-4, 1.4e-4, 1.4e-4, 3.1e-4],
+    act_d2h_s=[2e-5] * 5,
+    act_h2d_s=[2e-5] * 5,
+    copy=6.4e-3,
+    cpu_slowdown=1.3,
+    copy_slowdown=1.0,
+)
+# ... and like the paper's hosts: copies far slower than CPU experts.
+PAPER_LIKE = LatencyModel([1, 512], [6e-3, 3.0], [1e-3, 4e-3], [1e-4, 1e-3], [1e-4, 1e-3], 50e-3, 1.0, 1.0)
+
+
+def test_interpolation():
+    assert HOST_LIKE.cpu(1) == 7.5e-3 and HOST_LIKE.cpu(0) == 7.5e-3
+    assert HOST_LIKE.cpu(32) == pytest.approx(7.2e-3 + (9.8e-3 - 7.2e-3) * 16 / 48)
+    assert HOST_LIKE.cpu(1024) == pytest.approx(50e-3 + (50e-3 - 15.6e-3) * 512 / 384)
+
+
+def test_paper_policy_runs_decode_on_cpu_and_long_prefill_by_copy():
+    decode = plan_layer({0: 1, 3: 1}, {1}, "paper", PAPER_LIKE, 2)
+    assert decode.cpu == (0, 3) and decode.copy == ()
+    prefill = plan_layer({0: 512, 3: 1}, {1}, "paper", PAPER_LIKE, 2)
+    assert prefill.copy == (0,) and prefill.cpu == (3,)
+
+
+def test_resident_experts_stay_on_the_gpu():
+    for policy in POLICIES:
+        plan = plan_layer({1: 4, 2: 1, 5: 9}, {1, 5}, policy, HOST_LIKE, 2)
+        assert plan.gpu == (1, 5) and set(plan.cpu) | set(plan.copy) == {2}
+
+
+def test_hybrid_uses_both_paths_when_that_finishes_first():
+    plan = plan_layer({e: 1 for e in range(6)}, set(), "hybrid", HOST_LIKE, 2)
+    assert plan.cpu and plan.copy
+    alone = [plan_layer({e: 1 for e in range(6)}, set(), p, HOST_LIKE, 2) for p in ("cpu-experts", "copy-experts")]
+    assert plan.predicted_s < min(a.predicted_s for a in alone)
+
+
+def test_hybrid_is_never_predicted_slower_than_the_other_policies():
+    rng = random.Random(0)
+    for _ in range(200):
+        tokens = {e: rng.choice([1, 1, 2, 5, 40, 300]) for e in rng.sample(range(8), rng.randint(1, 8))}
+        resident = set(rng.sample(range(8), rng.randint(0, 4)))
+        for model in (HOST_LIKE, PAPER_LIKE):
+            hybrid = plan_layer(tokens, resident, "hybrid", model, 2).predicted_s
+            for policy in ("cpu-experts", "copy-experts"):
+                assert hybrid <= plan_layer(tokens, resident, policy, model, 2).predicted_s + 1e-12
+
+
+def test_staging_slots_bound_the_copy_pipeline():
+    tokens = {e: 512 for e in range(4)}
+    # With one slot each copy waits for the previous expert's compute; with more it does not.
+    one = predict_layer(tokens, (), (), (0, 1, 2, 3), PAPER_LIKE, 1)
+    many = predict_layer(tokens, (), (), (0, 1, 2, 3), PAPER_LIKE, 4)
+    assert one == pytest.approx(4 * (50e-3 + 4e-3))
+    assert many == pytest.approx(4 * 50e-3 + 4e-3)
+
+
+def test_bad_policy_and_slots():
+    with pytest.raises(ValueError, match="unknown policy"):
+        plan_layer({0: 1}, set(), "fastest", HOST_LIKE, 2)
+    with pytest.raises(ValueError, match="staging slot"):
+        plan_layer({0: 1}, set(), "hybrid", HOST_LIKE, 0)
