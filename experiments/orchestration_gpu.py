@@ -1,0 +1,228 @@
+"""GPU-host experiment for Fiddler's orchestration (issue 3), all in one call:
+
+1. ``fiddler calibrate`` for full-size Mixtral-8x7B experts (saved as calibration.json).
+2. Correctness: on Mixtral-8x7B truncated to a few layers (float32 fits), teacher-forced logits
+   of every policy, repeated, against transformers-free float32 truth (the resident engine in
+   float32), beside the resident engine's own bf16 error.
+3. Speed: full-size Mixtral-8x7B, bf16, ``--gpu-memory-gb`` budget; one engine, every policy in
+   turn: TTFT, decode tokens/s, what moved per decode token, peak GPU memory; then one run of
+   each policy with per-layer timing (predicted vs measured).
+
+Writes ``<out>/orchestration.json`` after each step (atomically).
+Usage: ``python experiments/orchestration_gpu.py --out $OUT``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+from fiddler.build import EngineOptions, build_engine
+from fiddler.calibrate import DEFAULT_TOKEN_COUNTS, calibrate, save_calibration
+from fiddler.config import resolve_model
+from fiddler.engine import Engine
+from fiddler.generate import GenerationSettings, generate
+from fiddler.machine import machine_identity
+from fiddler.planner import POLICIES
+from fiddler.weights import RandomWeights
+
+COUNTED = (
+    "experts_gpu",
+    "experts_cpu",
+    "experts_copied",
+    "rows_gpu",
+    "rows_cpu",
+    "rows_copied",
+    "h2d_bytes",
+    "d2h_bytes",
+    "predicted_s",
+)
+
+
+def write_atomic(path: Path, payload: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(payload, indent=1, default=str))
+    os.replace(tmp, path)
+
+
+def free() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+
+
+def teacher_forced(engine: Engine, sequence: list[int]) -> torch.Tensor:
+    engine.begin(1, len(sequence))
+    positions = torch.arange(len(sequence), device=engine.device)
+    ids = torch.tensor([sequence], device=engine.device)
+    return engine.model.forward(ids, positions, engine.cache, kv_len=len(sequence), last_only=False)[0].float().cpu()
+
+
+def error(value: torch.Tensor, truth: torch.Tensor) -> dict:
+    rel = (value - truth).norm(dim=-1) / truth.norm(dim=-1)
+    return {
+        "rel_err_median": float(rel.median()),
+        "rel_err_max": float(rel.max()),
+        "argmax_agreement": float((value.argmax(-1) == truth.argmax(-1)).float().mean()),
+    }
+
+
+def correctness(args, calibration_path: Path) -> dict:
+    config, _ = resolve_model(args.model, args.check_layers)
+    source = RandomWeights(config, seed=args.seed, generator_device=args.device)
+    sequence = [1, *torch.randint(3, config.vocab_size, (63,), generator=torch.Generator().manual_seed(1)).tolist()]
+    truth = teacher_forced(Engine.resident(source, args.device, torch.float32, len(sequence)), sequence)
+    free()
+    result = {"layers": args.check_layers, "positions": len(sequence)}
+    result["resident-bf16"] = error(
+        teacher_forced(Engine.resident(source, args.device, torch.bfloat16, len(sequence)), sequence), truth
+    )
+    free()
+    expert_gb = config.expert_params * 2 / 1e9
+    budget = config.dense_params * 2 / 1e9 + (2 + args.check_resident) * expert_gb + 0.05
+    engine, record = build_engine(
+        EngineOptions(
+            config=config,
+            seed=args.seed,
+            device=args.device,
+            dtype=torch.bfloat16,
+            max_seq_len=len(sequence),
+            gpu_memory_gb=budget,
+            policy="hybrid",
+            calibration=calibration_path,
+        )
+    )
+    result["experts_resident"] = record["placement"]["num_resident"]
+    for policy in POLICIES:
+        engine.model.experts.policy = policy
+        runs = [teacher_forced(engine, sequence) for _ in range(args.check_repeats)]
+        result[policy] = error(runs[0], truth) | {
+            "max_abs_diff_between_repeats": max(float((r - runs[0]).abs().max()) for r in runs)
+        }
+        print("check", policy, result[policy], flush=True)
+    engine.model.experts.close()
+    return result
+
+
+def speed(args, calibration_path: Path) -> dict:
+    config, _ = resolve_model(args.model, args.layers)
+    prompt = [
+        1,
+        *torch.randint(
+            3, config.vocab_size, (args.prompt_len - 1,), generator=torch.Generator().manual_seed(args.seed)
+        ).tolist(),
+    ]
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    engine, record = build_engine(
+        EngineOptions(
+            config=config,
+            seed=args.seed,
+            device=args.device,
+            dtype=torch.bfloat16,
+            max_seq_len=args.prompt_len + args.new_tokens,
+            gpu_memory_gb=args.gpu_memory_gb,
+            policy="hybrid",
+            calibration=calibration_path,
+            cpu_threads=args.cpu_threads,
+        )
+    )
+    result = {"build": record, "policies": {}}
+    executor = engine.model.experts
+    long = GenerationSettings(max_new_tokens=args.new_tokens)
+    first = GenerationSettings(max_new_tokens=1)
+    for policy in args.policies.split(","):
+        executor.policy = policy
+        generate(engine, prompt, GenerationSettings(max_new_tokens=3))  # warm-up
+        runs = [generate(engine, prompt, long) for _ in range(args.repeats)]
+        single = generate(engine, prompt, first)
+        decode_tokens = args.new_tokens - 1
+        per_token = {k: (runs[-1].stats[k] - single.stats[k]) / decode_tokens for k in COUNTED}
+        row = {
+            "ttft_s": statistics.median(r.ttft_s for r in runs),
+            "decode_tokens_per_s": statistics.median(r.decode_tokens_per_s for r in runs),
+            "e2e_tokens_per_s": statistics.median(r.e2e_tokens_per_s for r in runs),
+            "decode_ms_per_token": 1e3 / statistics.median(r.decode_tokens_per_s for r in runs),
+            "per_decode_token": per_token,
+            "gpu_hit_rate_decode": per_token["rows_gpu"]
+            / max(per_token["rows_gpu"] + per_token["rows_cpu"] + per_token["rows_copied"], 1e-9),
+            "token_ids": runs[-1].token_ids,
+        }
+        executor.layer_timing = True
+        timed = generate(engine, prompt, GenerationSettings(max_new_tokens=min(8, args.new_tokens)))
+        executor.layer_timing = False
+        decode_layers = [e for e in executor.layer_log if sum(e["tokens"].values()) <= config.num_experts_per_token]
+        row["layer_timing_decode"] = {
+            "layers": len(decode_layers),
+            "predicted_ms_mean": 1e3 * statistics.mean(e["predicted_s"] for e in decode_layers),
+            "measured_ms_mean": 1e3 * statistics.mean(e["measured_s"] for e in decode_layers),
+            "timed_decode_tokens_per_s": timed.decode_tokens_per_s,
+        }
+        result["policies"][policy] = row
+        print("speed", policy, {k: v for k, v in row.items() if k != "token_ids"}, flush=True)
+    if torch.cuda.is_available():
+        result["peak_gpu_gb"] = torch.cuda.max_memory_allocated() / 1e9
+        free_bytes, total_bytes = torch.cuda.mem_get_info()
+        result["gpu_used_gb_device"] = (total_bytes - free_bytes) / 1e9
+    executor.close()
+    return result
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--model", default="mixtral-8x7b")
+    parser.add_argument("--layers", type=int)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--gpu-memory-gb", type=float, default=24.0)
+    parser.add_argument("--prompt-len", type=int, default=32)
+    parser.add_argument("--new-tokens", type=int, default=24)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--policies", default=",".join(POLICIES))
+    parser.add_argument("--cpu-threads", type=int)
+    parser.add_argument("--check-layers", type=int, default=2)
+    parser.add_argument("--check-resident", type=int, default=5)
+    parser.add_argument("--check-repeats", type=int, default=3)
+    parser.add_argument("--calibration", type=Path, help="reuse a calibration instead of measuring")
+    parser.add_argument("--device", default="cuda", help="cpu runs a functional smoke test")
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "orchestration.json"
+    record: dict = {"args": {k: str(v) for k, v in vars(args).items()}, "machine": machine_identity(args.device)}
+    calibration_path = args.calibration or out / "calibration.json"
+    if args.calibration is None:
+        config, _ = resolve_model(args.model, args.layers)
+        cal = calibrate(
+            config, args.device, torch.bfloat16, args.cpu_threads, "torch", DEFAULT_TOKEN_COUNTS, 5, args.seed
+        )
+        save_calibration(cal, calibration_path)
+        print(
+            "calibration",
+            json.dumps(
+                {
+                    k: cal[k]
+                    for k in ("cpu_expert_s", "gpu_expert_s", "copy_expert_s", "concurrent", "cpu_weight_gb_per_s")
+                }
+            ),
+            flush=True,
+        )
+        free()
+    record["correctness"] = correctness(args, calibration_path)
+    write_atomic(path, record)
+    free()
+    record["speed"] = speed(args, calibration_path)
+    write_atomic(path, record)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
