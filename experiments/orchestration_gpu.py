@@ -108,7 +108,7 @@ def correctness(args, calibration_path: Path) -> dict:
             "max_abs_diff_between_repeats": max(float((r - runs[0]).abs().max()) for r in runs)
         }
         print("check", policy, result[policy], flush=True)
-    engine.model.experts.close()
+    engine.close()
     return result
 
 
@@ -172,7 +172,7 @@ def speed(args, calibration_path: Path) -> dict:
         result["peak_gpu_gb"] = torch.cuda.max_memory_allocated() / 1e9
         free_bytes, total_bytes = torch.cuda.mem_get_info()
         result["gpu_used_gb_device"] = (total_bytes - free_bytes) / 1e9
-    executor.close()
+    engine.close()
     return result
 
 

@@ -191,6 +191,12 @@ class Engine:
             self._graphs[batch] = graph
         return graph.run(tokens, position)
 
+    def close(self) -> None:
+        """Release the executor's threads and host memory; the engine is unusable afterwards."""
+        self._graphs.clear()
+        self.cache = None
+        self.model.experts.close()
+
     def stats(self) -> dict[str, object]:
         return {
             "cuda_graphs": self.use_graphs and self._graph_failure is None,

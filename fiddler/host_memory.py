@@ -21,6 +21,7 @@ import dataclasses
 import math
 import mmap
 import threading
+import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
@@ -39,6 +40,12 @@ class _Chunk:
     end: int
     ready: Future | None = None
     registered: bool = False
+
+
+def _unregister(pointers: list[int]) -> None:
+    for pointer in pointers:
+        torch.cuda.cudart().cudaHostUnregister(pointer)
+    pointers.clear()
 
 
 def nbytes_of(shape: tuple[int, ...], dtype: torch.dtype) -> int:
@@ -77,6 +84,10 @@ class HostArena:
             self._map.madvise(mmap.MADV_HUGEPAGE)
         self.bytes = torch.frombuffer(self._map, dtype=torch.uint8)
         self._chunks, self._chunk_of_block = self._plan_chunks(chunk_bytes)
+        # Registrations must be undone even if close() is never called: a later mapping at the
+        # same addresses could not be registered again ("resource already mapped").
+        self._registered: list[int] = []
+        self._finalizer = weakref.finalize(self, _unregister, self._registered)
         self._lock = threading.Lock()
         self._touch_pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="arena-touch")
         self._register_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="arena-register")
@@ -111,13 +122,15 @@ class HostArena:
         touched.result()
         t1 = self._clock.now()
         if self.pin:
-            err = torch.cuda.cudart().cudaHostRegister(self.bytes[chunk.start :].data_ptr(), chunk.end - chunk.start, 0)
+            pointer = self.bytes[chunk.start :].data_ptr()
+            err = torch.cuda.cudart().cudaHostRegister(pointer, chunk.end - chunk.start, 0)
             code = int(getattr(err, "value", err))
             if code != 0:
                 raise RuntimeError(
                     f"cudaHostRegister of {(chunk.end - chunk.start) / 1e9:.2f} GB failed with CUDA error {code}"
                 )
             chunk.registered = True
+            self._registered.append(pointer)
             with self._lock:
                 self.timings["register_s_sum"] += self._clock.now() - t1
 
@@ -149,10 +162,9 @@ class HostArena:
         """Unregister and unmap. Views taken from the arena must not be used afterwards."""
         self._touch_pool.shutdown(wait=True)
         self._register_pool.shutdown(wait=True)
+        self._finalizer()  # unregisters every chunk, once
         for chunk in self._chunks:
-            if chunk.registered:
-                torch.cuda.cudart().cudaHostUnregister(self.bytes[chunk.start :].data_ptr())
-                chunk.registered = False
+            chunk.registered = False
         del self.bytes
         with contextlib.suppress(BufferError):  # views still alive: the mapping goes when they do
             self._map.close()

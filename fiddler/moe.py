@@ -112,3 +112,6 @@ class ResidentExperts:
 
     def reset_stats(self) -> None:
         """Nothing is counted: every expert is resident."""
+
+    def close(self) -> None:
+        """Nothing to release beyond the tensors."""

@@ -170,7 +170,9 @@ class FiddlerExecutor:
         self.layer_log = []
 
     def close(self) -> None:
+        """Stop the CPU worker and release the page-locked host memory."""
         self.cpu_worker.shutdown(wait=True)
+        self.host.close()
 
     # ---- the three paths ----------------------------------------------------------------
 

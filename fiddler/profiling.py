@@ -40,6 +40,9 @@ class RoutingCounter:
     def reset_stats(self) -> None:
         self.inner.reset_stats()
 
+    def close(self) -> None:
+        self.inner.close()
+
 
 def profile_popularity(engine: Engine, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
     """Counts over every prompt's prefill and ``max_new_tokens`` greedy steps."""

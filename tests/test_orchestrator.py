@@ -61,7 +61,7 @@ def test_outputs_match_the_resident_model(reference, policy):
         for settings in (GenerationSettings(max_new_tokens=8), GenerationSettings(max_new_tokens=5, beam_width=3)):
             want = generate(reference, PROMPT, settings).token_ids
             assert generate(engine, PROMPT, settings).token_ids == want
-        engine.model.experts.close()
+        engine.close()
 
 
 @pytest.mark.parametrize("policy", POLICIES)
@@ -77,7 +77,7 @@ def test_teacher_forced_logits_match(reference, policy):
         want.append(reference.decode(torch.tensor([token]))[0])
     for a, b in zip(got, want, strict=True):
         assert (a - b).abs().max() < FP32_TOL
-    engine.model.experts.close()
+    engine.close()
 
 
 def replay_plans(engine, policy, latency, slots):
@@ -111,7 +111,7 @@ def test_counters_match_the_plans(policy):
     routing_ids = (len(PROMPT) + 5) * CONFIG.num_experts_per_token * CONFIG.num_layers * 8  # int64 ids read
     assert stats["d2h_bytes"] == stats["rows_cpu"] * row_bytes + routing_ids
     assert stats["layers"] == CONFIG.num_layers * 6
-    engine.model.experts.close()
+    engine.close()
 
 
 def test_copy_experts_copies_every_miss_and_cpu_experts_copies_none():
@@ -131,7 +131,7 @@ def test_hybrid_really_uses_both_paths_when_planned():
     both = [e for e in engine.model.experts.layer_log if e["cpu"] and e["copy"]]
     assert both, "the host-like latency model should split the prefill layers"
     assert stats["experts_cpu"] > 0 and stats["experts_copied"] > 0
-    engine.model.experts.close()
+    engine.close()
 
 
 def test_repeated_random_runs_do_not_race(reference):
@@ -142,4 +142,4 @@ def test_repeated_random_runs_do_not_race(reference):
         engine = fiddler_engine(random_placement(rng), rng.choice(POLICIES), slots=1)
         settings = GenerationSettings(max_new_tokens=rng.randint(1, 6), beam_width=rng.choice([1, 2]))
         assert generate(engine, prompt, settings).token_ids == generate(reference, prompt, settings).token_ids, trial
-        engine.model.experts.close()
+        engine.close()
