@@ -176,6 +176,86 @@ def speed(args, calibration_path: Path) -> dict:
     return result
 
 
+def diagnose(args, calibration_path: Path) -> dict:
+    """Where the hybrid policy's time goes: per-layer logs, the CPU expert alone and beside
+    copies on the real host arena, and decode speed at several CPU thread counts."""
+    from fiddler.cpu_experts import set_cpu_threads
+    from fiddler.timing import Clock
+
+    config, _ = resolve_model(args.model, args.layers)
+    prompt = [
+        1,
+        *torch.randint(
+            3, config.vocab_size, (args.prompt_len - 1,), generator=torch.Generator().manual_seed(args.seed)
+        ).tolist(),
+    ]
+    engine, record = build_engine(
+        EngineOptions(
+            config=config,
+            seed=args.seed,
+            device=args.device,
+            dtype=torch.bfloat16,
+            max_seq_len=args.prompt_len + args.new_tokens,
+            gpu_memory_gb=args.gpu_memory_gb,
+            policy="hybrid",
+            calibration=calibration_path,
+            cpu_threads=args.cpu_threads,
+        )
+    )
+    executor = engine.model.experts
+    result: dict = {"logs": {}}
+    for policy in ("hybrid", "cpu-experts"):
+        executor.policy = policy
+        executor.layer_timing = True
+        generate(engine, prompt, GenerationSettings(max_new_tokens=6))
+        result["logs"][policy] = [
+            {k: (list(v) if isinstance(v, tuple) else v) for k, v in e.items()}
+            for e in executor.layer_log
+            if sum(e["tokens"].values()) <= config.num_experts_per_token
+        ]
+        executor.layer_timing = False
+    missing = [
+        (layer, e)
+        for layer in range(config.num_layers)
+        for e in range(config.num_experts)
+        if (layer, e) not in executor.placement.resident
+    ][:12]
+    host_clock = Clock("cpu")
+    x = torch.randn(1, config.hidden_size).to(torch.bfloat16)
+    alone = []
+    for layer, e in missing:
+        t0 = host_clock.now()
+        executor.cpu_kernel(x, *executor.host.experts[layer][e])
+        alone.append(host_clock.now() - t0)
+    stream = torch.cuda.Stream()
+    slot = executor.slots[0]
+    with torch.cuda.stream(stream):
+        for layer, e in missing * 2:
+            w13, w2 = executor.host.experts[layer][e]
+            slot.w13.copy_(w13, non_blocking=True)
+            slot.w2.copy_(w2, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record(stream)
+    beside = []
+    for layer, e in missing:
+        t0 = host_clock.now()
+        executor.cpu_kernel(x, *executor.host.experts[layer][e])
+        if not done.query():
+            beside.append(host_clock.now() - t0)
+    done.synchronize()
+    result["cpu_expert_arena_alone_ms"] = [1e3 * t for t in alone]
+    result["cpu_expert_arena_beside_copies_ms"] = [1e3 * t for t in beside]
+    executor.policy = "hybrid"
+    result["threads"] = {}
+    for threads in (16, 12, 8):
+        set_cpu_threads(threads)
+        runs = [generate(engine, prompt, GenerationSettings(max_new_tokens=12)) for _ in range(2)]
+        result["threads"][threads] = max(r.decode_tokens_per_s for r in runs)
+        print("threads", threads, result["threads"][threads], flush=True)
+    engine.close()
+    return result
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True)
@@ -193,6 +273,7 @@ def main() -> int:
     parser.add_argument("--check-repeats", type=int, default=3)
     parser.add_argument("--calibration", type=Path, help="reuse a calibration instead of measuring")
     parser.add_argument("--device", default="cuda", help="cpu runs a functional smoke test")
+    parser.add_argument("--diagnose", action="store_true", help="only the hybrid time breakdown")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -216,6 +297,10 @@ def main() -> int:
             flush=True,
         )
         free()
+    if args.diagnose:
+        record["diagnose"] = diagnose(args, calibration_path)
+        write_atomic(out / "diagnose.json", record)
+        return 0
     record["correctness"] = correctness(args, calibration_path)
     write_atomic(path, record)
     free()

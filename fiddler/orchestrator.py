@@ -132,8 +132,11 @@ class FiddlerExecutor:
             slot.free = record(self.device)
             if pending_copies:  # into the slot just freed: the copy waits for that compute
                 in_flight.append(self._queue_copy(layer, pending_copies.pop(0)))
+        waited = 0.0
         if cpu_job is not None:
+            before = clock.now() if clock else 0.0
             cpu_job.result()  # re-raises a failure in the worker
+            waited = clock.now() - before if clock else 0.0
             results = self._host_out[: cpu_rows.shape[0]].to(self.device, non_blocking=True)
             self._host_out_free = record(self.device)
             sorted_out.index_copy_(0, cpu_rows, results)
@@ -151,6 +154,8 @@ class FiddlerExecutor:
                     "copy": plan.copy,
                     "predicted_s": plan.predicted_s,
                     "measured_s": measured,
+                    "cpu_compute_s": cpu_job.result() if cpu_job is not None else 0.0,
+                    "cpu_wait_s": waited,
                 }
             )
         return combine(outputs.view(num_tokens, top_k, -1), routing, hidden.dtype)
@@ -215,14 +220,18 @@ class FiddlerExecutor:
         experts = [(e, counts[e], *self.host.experts[layer][e]) for e in plan.cpu]
         return self.cpu_worker.submit(self._cpu_experts, experts, host_in, self._host_out, arrived, out_free)
 
-    def _cpu_experts(self, experts, host_in, host_out, arrived, out_free) -> None:
+    def _cpu_experts(self, experts, host_in, host_out, arrived, out_free) -> float:
+        """Runs in the worker thread; returns the seconds spent computing."""
         host_wait(arrived)  # the activations are in host memory
         host_wait(out_free)  # the previous layer's results have left host_out
+        clock = Clock("cpu")
+        start = clock.now()
         position = 0
         for _, count, w13, w2 in experts:
             end = position + count
             host_out[position:end] = self.cpu_kernel(host_in[position:end], w13, w2)
             position = end
+        return clock.now() - start
 
     def _ensure_host_buffers(self, rows: int, hidden: int) -> None:
         if self._host_in.shape[0] < rows:
