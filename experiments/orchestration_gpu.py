@@ -189,7 +189,7 @@ def diagnose(args, calibration_path: Path) -> dict:
             3, config.vocab_size, (args.prompt_len - 1,), generator=torch.Generator().manual_seed(args.seed)
         ).tolist(),
     ]
-    engine, record = build_engine(
+    engine, _record = build_engine(
         EngineOptions(
             config=config,
             seed=args.seed,
