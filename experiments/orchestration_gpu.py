@@ -153,7 +153,9 @@ def speed(args, calibration_path: Path) -> dict:
             "decode_ms_per_token": 1e3 / statistics.median(r.decode_tokens_per_s for r in runs),
             "per_decode_token": per_token,
             "gpu_hit_rate_decode": per_token["rows_gpu"]
-            / max(per_token["rows_gpu"] + per_token["rows_cpu"] + per_token["rows_copied"], 1e-9),
+            / max(
+                per_token["rows_gpu"] + per_token["rows_cpu"] + per_token["rows_copied"] + per_token["rows_split"], 1e-9
+            ),
             "token_ids": runs[-1].token_ids,
         }
         executor.layer_timing = True
@@ -225,21 +227,21 @@ def diagnose(args, calibration_path: Path) -> dict:
     alone = []
     for layer, e in missing:
         t0 = host_clock.now()
-        executor.cpu_kernel(x, *executor.host.experts[layer][e])
+        executor.cpu_kernel(x, *executor.host.experts[layer][e], executor.block)
         alone.append(host_clock.now() - t0)
     stream = torch.cuda.Stream()
     slot = executor.slots[0]
     with torch.cuda.stream(stream):
         for layer, e in missing * 2:
-            w13, w2 = executor.host.experts[layer][e]
-            slot.w13.copy_(w13, non_blocking=True)
-            slot.w2.copy_(w2, non_blocking=True)
+            w13b, w2t = executor.host.experts[layer][e]
+            slot.w13b.copy_(w13b, non_blocking=True)
+            slot.w2t.copy_(w2t, non_blocking=True)
         done = torch.cuda.Event()
         done.record(stream)
     beside = []
     for layer, e in missing:
         t0 = host_clock.now()
-        executor.cpu_kernel(x, *executor.host.experts[layer][e])
+        executor.cpu_kernel(x, *executor.host.experts[layer][e], executor.block)
         if not done.query():
             beside.append(host_clock.now() - t0)
     done.synchronize()

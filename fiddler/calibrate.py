@@ -7,7 +7,8 @@ schema ``fiddler-calibration`` version 1 (``save_calibration`` writes it atomica
 - ``schema``, ``version``; ``machine``: ``fiddler.machine.machine_identity``; ``created``.
 - ``model``: ``hidden_size``, ``intermediate_size``, ``dtype``, ``expert_bytes``; latencies
   depend on the expert's shape, so a file only serves models of that shape.
-- ``device`` (the accelerator, or ``cpu`` standing in), ``cpu_threads``, ``cpu_kernel``.
+- ``device`` (the accelerator, or ``cpu`` standing in), ``cpu_threads``, ``cpu_kernel``,
+  ``split_blocks`` (experts are measured in the split layout of ``fiddler.expert_layout``).
 - ``token_counts``: n values of the curves below (seconds, medians):
   ``cpu_expert_s`` one expert on the CPU for n tokens, weights not in cache;
   ``gpu_expert_s`` one expert on the accelerator for n tokens;
@@ -36,10 +37,10 @@ import torch
 
 from fiddler.config import ModelConfig
 from fiddler.cpu_experts import make_kernel, set_cpu_threads
+from fiddler.expert_layout import split_blocks, split_ffn, split_shapes, to_split_layout
 from fiddler.host_memory import HostArena, nbytes_of
 from fiddler.loading import expert_shapes, load_expert_into
 from fiddler.machine import machine_identity
-from fiddler.moe import expert_ffn
 from fiddler.streams import new_stream, on_stream
 from fiddler.timing import Clock, synchronize
 from fiddler.weights import RandomWeights
@@ -52,7 +53,8 @@ QUICK_TOKEN_COUNTS = (1, 4, 16, 64, 256)
 # CPU measurement streams its weights from memory as a real missing expert does.
 COLD_SET_BYTES = 2_000_000_000
 GPU_INNER_RUNS = 10  # GPU expert runs per timing sample: one run is too short to time alone
-CONCURRENT_COPIES = 24  # copies queued while CPU experts are timed alongside them
+CONCURRENT_COPIES = 48  # copies queued while CPU experts are timed alongside them
+CONCURRENT_SAMPLES = 12  # samples of each operation alone and together
 
 
 def _median_time(clock: Clock, fn, repeats: int) -> float:
@@ -66,26 +68,34 @@ def _median_time(clock: Clock, fn, repeats: int) -> float:
 
 
 class _ColdExperts:
-    """A rotation of distinct experts in (page-locked) host memory."""
+    """Two rotations of distinct experts (split layout) in (page-locked) host memory: the CPU
+    reads one while copies read the other, each set larger than any last-level cache."""
 
     def __init__(self, config: ModelConfig, dtype: torch.dtype, seed: int, device: torch.device):
-        w13_shape, w2_shape = expert_shapes(config)
+        w13_shape, w2_shape = split_shapes(config)
+        self.blocks = split_blocks(config)
+        self.block = config.intermediate_size // self.blocks
         self.expert_bytes = nbytes_of(w13_shape, dtype) + nbytes_of(w2_shape, dtype)
-        count = min(max(2, math.ceil(COLD_SET_BYTES / self.expert_bytes)), config.num_expert_slots)
+        per_set = max(2, math.ceil(COLD_SET_BYTES / self.expert_bytes))
+        count = min(2 * per_set, config.num_expert_slots)
         self.arena = HostArena([nbytes_of(w13_shape, dtype), nbytes_of(w2_shape, dtype)] * count, pin=True)
         source = RandomWeights(config, seed=seed, generator_device=device.type)
-        self.experts = []
+        plain13, plain2 = (torch.empty(s, dtype=dtype, device=device.type) for s in expert_shapes(config))
+        experts = []
         for index in range(count):
             layer, expert = divmod(index, config.num_experts)
-            w13, w2 = self.arena.take(w13_shape, dtype), self.arena.take(w2_shape, dtype)
-            load_expert_into(source, layer, expert, w13, w2)
-            self.experts.append((w13, w2))
+            w13b, w2t = self.arena.take(w13_shape, dtype), self.arena.take(w2_shape, dtype)
+            load_expert_into(source, layer, expert, plain13, plain2)
+            to_split_layout(plain13, plain2, self.blocks, w13b, w2t)
+            experts.append((w13b, w2t))
         synchronize(device)
-        self._next = 0
+        half = max(1, count // 2)
+        self.sets = [experts[:half], experts[half:] or experts[:half]]
+        self._next = [0, 0]
 
-    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
-        pair = self.experts[self._next]
-        self._next = (self._next + 1) % len(self.experts)
+    def next(self, which: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        pair = self.sets[which][self._next[which]]
+        self._next[which] = (self._next[which] + 1) % len(self.sets[which])
         return pair
 
 
@@ -110,12 +120,12 @@ def calibrate(
     cpu_s = []
     for n in token_counts:
         x = torch.randn(n, hidden, generator=generator).to(dtype)
-        cpu_s.append(_median_time(host_clock, lambda x=x: kernel(x, *cold.next()), repeats))
+        cpu_s.append(_median_time(host_clock, lambda x=x: kernel(x, *cold.next(), cold.block), repeats))
 
-    slot13, slot2 = (torch.empty_like(w, device=device) for w in cold.experts[0])
+    slot13, slot2 = (torch.empty_like(w, device=device) for w in cold.sets[1][0])
 
     def copy_one() -> None:
-        w13, w2 = cold.next()
+        w13, w2 = cold.next(1)
         slot13.copy_(w13, non_blocking=True)
         slot2.copy_(w2, non_blocking=True)
 
@@ -128,13 +138,13 @@ def calibrate(
 
         def gpu_runs(x=x) -> None:
             for _ in range(GPU_INNER_RUNS):
-                expert_ffn(x, slot13, slot2)
+                split_ffn(x, slot13, slot2, cold.block)
 
         gpu_s.append(_median_time(device_clock, gpu_runs, repeats) / GPU_INNER_RUNS)
         d2h_s.append(_median_time(device_clock, lambda x=x, n=n: staging[:n].copy_(x, non_blocking=True), repeats))
         h2d_s.append(_median_time(device_clock, lambda x=x, n=n: x.copy_(staging[:n], non_blocking=True), repeats))
 
-    concurrent = _measure_concurrency(device, kernel, cold, slot13, slot2, cpu_s[0], copy_s, repeats)
+    concurrent = _measure_concurrency(device, kernel, cold, slot13, slot2, repeats)
     cold.arena.close()
     bytes_ = cold.expert_bytes
     return {
@@ -151,6 +161,7 @@ def calibrate(
         "device": device.type,
         "cpu_threads": threads,
         "cpu_kernel": kernel.name,
+        "split_blocks": cold.blocks,
         "token_counts": list(token_counts),
         "cpu_expert_s": cpu_s,
         "gpu_expert_s": gpu_s,
@@ -163,54 +174,69 @@ def calibrate(
     }
 
 
-def _measure_concurrency(device, kernel, cold, slot13, slot2, cpu_alone, copy_alone, repeats) -> dict[str, object]:
-    """CPU expert (1 token) while copies stream, and copies while the CPU computes experts."""
+def _measure_concurrency(device, kernel, cold, slot13, slot2, repeats) -> dict[str, object]:
+    """CPU experts (1 token) while copies stream, and copies while the CPU computes experts,
+    each against the same operation alone measured right before (the host is noisy). The CPU
+    reads one set of experts and the copies the other, as in a real layer."""
     if device.type != "cuda":
         return {"measured": False, "cpu_slowdown": 1.0, "copy_slowdown": 1.0}
     host_clock = Clock("cpu")
+    samples = max(repeats, CONCURRENT_SAMPLES)
     x = torch.randn(1, slot13.shape[1]).to(slot13.dtype)
     stream = new_stream(device)
+
+    def cpu_once() -> float:
+        start = host_clock.now()
+        kernel(x, *cold.next(0), cold.block)
+        return host_clock.now() - start
+
+    def timed_copies(count: int) -> list[float]:
+        times = []
+        with on_stream(stream):
+            for _ in range(count):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                w13, w2 = cold.next(1)
+                start.record(stream)
+                slot13.copy_(w13, non_blocking=True)
+                slot2.copy_(w2, non_blocking=True)
+                end.record(stream)
+                end.synchronize()
+                times.append(start.elapsed_time(end) / 1e3)
+        return times
+
+    cpu_alone = statistics.median(cpu_once() for _ in range(samples))
     with on_stream(stream):  # keep the copy engine busy for the whole CPU measurement
         for _ in range(CONCURRENT_COPIES):
-            w13, w2 = cold.next()
+            w13, w2 = cold.next(1)
             slot13.copy_(w13, non_blocking=True)
             slot2.copy_(w2, non_blocking=True)
         done = torch.cuda.Event()
         done.record(stream)
     cpu_samples = []
     while not done.query():
-        start = host_clock.now()
-        kernel(x, *cold.next())
+        elapsed = cpu_once()
         if not done.query():  # count only runs that overlapped copies from start to end
-            cpu_samples.append(host_clock.now() - start)
+            cpu_samples.append(elapsed)
     done.synchronize()
 
+    copy_alone = statistics.median(timed_copies(samples))
     stop = threading.Event()
 
     def cpu_load() -> None:
         while not stop.is_set():
-            kernel(x, *cold.next())
+            kernel(x, *cold.next(0), cold.block)
 
     worker = threading.Thread(target=cpu_load, daemon=True)
     worker.start()
-    copy_samples = []
-    with on_stream(stream):
-        for _ in range(max(repeats, 2)):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            w13, w2 = cold.next()
-            start.record(stream)
-            slot13.copy_(w13, non_blocking=True)
-            slot2.copy_(w2, non_blocking=True)
-            end.record(stream)
-            end.synchronize()
-            copy_samples.append(start.elapsed_time(end) / 1e3)
+    copy_together = statistics.median(timed_copies(samples))
     stop.set()
     worker.join()
     cpu_together = statistics.median(cpu_samples) if cpu_samples else cpu_alone
     return {
         "measured": bool(cpu_samples),
         "cpu_slowdown": cpu_together / cpu_alone,
-        "copy_slowdown": statistics.median(copy_samples) / copy_alone,
+        "copy_slowdown": copy_together / copy_alone,
+        "cpu_alone_s": cpu_alone,
         "cpu_samples": len(cpu_samples),
     }
 

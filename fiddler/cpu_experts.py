@@ -1,7 +1,8 @@
 """Expert FFNs computed on the CPU.
 
-Contract: a ``CpuExpertKernel`` computes one expert for a few tokens on CPU tensors:
-``kernel(x [n, D], w13 [2F, D], w2 [D, F]) -> [n, D]``, with w1 and w3 fused into one
+Contract: a ``CpuExpertKernel`` computes one expert, or a run of its blocks, for a few tokens
+on CPU tensors in the split layout of ``fiddler.expert_layout``:
+``kernel(x [n, D], w13b [2kG, D], w2t [kG, D], G) -> [n, D]``, with w1 and w3 fused into one
 matrix so the gate and up projections read their weights in one pass. Kernels are chosen by
 name (``KERNELS``) and calibration records which one ran and how fast it read weights; the
 engine never branches on a flag in its hot loop. ``set_cpu_threads`` sets the intra-op
@@ -14,13 +15,13 @@ from typing import Protocol
 
 import torch
 
-from fiddler.moe import expert_ffn
+from fiddler.expert_layout import split_ffn
 
 
 class CpuExpertKernel(Protocol):
     name: str
 
-    def __call__(self, x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor: ...
+    def __call__(self, x: torch.Tensor, w13b: torch.Tensor, w2t: torch.Tensor, block: int) -> torch.Tensor: ...
 
 
 class TorchExpertKernel:
@@ -28,9 +29,9 @@ class TorchExpertKernel:
 
     name = "torch"
 
-    def __call__(self, x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, w13b: torch.Tensor, w2t: torch.Tensor, block: int) -> torch.Tensor:
         with torch.inference_mode():
-            return expert_ffn(x, w13, w2)
+            return split_ffn(x, w13b, w2t, block)
 
 
 KERNELS: dict[str, type] = {"torch": TorchExpertKernel}

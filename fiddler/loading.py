@@ -4,8 +4,9 @@ where it will live (no intermediate copy of the model).
 Contract: ``load_dense`` gives the non-expert weights on one device, with q/k/v fused;
 ``load_expert_stack`` gives one layer's experts stacked as w13 [X, 2F, D] (w1 rows, then w3
 rows) and w2 [X, D, F]; ``load_expert_into`` fills one expert's w13 / w2 buffers wherever
-they are (GPU, pinned host memory); ``load_host_weights`` puts every expert (and optionally
-every dense tensor) into one page-locked ``HostArena``.
+they are (GPU, pinned host memory); ``load_host_weights`` puts every expert, in the split
+layout of ``fiddler.expert_layout`` (and optionally every dense tensor), into one page-locked
+``HostArena``.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import dataclasses
 import torch
 
 from fiddler.config import ModelConfig
+from fiddler.expert_layout import split_blocks, split_shapes, to_split_layout
 from fiddler.host_memory import HostArena, nbytes_of
 from fiddler.model import DenseWeights, LayerWeights
 from fiddler.weights import (
@@ -79,8 +81,9 @@ def load_expert_stack(
 @dataclasses.dataclass
 class HostWeights:
     arena: HostArena
-    experts: list[list[tuple[torch.Tensor, torch.Tensor]]]  # [layer][expert] -> (w13, w2)
+    experts: list[list[tuple[torch.Tensor, torch.Tensor]]]  # [layer][expert] -> (w13b, w2t), split layout
     dense: dict[str, torch.Tensor]  # checkpoint name -> tensor (empty unless asked for)
+    blocks: int  # split-layout blocks per expert
 
     def close(self) -> None:
         self.experts, self.dense = [], {}
@@ -90,10 +93,15 @@ class HostWeights:
 def load_host_weights(
     source: WeightSource, dtype: torch.dtype, pin: bool = True, include_dense: bool = False
 ) -> HostWeights:
-    """Every expert (w13 and w2 of one expert adjacent) and, if asked, every dense tensor, in
-    one host arena, page-locked when CUDA is present."""
+    """Every expert (split layout; w13b and w2t of one expert adjacent) and, if asked, every
+    dense tensor, in one host arena, page-locked when CUDA is present. Experts are assembled
+    where the source produces them (the GPU for GPU-generated random weights) and rearranged
+    there, so only finished tensors cross to the host."""
     cfg = source.config
-    w13_shape, w2_shape = expert_shapes(cfg)
+    blocks = split_blocks(cfg)
+    w13_shape, w2_shape = split_shapes(cfg)
+    work_device = getattr(source, "generator_device", "cpu")
+    plain13, plain2 = (torch.empty(s, dtype=dtype, device=work_device) for s in expert_shapes(cfg))
     dense_shapes = {n: s for n, s in tensor_shapes(cfg).items() if ".experts." not in n} if include_dense else {}
     sizes = [nbytes_of(s, dtype) for s in dense_shapes.values()]
     sizes += [nbytes_of(s, dtype) for _ in range(cfg.num_expert_slots) for s in (w13_shape, w2_shape)]
@@ -106,8 +114,11 @@ def load_host_weights(
     for layer in range(cfg.num_layers):
         row = []
         for expert in range(cfg.num_experts):
-            w13, w2 = arena.take(w13_shape, dtype), arena.take(w2_shape, dtype)
-            load_expert_into(source, layer, expert, w13, w2)
-            row.append((w13, w2))
+            w13b, w2t = arena.take(w13_shape, dtype), arena.take(w2_shape, dtype)
+            load_expert_into(source, layer, expert, plain13, plain2)
+            to_split_layout(plain13, plain2, blocks, w13b, w2t)
+            row.append((w13b, w2t))
         experts.append(row)
-    return HostWeights(arena=arena, experts=experts, dense=dense)
+    if torch.device(work_device).type == "cuda":
+        torch.cuda.synchronize()  # the last copies into the arena are asynchronous
+    return HostWeights(arena=arena, experts=experts, dense=dense, blocks=blocks)

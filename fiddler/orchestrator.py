@@ -2,15 +2,20 @@
 (activations cross) or copied into staging buffers, as each layer's plan says.
 
 Contract: ``FiddlerExecutor`` is an ``ExpertExecutor``. Per layer it reads the routing on the
-host (one synchronisation), asks ``fiddler.planner.plan_layer`` for a plan, then runs the
-plan with the paths overlapping: copies are queued on a side stream into reusable staging
-slots (a slot is reused only after the accelerator has finished with it); the CPU experts'
-activations go down in one transfer and a worker thread computes them while the accelerator
-runs the resident experts and then each copied expert once its copy has landed; the CPU
-results come back in one transfer. Outputs are identical, up to summation order, to running
-every expert in one place. ``stats()`` counts what ran where and what crossed PCIe:
-``h2d_bytes`` = copied expert weights + CPU results, ``d2h_bytes`` = activations sent to the
-CPU + the routing read on the host.
+host (one synchronisation), asks ``fiddler.planner.plan_layer`` for a plan (cached by routing
+pattern), then runs the plan with the paths overlapping: copies are queued on a side stream
+into reusable staging slots (a slot is reused only after the accelerator has finished with
+it); the CPU rows' activations go down in one transfer and a worker thread computes them while
+the accelerator runs the resident experts and then each copied expert once its copy has
+landed; the CPU results come back in one transfer. An expert the plan divides runs its first
+blocks on the CPU and the rest after a copy of only those blocks; the two partial outputs
+are added. Every expert is kept in the split layout of ``fiddler.expert_layout``. Outputs are
+identical, up to summation order, to running every expert in one place.
+
+``stats()`` counts what ran where and what crossed PCIe: ``h2d_bytes`` = copied expert
+weights + CPU results, ``d2h_bytes`` = activations sent to the CPU + the routing ids read on
+the host; ``rows_*`` count routed (token, expert) pairs per path (a divided expert's rows
+count as ``rows_split``).
 
 Shape legend: N tokens, K experts per token, D hidden, R = N * K routed (token, slot) rows.
 """
@@ -26,18 +31,21 @@ import torch
 from fiddler.config import ModelConfig
 from fiddler.cost_model import LatencyModel
 from fiddler.cpu_experts import CpuExpertKernel
-from fiddler.loading import HostWeights, expert_shapes
-from fiddler.moe import Routing, combine, expert_ffn
+from fiddler.expert_layout import split_ffn, split_shapes
+from fiddler.loading import HostWeights
+from fiddler.moe import Routing, combine
 from fiddler.placement import Placement
 from fiddler.planner import LayerPlan, plan_layer
 from fiddler.streams import host_wait, new_stream, on_stream, record, wait
 from fiddler.timing import Clock
 
+PLAN_CACHE_SIZE = 4096  # distinct routing patterns remembered; decode repeats a few
+
 
 @dataclasses.dataclass
 class _Slot:
-    w13: torch.Tensor
-    w2: torch.Tensor
+    w13b: torch.Tensor
+    w2t: torch.Tensor
     free: torch.cuda.Event | None = None  # the accelerator's last use of this slot
 
 
@@ -47,16 +55,18 @@ class ExpertCounters:
     experts_gpu: int = 0
     experts_cpu: int = 0
     experts_copied: int = 0
-    rows_gpu: int = 0  # routed (token, expert) pairs served by each path
+    experts_split: int = 0
+    rows_gpu: int = 0
     rows_cpu: int = 0
     rows_copied: int = 0
+    rows_split: int = 0
     h2d_bytes: int = 0
     d2h_bytes: int = 0
     predicted_s: float = 0.0
     measured_s: float = 0.0  # only with layer timing on
 
     def to_json(self) -> dict[str, object]:
-        rows = self.rows_gpu + self.rows_cpu + self.rows_copied
+        rows = self.rows_gpu + self.rows_cpu + self.rows_copied + self.rows_split
         return dataclasses.asdict(self) | {"gpu_hit_rate": self.rows_gpu / rows if rows else None}
 
 
@@ -79,9 +89,11 @@ class FiddlerExecutor:
         self.config, self.device, self.host = config, device, host
         self.resident, self.placement, self.latency = resident, placement, latency
         self.policy, self.cpu_kernel = policy, cpu_kernel
-        self.resident_by_layer = [placement.resident_in_layer(layer) for layer in range(config.num_layers)]
+        self.blocks = host.blocks
+        self.block = config.intermediate_size // host.blocks
+        self.resident_by_layer = [frozenset(placement.resident_in_layer(layer)) for layer in range(config.num_layers)]
         self.dtype = host.experts[0][0][0].dtype
-        w13_shape, w2_shape = expert_shapes(config)
+        w13_shape, w2_shape = split_shapes(config)
         self.slots = [
             _Slot(
                 torch.empty(w13_shape, device=device, dtype=self.dtype),
@@ -90,16 +102,28 @@ class FiddlerExecutor:
             for _ in range(staging_slots)
         ]
         self._next_slot = 0
-        self.expert_bytes = sum(t.numel() * t.element_size() for t in (self.slots[0].w13, self.slots[0].w2))
+        self.expert_bytes = sum(t.numel() * t.element_size() for t in (self.slots[0].w13b, self.slots[0].w2t))
         self.copy_stream = new_stream(device)
         self.cpu_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fiddler-cpu")
         self._host_in = self._host_out = torch.empty(0)
         self._host_out_free: torch.cuda.Event | None = None  # last transfer out of _host_out
+        self._plans: dict[tuple, LayerPlan] = {}
         self.layer_timing = layer_timing
         self.layer_log: list[dict[str, object]] = []
         self.counters = ExpertCounters()
 
     # ---- the executor interface ---------------------------------------------------------
+
+    def plan(self, layer: int, tokens: dict[int, int]) -> LayerPlan:
+        resident = self.resident_by_layer[layer]
+        key = (resident, tuple(sorted(tokens.items())), self.policy)
+        plan = self._plans.get(key)
+        if plan is None:
+            if len(self._plans) >= PLAN_CACHE_SIZE:
+                self._plans.clear()
+            plan = plan_layer(tokens, resident, self.policy, self.latency, len(self.slots), self.blocks)
+            self._plans[key] = plan
+        return plan
 
     def __call__(self, layer: int, hidden: torch.Tensor, routing: Routing) -> torch.Tensor:
         clock = Clock(self.device) if self.layer_timing else None
@@ -112,26 +136,38 @@ class FiddlerExecutor:
         for count in counts:
             offsets.append(offsets[-1] + count)
         tokens = {e: c for e, c in enumerate(counts) if c}
-        plan = plan_layer(tokens, self.resident_by_layer[layer], self.policy, self.latency, len(self.slots))
+        plan = self.plan(layer, tokens)
         token_of_row = order // top_k
+        split = plan.split
 
-        pending_copies = list(plan.copy)
+        # Copies: the divided expert's remainder first, then whole experts.
+        pending = ([(split.expert, split.cpu_blocks)] if split else []) + [(e, 0) for e in plan.copy]
         in_flight: collections.deque = collections.deque()
-        for _ in range(min(len(self.slots), len(pending_copies))):
-            in_flight.append(self._queue_copy(layer, pending_copies.pop(0)))
-        cpu_rows = self._cpu_rows(plan, offsets, order.device)
+        for _ in range(min(len(self.slots), len(pending))):
+            in_flight.append(self._queue_copy(layer, *pending.pop(0)))
+        cpu_experts = list(plan.cpu) + ([split.expert] if split else [])
+        cpu_rows = self._rows_of(cpu_experts, offsets, order.device)
         cpu_job = self._start_cpu(layer, plan, counts, hidden, token_of_row, cpu_rows)
+
         sorted_out = hidden.new_empty(flat.shape[0], hidden.shape[-1])
         for expert in plan.gpu:
-            w13, w2 = self.resident[(layer, expert)]
-            self._run_on_accelerator(hidden, token_of_row, sorted_out, offsets, expert, w13, w2)
+            self._run_on_accelerator(hidden, token_of_row, sorted_out, offsets, expert, *self.resident[(layer, expert)])
         while in_flight:
-            expert, slot, landed = in_flight.popleft()
+            expert, slot, landed, blocks = in_flight.popleft()
             wait(landed)
-            self._run_on_accelerator(hidden, token_of_row, sorted_out, offsets, expert, slot.w13, slot.w2)
+            self._run_on_accelerator(
+                hidden,
+                token_of_row,
+                sorted_out,
+                offsets,
+                expert,
+                slot.w13b[: 2 * blocks * self.block],
+                slot.w2t[: blocks * self.block],
+            )
             slot.free = record(self.device)
-            if pending_copies:  # into the slot just freed: the copy waits for that compute
-                in_flight.append(self._queue_copy(layer, pending_copies.pop(0)))
+            if pending:  # into the slot just freed: the copy waits for that compute
+                in_flight.append(self._queue_copy(layer, *pending.pop(0)))
+
         waited = 0.0
         if cpu_job is not None:
             before = clock.now() if clock else 0.0
@@ -139,7 +175,10 @@ class FiddlerExecutor:
             waited = clock.now() - before if clock else 0.0
             results = self._host_out[: cpu_rows.shape[0]].to(self.device, non_blocking=True)
             self._host_out_free = record(self.device)
-            sorted_out.index_copy_(0, cpu_rows, results)
+            whole = sum(counts[e] for e in plan.cpu)
+            sorted_out.index_copy_(0, cpu_rows[:whole], results[:whole])
+            if split:  # the accelerator already wrote its part of these rows
+                sorted_out.index_add_(0, cpu_rows[whole:], results[whole:])
         outputs = torch.empty_like(sorted_out).index_copy_(0, order, sorted_out)
         self._count(plan, tokens, flat, hidden)
         if clock:
@@ -152,9 +191,10 @@ class FiddlerExecutor:
                     "gpu": plan.gpu,
                     "cpu": plan.cpu,
                     "copy": plan.copy,
+                    "split": dataclasses.astuple(split) if split else None,
                     "predicted_s": plan.predicted_s,
                     "measured_s": measured,
-                    "cpu_compute_s": cpu_job.result() if cpu_job is not None else 0.0,
+                    "cpu_compute_s": cpu_job.result() if cpu_job else 0.0,
                     "cpu_wait_s": waited,
                 }
             )
@@ -167,6 +207,7 @@ class FiddlerExecutor:
             "cpu_kernel": self.cpu_kernel.name,
             "experts_resident": self.placement.num_resident,
             "staging_slots": len(self.slots),
+            "split_blocks": self.blocks,
             **self.counters.to_json(),
         }
 
@@ -181,22 +222,25 @@ class FiddlerExecutor:
 
     # ---- the three paths ----------------------------------------------------------------
 
-    def _queue_copy(self, layer: int, expert: int) -> tuple[int, _Slot, torch.cuda.Event | None]:
-        """Queue one expert's copy into the next slot (round robin) on the side stream."""
+    def _queue_copy(self, layer: int, expert: int, first_block: int):
+        """Queue blocks [first_block, blocks) of one expert into the next slot (round robin)
+        on the side stream. Returns (expert, slot, landed event, number of blocks)."""
         slot = self.slots[self._next_slot]
         self._next_slot = (self._next_slot + 1) % len(self.slots)
-        w13, w2 = self.host.experts[layer][expert]
+        w13b, w2t = self.host.experts[layer][expert]
+        count = self.blocks - first_block
+        rows = count * self.block
         with on_stream(self.copy_stream):
             wait(slot.free, self.copy_stream)  # the accelerator is done with the slot's last expert
-            slot.w13.copy_(w13, non_blocking=True)
-            slot.w2.copy_(w2, non_blocking=True)
+            slot.w13b[: 2 * rows].copy_(w13b[2 * first_block * self.block :], non_blocking=True)
+            slot.w2t[:rows].copy_(w2t[first_block * self.block :], non_blocking=True)
             landed = record(self.device, self.copy_stream)
-        return expert, slot, landed
+        return expert, slot, landed, count
 
     @staticmethod
-    def _cpu_rows(plan: LayerPlan, offsets: list[int], device: torch.device) -> torch.Tensor:
-        """Positions, in expert-sorted row order, of the rows the CPU computes."""
-        ranges = [torch.arange(offsets[e], offsets[e + 1]) for e in plan.cpu]
+    def _rows_of(experts: list[int], offsets: list[int], device: torch.device) -> torch.Tensor:
+        """Positions, in expert-sorted row order, of the given experts' rows."""
+        ranges = [torch.arange(offsets[e], offsets[e + 1]) for e in experts]
         rows = torch.cat(ranges) if ranges else torch.empty(0, dtype=torch.long)
         return rows.to(device, non_blocking=True)
 
@@ -209,27 +253,30 @@ class FiddlerExecutor:
         token_of_row: torch.Tensor,
         cpu_rows: torch.Tensor,
     ) -> Future | None:
-        if not plan.cpu:
-            return None
         num_rows = cpu_rows.shape[0]
+        if num_rows == 0:
+            return None
         self._ensure_host_buffers(num_rows, hidden.shape[-1])
         host_in = self._host_in[:num_rows]
         host_in.copy_(hidden.index_select(0, token_of_row.index_select(0, cpu_rows)), non_blocking=True)
         arrived = record(self.device)
-        out_free = self._host_out_free
-        experts = [(e, counts[e], *self.host.experts[layer][e]) for e in plan.cpu]
-        return self.cpu_worker.submit(self._cpu_experts, experts, host_in, self._host_out, arrived, out_free)
+        work = [(counts[e], *self.host.experts[layer][e]) for e in plan.cpu]
+        if plan.split:
+            w13b, w2t = self.host.experts[layer][plan.split.expert]
+            rows = plan.split.cpu_blocks * self.block
+            work.append((counts[plan.split.expert], w13b[: 2 * rows], w2t[:rows]))
+        return self.cpu_worker.submit(self._cpu_work, work, host_in, self._host_out, arrived, self._host_out_free)
 
-    def _cpu_experts(self, experts, host_in, host_out, arrived, out_free) -> float:
+    def _cpu_work(self, work, host_in, host_out, arrived, out_free) -> float:
         """Runs in the worker thread; returns the seconds spent computing."""
         host_wait(arrived)  # the activations are in host memory
         host_wait(out_free)  # the previous layer's results have left host_out
         clock = Clock("cpu")
         start = clock.now()
         position = 0
-        for _, count, w13, w2 in experts:
+        for count, w13b, w2t in work:
             end = position + count
-            host_out[position:end] = self.cpu_kernel(host_in[position:end], w13, w2)
+            host_out[position:end] = self.cpu_kernel(host_in[position:end], w13b, w2t, self.block)
             position = end
         return clock.now() - start
 
@@ -241,22 +288,25 @@ class FiddlerExecutor:
             self._host_out = torch.empty(rows, hidden, dtype=self.dtype, pin_memory=pin)
             self._host_out_free = None
 
-    @staticmethod
-    def _run_on_accelerator(hidden, token_of_row, sorted_out, offsets, expert, w13, w2) -> None:
+    def _run_on_accelerator(self, hidden, token_of_row, sorted_out, offsets, expert, w13b, w2t) -> None:
         rows = slice(offsets[expert], offsets[expert + 1])
-        sorted_out[rows] = expert_ffn(hidden.index_select(0, token_of_row[rows]), w13, w2)
+        sorted_out[rows] = split_ffn(hidden.index_select(0, token_of_row[rows]), w13b, w2t, self.block)
 
     def _count(self, plan: LayerPlan, tokens: dict[int, int], flat: torch.Tensor, hidden: torch.Tensor) -> None:
         c = self.counters
         row_bytes = hidden.shape[-1] * hidden.element_size()
-        cpu_rows = sum(tokens[e] for e in plan.cpu)
+        split_rows = tokens[plan.split.expert] if plan.split else 0
+        cpu_rows = sum(tokens[e] for e in plan.cpu) + split_rows
+        copied_blocks = len(plan.copy) * self.blocks + (self.blocks - plan.split.cpu_blocks if plan.split else 0)
         c.layers += 1
         c.experts_gpu += len(plan.gpu)
         c.experts_cpu += len(plan.cpu)
         c.experts_copied += len(plan.copy)
+        c.experts_split += 1 if plan.split else 0
         c.rows_gpu += sum(tokens[e] for e in plan.gpu)
-        c.rows_cpu += cpu_rows
+        c.rows_cpu += cpu_rows - split_rows
         c.rows_copied += sum(tokens[e] for e in plan.copy)
-        c.h2d_bytes += len(plan.copy) * self.expert_bytes + cpu_rows * row_bytes
+        c.rows_split += split_rows
+        c.h2d_bytes += copied_blocks * self.expert_bytes // self.blocks + cpu_rows * row_bytes
         c.d2h_bytes += cpu_rows * row_bytes + flat.numel() * flat.element_size()
         c.predicted_s += plan.predicted_s

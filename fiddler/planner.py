@@ -1,28 +1,33 @@
 """Per-layer plans: where each routed expert runs, and how long the layer should take.
 
-Contract: ``plan_layer(tokens, resident, policy, model, staging_slots)`` takes the tokens
-routed to each expert of one layer and returns a ``LayerPlan``: resident experts run on the
-accelerator; each missing expert runs on the CPU (its activations cross) or after a copy of
-its weights, as the policy decides; ``predicted_s`` comes from ``predict_layer``, the one
-timeline model that the engine, the benchmarks and the simulator share. Policies:
+Contract: ``plan_layer(tokens, resident, policy, model, staging_slots, blocks)`` takes the
+tokens routed to each expert of one layer and returns a ``LayerPlan``: resident experts run on
+the accelerator; each missing expert runs on the CPU (its activations cross) or after a copy
+of its weights, as the policy decides, and ``hybrid`` may divide one expert between the two
+(its first ``cpu_blocks`` of ``blocks`` on the CPU, the rest copied; see
+``fiddler.expert_layout``). ``predicted_s`` comes from ``predict_layer``, the one timeline
+model that the engine, the benchmarks and the simulator share. Policies:
 
 - ``paper``: per expert, the cheaper of CPU (activations both ways + compute) and copy +
   accelerator compute, as in Fiddler's paper.
-- ``hybrid``: the CPU path and the copy path run at the same time; of the splits that give
-  the CPU the experts with the fewest tokens, the one with the earliest predicted finish.
+- ``hybrid``: the CPU path and the copy path run at the same time; the CPU takes the experts
+  with the fewest tokens, whole or with one expert divided, whichever split is predicted to
+  finish first.
 - ``cpu-experts`` / ``copy-experts``: every missing expert on the CPU / copied (ablations).
 
-Timeline (``predict_layer``): the CPU path moves its experts' activations down in one
-transfer, runs them one after another and moves the results up; the copy engine brings
-copied experts in order, at most ``staging_slots`` ahead of the accelerator using them; the
-accelerator runs resident experts first, then each copied expert once it has landed. When
-both paths are busy, each runs at its calibrated concurrent slowdown. The layer finishes when
-both paths have.
+Timeline (``predict_layer``): the CPU path moves its rows' activations down in one transfer,
+runs its experts one after another (a divided expert costs its share of the whole, since the
+work streams weights) and moves the results up; the copy engine brings the divided expert's
+remainder first, then whole experts, at most ``staging_slots`` ahead of the accelerator using
+them; the accelerator runs resident experts first, then each copied one once it has landed.
+When both paths are busy, each runs at its calibrated concurrent slowdown. The layer
+finishes when both paths have.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 
 from fiddler.cost_model import LatencyModel
 
@@ -30,11 +35,23 @@ POLICIES = ("paper", "hybrid", "cpu-experts", "copy-experts")
 
 
 @dataclasses.dataclass(frozen=True)
+class Split:
+    expert: int
+    cpu_blocks: int  # blocks [0, cpu_blocks) on the CPU, the rest copied
+    blocks: int
+
+    @property
+    def cpu_fraction(self) -> float:
+        return self.cpu_blocks / self.blocks
+
+
+@dataclasses.dataclass(frozen=True)
 class LayerPlan:
     gpu: tuple[int, ...]  # resident experts that received tokens
-    cpu: tuple[int, ...]
-    copy: tuple[int, ...]  # in the order they are copied
+    cpu: tuple[int, ...]  # whole experts on the CPU
+    copy: tuple[int, ...]  # whole experts copied, in copy order
     predicted_s: float
+    split: Split | None = None
 
 
 def predict_layer(
@@ -44,20 +61,29 @@ def predict_layer(
     copy: tuple[int, ...],
     model: LatencyModel,
     staging_slots: int,
+    split: Split | None = None,
 ) -> float:
-    both = bool(cpu) and bool(copy)
-    cpu_tokens = sum(tokens[e] for e in cpu)
-    cpu_compute = sum(model.cpu(tokens[e]) for e in cpu) * (model.cpu_slowdown if both else 1.0)
-    cpu_end = (model.act_d2h(cpu_tokens) + cpu_compute + model.act_h2d(cpu_tokens)) if cpu else 0.0
-
+    both = bool(cpu or split) and bool(copy or split)
+    cpu_slow = model.cpu_slowdown if both else 1.0
     copy_time = model.copy * (model.copy_slowdown if both else 1.0)
+    cpu_rows = sum(tokens[e] for e in cpu) + (tokens[split.expert] if split else 0)
+    cpu_compute = sum(model.cpu(tokens[e]) for e in cpu)
+    if split:
+        cpu_compute += model.cpu(tokens[split.expert]) * split.cpu_fraction
+    cpu_end = (model.act_d2h(cpu_rows) + cpu_compute * cpu_slow + model.act_h2d(cpu_rows)) if cpu_rows else 0.0
+
+    # (copy seconds, accelerator seconds) per copied item, the divided expert's remainder first
+    items = [(copy_time, model.gpu(tokens[e])) for e in copy]
+    if split:
+        rest = 1.0 - split.cpu_fraction
+        items.insert(0, (copy_time * rest, model.gpu(tokens[split.expert]) * rest))
     accelerator = sum(model.gpu(tokens[e]) for e in gpu)
     copy_end = 0.0
     compute_end: list[float] = []
-    for i, expert in enumerate(copy):
+    for i, (copy_s, compute_s) in enumerate(items):
         slot_free = compute_end[i - staging_slots] if i >= staging_slots else 0.0
-        copy_end = max(copy_end, slot_free) + copy_time
-        accelerator = max(accelerator, copy_end) + model.gpu(tokens[expert])
+        copy_end = max(copy_end, slot_free) + copy_s
+        accelerator = max(accelerator, copy_end) + compute_s
         compute_end.append(accelerator)
     return max(accelerator, cpu_end)
 
@@ -68,6 +94,7 @@ def plan_layer(
     policy: str,
     model: LatencyModel,
     staging_slots: int,
+    blocks: int = 1,
 ) -> LayerPlan:
     """tokens: expert -> number of tokens routed to it (experts with none are left out)."""
     if staging_slots < 1:
@@ -75,12 +102,11 @@ def plan_layer(
     gpu = tuple(sorted(e for e in tokens if e in resident))
     missing = sorted((e for e in tokens if e not in resident), key=lambda e: (tokens[e], e))
 
-    def make(cpu: list[int], copy: list[int]) -> LayerPlan:
+    def make(cpu: list[int], copy: list[int], split: Split | None = None) -> LayerPlan:
         copy_order = tuple(sorted(copy, key=lambda e: (-tokens[e], e)))  # big ones first: overlap
         cpu_order = tuple(sorted(cpu))
-        return LayerPlan(
-            gpu, cpu_order, copy_order, predict_layer(tokens, gpu, cpu_order, copy_order, model, staging_slots)
-        )
+        predicted = predict_layer(tokens, gpu, cpu_order, copy_order, model, staging_slots, split)
+        return LayerPlan(gpu, cpu_order, copy_order, predicted, split)
 
     if policy == "cpu-experts":
         return make(missing, [])
@@ -91,5 +117,21 @@ def plan_layer(
         return make(on_cpu, [e for e in missing if e not in on_cpu])
     if policy == "hybrid":
         candidates = [make(missing[:k], missing[k:]) for k in range(len(missing) + 1)]
+        for k in range(len(missing) if blocks > 1 else 0):
+            for cpu_blocks in _balanced_blocks(tokens, missing[:k], missing[k], missing[k + 1 :], model, blocks):
+                candidates.append(make(missing[:k], missing[k + 1 :], Split(missing[k], cpu_blocks, blocks)))
         return min(candidates, key=lambda plan: plan.predicted_s)
     raise ValueError(f"unknown policy {policy!r}; choose one of {', '.join(POLICIES)}")
+
+
+def _balanced_blocks(
+    tokens: dict[int, int], cpu: list[int], divided: int, copied: list[int], model: LatencyModel, blocks: int
+) -> set[int]:
+    """Block counts around the share of ``divided`` that makes the CPU path and the copy path
+    take equally long (both busy, each at its concurrent rate)."""
+    cpu_base = sum(model.cpu(tokens[e]) for e in cpu) * model.cpu_slowdown
+    cpu_divided = model.cpu(tokens[divided]) * model.cpu_slowdown
+    copy_one = model.copy * model.copy_slowdown
+    share = (copy_one + len(copied) * copy_one - cpu_base) / (cpu_divided + copy_one)
+    share = min(max(share, 0.0), 1.0) * blocks
+    return {b for b in (math.floor(share), math.ceil(share)) if 0 < b < blocks}

@@ -30,15 +30,16 @@ def test_take_checks_the_planned_size():
     arena.close()
 
 
-def test_host_weights_hold_every_expert(tiny_config):
+def test_host_weights_hold_every_expert_in_the_split_layout(tiny_config):
     source = RandomWeights(tiny_config, seed=2)
     host = load_host_weights(source, torch.float32, pin=False, include_dense=True)
-    f = tiny_config.intermediate_size
+    g = tiny_config.intermediate_size // host.blocks
     for layer in range(tiny_config.num_layers):
         for expert in range(tiny_config.num_experts):
-            w13, w2 = host.experts[layer][expert]
-            assert torch.equal(w13[:f], load(source, expert_name(layer, expert, "w1"), "cpu", torch.float32))
-            assert torch.equal(w13[f:], load(source, expert_name(layer, expert, "w3"), "cpu", torch.float32))
-            assert torch.equal(w2, load(source, expert_name(layer, expert, "w2"), "cpu", torch.float32))
+            w13b, w2t = host.experts[layer][expert]
+            w1, w3, w2 = (load(source, expert_name(layer, expert, m), "cpu", torch.float32) for m in ("w1", "w3", "w2"))
+            assert torch.equal(w13b[:g], w1[:g]) and torch.equal(w13b[g : 2 * g], w3[:g])
+            assert torch.equal(w13b[-g:], w3[-g:])
+            assert torch.equal(w2t, w2.t())
     assert torch.equal(host.dense["model.norm.weight"], torch.ones(tiny_config.hidden_size))
     host.close()

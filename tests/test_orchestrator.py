@@ -83,16 +83,23 @@ def test_teacher_forced_logits_match(reference, policy):
 def replay_plans(engine, policy, latency, slots):
     """Recompute every plan from the executor's layer log and sum what it should have counted."""
     executor = engine.model.experts
-    expected = {"experts_gpu": 0, "experts_cpu": 0, "experts_copied": 0, "rows_cpu": 0, "rows_copied": 0}
+    keys = ("experts_gpu", "experts_cpu", "experts_copied", "experts_split", "rows_cpu", "rows_copied", "rows_split")
+    expected = dict.fromkeys(keys, 0)
+    expected["copied_blocks"] = 0
     for entry in executor.layer_log:
         resident = executor.resident_by_layer[entry["layer"]]
-        plan = plan_layer(entry["tokens"], resident, policy, latency, slots)
-        assert (plan.gpu, plan.cpu, plan.copy) == (entry["gpu"], entry["cpu"], entry["copy"])
+        plan = plan_layer(entry["tokens"], resident, policy, latency, slots, executor.blocks)
+        split = (plan.split.expert, plan.split.cpu_blocks, plan.split.blocks) if plan.split else None
+        assert (plan.gpu, plan.cpu, plan.copy, split) == (entry["gpu"], entry["cpu"], entry["copy"], entry["split"])
         expected["experts_gpu"] += len(plan.gpu)
         expected["experts_cpu"] += len(plan.cpu)
         expected["experts_copied"] += len(plan.copy)
+        expected["experts_split"] += 1 if plan.split else 0
         expected["rows_cpu"] += sum(entry["tokens"][e] for e in plan.cpu)
         expected["rows_copied"] += sum(entry["tokens"][e] for e in plan.copy)
+        expected["rows_split"] += entry["tokens"][plan.split.expert] if plan.split else 0
+        expected["copied_blocks"] += len(plan.copy) * executor.blocks
+        expected["copied_blocks"] += executor.blocks - plan.split.cpu_blocks if plan.split else 0
     return expected
 
 
@@ -103,13 +110,16 @@ def test_counters_match_the_plans(policy):
     result = generate(engine, PROMPT, GenerationSettings(max_new_tokens=6))
     stats = result.stats
     expected = replay_plans(engine, policy, HOST_LIKE, 2)
+    copied_blocks = expected.pop("copied_blocks")
     for key, value in expected.items():
         assert stats[key] == value, key
-    expert_bytes = engine.model.experts.expert_bytes
+    executor = engine.model.experts
+    block_bytes = executor.expert_bytes // executor.blocks
     row_bytes = CONFIG.hidden_size * 4
-    assert stats["h2d_bytes"] == stats["experts_copied"] * expert_bytes + stats["rows_cpu"] * row_bytes
+    cpu_rows = stats["rows_cpu"] + stats["rows_split"]
+    assert stats["h2d_bytes"] == copied_blocks * block_bytes + cpu_rows * row_bytes
     routing_ids = (len(PROMPT) + 5) * CONFIG.num_experts_per_token * CONFIG.num_layers * 8  # int64 ids read
-    assert stats["d2h_bytes"] == stats["rows_cpu"] * row_bytes + routing_ids
+    assert stats["d2h_bytes"] == cpu_rows * row_bytes + routing_ids
     assert stats["layers"] == CONFIG.num_layers * 6
     engine.close()
 
@@ -125,12 +135,25 @@ def test_copy_experts_copies_every_miss_and_cpu_experts_copies_none():
     assert 0 < copy["gpu_hit_rate"] < 1
 
 
+def test_hybrid_divides_an_expert_when_that_balances_the_paths(reference):
+    """With one missing expert per layer, whole-expert splitting leaves one path idle."""
+    missing = {(layer, 0) for layer in range(CONFIG.num_layers)}
+    everything = {(layer, e) for layer in range(CONFIG.num_layers) for e in range(CONFIG.num_experts)}
+    engine = fiddler_engine(placement_with(everything - missing), "hybrid", timing=True)
+    result = generate(engine, PROMPT, GenerationSettings(max_new_tokens=6))
+    assert result.stats["experts_split"] > 0
+    assert any(entry["split"] for entry in engine.model.experts.layer_log)
+    assert result.token_ids == generate(reference, PROMPT, GenerationSettings(max_new_tokens=6)).token_ids
+    engine.close()
+
+
 def test_hybrid_really_uses_both_paths_when_planned():
     engine = fiddler_engine(placement_with(set()), "hybrid", timing=True)
     stats = generate(engine, PROMPT, GenerationSettings(max_new_tokens=4)).stats
     both = [e for e in engine.model.experts.layer_log if e["cpu"] and e["copy"]]
     assert both, "the host-like latency model should split the prefill layers"
-    assert stats["experts_cpu"] > 0 and stats["experts_copied"] > 0
+    assert stats["experts_cpu"] + stats["experts_split"] > 0
+    assert stats["experts_copied"] + stats["experts_split"] > 0
     engine.close()
 
 
