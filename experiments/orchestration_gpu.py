@@ -208,7 +208,7 @@ def diagnose(args, calibration_path: Path) -> dict:
     )
     executor = engine.model.experts
     result: dict = {"logs": {}}
-    for policy in ("hybrid", "cpu-experts"):
+    for policy in ("hybrid", "cpu-experts") if not args.sweep_only else ():
         executor.policy = policy
         executor.layer_timing = True
         generate(engine, prompt, GenerationSettings(max_new_tokens=6))
@@ -251,11 +251,13 @@ def diagnose(args, calibration_path: Path) -> dict:
     result["cpu_expert_arena_beside_copies_ms"] = [1e3 * t for t in beside]
     executor.policy = "hybrid"
     result["threads"] = {}
-    for threads in (16, 12, 8):
-        set_cpu_threads(threads)
-        runs = [generate(engine, prompt, GenerationSettings(max_new_tokens=12)) for _ in range(2)]
-        result["threads"][threads] = max(r.decode_tokens_per_s for r in runs)
-        print("threads", threads, result["threads"][threads], flush=True)
+    sweep = [int(t) for t in args.threads.split(",")]
+    for _ in range(args.sweep_repeats):  # interleaved, so drift of the host affects all alike
+        for threads in sweep:
+            set_cpu_threads(threads)
+            rate = generate(engine, prompt, GenerationSettings(max_new_tokens=args.new_tokens)).decode_tokens_per_s
+            result["threads"].setdefault(threads, []).append(rate)
+            print("threads", threads, rate, flush=True)
     engine.close()
     return result
 
@@ -278,6 +280,9 @@ def main() -> int:
     parser.add_argument("--calibration", type=Path, help="reuse a calibration instead of measuring")
     parser.add_argument("--device", default="cuda", help="cpu runs a functional smoke test")
     parser.add_argument("--diagnose", action="store_true", help="only the hybrid time breakdown")
+    parser.add_argument("--threads", default="16,12,8", help="CPU thread counts for the diagnosis sweep")
+    parser.add_argument("--sweep-repeats", type=int, default=1)
+    parser.add_argument("--sweep-only", action="store_true", help="diagnosis: skip the per-layer logs")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
