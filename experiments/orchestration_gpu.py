@@ -247,6 +247,18 @@ def diagnose(args, calibration_path: Path) -> dict:
         if not done.query():
             beside.append(host_clock.now() - t0)
     done.synchronize()
+    partial = {}
+    for share in (1, 4, 8, 12, 16):
+        rows = share * executor.block
+        times = []
+        for layer, e in missing:
+            w13b, w2t = executor.host.experts[layer][e]
+            t0 = host_clock.now()
+            executor.cpu_kernel(x, w13b[: 2 * rows], w2t[:rows], executor.block)
+            times.append(host_clock.now() - t0)
+        partial[f"{share}/{executor.blocks}"] = 1e3 * statistics.median(times)
+    result["cpu_partial_expert_ms"] = partial
+    print("partial", partial, flush=True)
     result["cpu_expert_arena_alone_ms"] = [1e3 * t for t in alone]
     result["cpu_expert_arena_beside_copies_ms"] = [1e3 * t for t in beside]
     executor.policy = "hybrid"
