@@ -17,6 +17,9 @@ schema ``fiddler-calibration`` version 1 (``save_calibration`` writes it atomica
 - ``concurrent``: ``cpu_slowdown`` (CPU expert time while copies run / alone) and
   ``copy_slowdown`` (copy time while CPU experts run / alone); ``measured`` false where there
   is no accelerator to copy to (then both are 1).
+- ``cpu_share``: ``shares`` (parts of an expert, in split blocks) and ``fraction_of_whole``
+  (their CPU time for one token over the whole expert's); the planner reads it to divide an
+  expert between the paths (added in this version; older files without it mean proportional).
 - derived for reading: ``cpu_weight_gb_per_s`` per n, ``copy_gb_per_s``.
 
 Later versions may add keys (the CPU kernel and simulator issues extend this schema); readers
@@ -55,6 +58,8 @@ COLD_SET_BYTES = 2_000_000_000
 GPU_INNER_RUNS = 10  # GPU expert runs per timing sample: one run is too short to time alone
 CONCURRENT_COPIES = 48  # copies queued while CPU experts are timed alongside them
 CONCURRENT_SAMPLES = 12  # samples of each operation alone and together
+SHARES_MEASURED = (1 / 16, 1 / 8, 1 / 4, 1 / 2, 3 / 4)  # parts of an expert timed on the CPU
+SHARE_REPEATS = 7
 
 
 def _median_time(clock: Clock, fn, repeats: int) -> float:
@@ -145,6 +150,7 @@ def calibrate(
         h2d_s.append(_median_time(device_clock, lambda x=x, n=n: x.copy_(staging[:n], non_blocking=True), repeats))
 
     concurrent = _measure_concurrency(device, kernel, cold, slot13, slot2, repeats)
+    share = _measure_shares(kernel, cold, hidden, dtype, repeats, generator)
     cold.arena.close()
     bytes_ = cold.expert_bytes
     return {
@@ -169,6 +175,7 @@ def calibrate(
         "act_h2d_s": h2d_s,
         "copy_expert_s": copy_s,
         "concurrent": concurrent,
+        "cpu_share": share,
         "cpu_weight_gb_per_s": [bytes_ / s / 1e9 for s in cpu_s],
         "copy_gb_per_s": bytes_ / copy_s / 1e9,
     }
@@ -239,6 +246,23 @@ def _measure_concurrency(device, kernel, cold, slot13, slot2, repeats) -> dict[s
         "cpu_alone_s": cpu_alone,
         "cpu_samples": len(cpu_samples),
     }
+
+
+def _measure_shares(kernel, cold, hidden: int, dtype, repeats: int, generator) -> dict[str, list[float]]:
+    """CPU time of the first b of B blocks of an expert (1 token), as a fraction of the whole:
+    a part costs more than its share (fixed costs per call), which the planner must know."""
+    clock = Clock("cpu")
+    x = torch.randn(1, hidden, generator=generator).to(dtype)
+    counts = sorted({max(1, round(cold.blocks * s)) for s in SHARES_MEASURED} | {cold.blocks})
+
+    def run(blocks: int) -> None:
+        w13b, w2t = cold.next()
+        rows = blocks * cold.block
+        kernel(x, w13b[: 2 * rows], w2t[:rows], cold.block)
+
+    times = {b: _median_time(clock, lambda b=b: run(b), max(repeats, SHARE_REPEATS)) for b in counts}
+    whole = times[cold.blocks]
+    return {"shares": [b / cold.blocks for b in counts], "fraction_of_whole": [times[b] / whole for b in counts]}
 
 
 def save_calibration(calibration: dict[str, object], path: str | Path) -> None:

@@ -4,8 +4,11 @@ calibration (``fiddler.calibrate``), never from constants.
 Contract: ``LatencyModel`` answers ``cpu(n)``, ``gpu(n)``, ``act_d2h(n)``, ``act_h2d(n)`` for
 n tokens (piecewise-linear interpolation over the measured token counts; linear
 extrapolation beyond the largest from its last two points; the smallest measurement below
-it), ``copy`` for one expert's weights, and the slowdowns of the CPU and copy paths when both
-run at once.
+it), ``cpu_part(n, share)`` for a share of an expert on the CPU (interpolated over the
+calibration's measured shares when it has them, else proportional), ``copy`` for one
+expert's weights, and the slowdowns of the CPU and copy paths when both run at once.
+``with_cpu_factor(f)`` is the same model with every CPU time scaled by f (the executor's
+in-run correction).
 """
 
 from __future__ import annotations
@@ -14,7 +17,16 @@ import bisect
 import dataclasses
 
 
-def _interpolate(xs: list[int], ys: list[float], x: float) -> float:
+def _share_curve(calibration: dict[str, object]) -> dict[str, tuple[float, ...]]:
+    """(0, 0) plus the calibration's measured (share, cost of share / cost of whole) points."""
+    shares = calibration.get("cpu_share")
+    if not shares:
+        return {}
+    pairs = sorted(zip(shares["shares"], shares["fraction_of_whole"], strict=True))
+    return {"cpu_shares": (0.0, *(p[0] for p in pairs)), "cpu_share_cost": (0.0, *(p[1] for p in pairs))}
+
+
+def _interpolate(xs: list[float], ys: list[float], x: float) -> float:
     if x <= xs[0]:
         return ys[0]
     if len(xs) == 1:
@@ -34,6 +46,8 @@ class LatencyModel:
     copy: float
     cpu_slowdown: float
     copy_slowdown: float
+    cpu_shares: tuple[float, ...] = (0.0, 1.0)  # measured shares of an expert on the CPU ...
+    cpu_share_cost: tuple[float, ...] = (0.0, 1.0)  # ... and their cost as a fraction of the whole
 
     @classmethod
     def from_calibration(cls, calibration: dict[str, object]) -> LatencyModel:
@@ -47,7 +61,15 @@ class LatencyModel:
             copy=float(calibration["copy_expert_s"]),
             cpu_slowdown=float(concurrent["cpu_slowdown"]),
             copy_slowdown=float(concurrent["copy_slowdown"]),
+            **_share_curve(calibration),
         )
+
+    def with_cpu_factor(self, factor: float) -> LatencyModel:
+        return dataclasses.replace(self, cpu_expert_s=[t * factor for t in self.cpu_expert_s])
+
+    def cpu_part(self, n: int, share: float) -> float:
+        """A share (0..1] of one expert's blocks on the CPU for n tokens."""
+        return self.cpu(n) * _interpolate(list(self.cpu_shares), list(self.cpu_share_cost), share)
 
     def cpu(self, n: int) -> float:
         return _interpolate(self.token_counts, self.cpu_expert_s, n)

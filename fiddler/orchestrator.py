@@ -10,7 +10,9 @@ the accelerator runs the resident experts and then each copied expert once its c
 landed; the CPU results come back in one transfer. An expert the plan divides runs its first
 blocks on the CPU and the rest after a copy of only those blocks; the two partial outputs
 are added. Every expert is kept in the split layout of ``fiddler.expert_layout``. Outputs are
-identical, up to summation order, to running every expert in one place.
+identical, up to summation order, to running every expert in one place. The CPU latencies the
+planner uses are corrected during the run by the measured ratio of CPU compute time to its
+prediction (``cpu_factor``; calibration runs alone, a run has the GPU and copies beside it).
 
 ``stats()`` counts what ran where and what crossed PCIe: ``h2d_bytes`` = copied expert
 weights + CPU results, ``d2h_bytes`` = activations sent to the CPU + the routing ids read on
@@ -40,6 +42,11 @@ from fiddler.streams import host_wait, new_stream, on_stream, record, wait
 from fiddler.timing import Clock
 
 PLAN_CACHE_SIZE = 4096  # distinct routing patterns remembered; decode repeats a few
+# In-run correction of the CPU latencies: an exponential average of measured / predicted CPU
+# compute, applied in steps so that cached plans stay valid between steps.
+CPU_FACTOR_SMOOTHING = 0.2
+CPU_FACTOR_STEP = 0.05
+CPU_FACTOR_BOUNDS = (0.25, 4.0)
 
 
 @dataclasses.dataclass
@@ -85,6 +92,7 @@ class FiddlerExecutor:
         cpu_kernel: CpuExpertKernel,
         staging_slots: int = 2,
         layer_timing: bool = False,
+        adapt_cpu: bool = True,
     ):
         self.config, self.device, self.host = config, device, host
         self.resident, self.placement, self.latency = resident, placement, latency
@@ -108,22 +116,49 @@ class FiddlerExecutor:
         self._host_in = self._host_out = torch.empty(0)
         self._host_out_free: torch.cuda.Event | None = None  # last transfer out of _host_out
         self._plans: dict[tuple, LayerPlan] = {}
+        self.adapt_cpu = adapt_cpu
+        self.cpu_factor = 1.0
+        self._models: dict[float, LatencyModel] = {}
         self.layer_timing = layer_timing
         self.layer_log: list[dict[str, object]] = []
         self.counters = ExpertCounters()
 
     # ---- the executor interface ---------------------------------------------------------
 
+    @property
+    def planning_factor(self) -> float:
+        return round(round(self.cpu_factor / CPU_FACTOR_STEP) * CPU_FACTOR_STEP, 6)
+
+    def planning_model(self) -> LatencyModel:
+        factor = self.planning_factor
+        model = self._models.get(factor)
+        if model is None:
+            model = self._models[factor] = self.latency.with_cpu_factor(factor)
+        return model
+
     def plan(self, layer: int, tokens: dict[int, int]) -> LayerPlan:
         resident = self.resident_by_layer[layer]
-        key = (resident, tuple(sorted(tokens.items())), self.policy)
+        key = (resident, tuple(sorted(tokens.items())), self.policy, self.planning_factor)
         plan = self._plans.get(key)
         if plan is None:
             if len(self._plans) >= PLAN_CACHE_SIZE:
                 self._plans.clear()
-            plan = plan_layer(tokens, resident, self.policy, self.latency, len(self.slots), self.blocks)
+            plan = plan_layer(tokens, resident, self.policy, self.planning_model(), len(self.slots), self.blocks)
             self._plans[key] = plan
         return plan
+
+    def _learn_cpu_factor(self, plan: LayerPlan, tokens: dict[int, int], seconds: float) -> None:
+        """Fold one measured CPU job into the in-run correction of the CPU latencies."""
+        model = self.latency
+        predicted = sum(model.cpu(tokens[e]) for e in plan.cpu)
+        if plan.split:
+            predicted += model.cpu_part(tokens[plan.split.expert], plan.split.cpu_fraction)
+        if plan.copy or plan.split:  # both paths were busy
+            predicted *= model.cpu_slowdown
+        if predicted <= 0 or not self.adapt_cpu:
+            return
+        factor = (1 - CPU_FACTOR_SMOOTHING) * self.cpu_factor + CPU_FACTOR_SMOOTHING * seconds / predicted
+        self.cpu_factor = min(max(factor, CPU_FACTOR_BOUNDS[0]), CPU_FACTOR_BOUNDS[1])
 
     def __call__(self, layer: int, hidden: torch.Tensor, routing: Routing) -> torch.Tensor:
         clock = Clock(self.device) if self.layer_timing else None
@@ -136,6 +171,7 @@ class FiddlerExecutor:
         for count in counts:
             offsets.append(offsets[-1] + count)
         tokens = {e: c for e, c in enumerate(counts) if c}
+        planned_factor = self.planning_factor
         plan = self.plan(layer, tokens)
         token_of_row = order // top_k
         split = plan.split
@@ -171,7 +207,7 @@ class FiddlerExecutor:
         waited = 0.0
         if cpu_job is not None:
             before = clock.now() if clock else 0.0
-            cpu_job.result()  # re-raises a failure in the worker
+            self._learn_cpu_factor(plan, tokens, cpu_job.result())  # re-raises a failure in the worker
             waited = clock.now() - before if clock else 0.0
             results = self._host_out[: cpu_rows.shape[0]].to(self.device, non_blocking=True)
             self._host_out_free = record(self.device)
@@ -196,6 +232,7 @@ class FiddlerExecutor:
                     "measured_s": measured,
                     "cpu_compute_s": cpu_job.result() if cpu_job else 0.0,
                     "cpu_wait_s": waited,
+                    "cpu_factor": planned_factor,
                 }
             )
         return combine(outputs.view(num_tokens, top_k, -1), routing, hidden.dtype)
@@ -208,6 +245,7 @@ class FiddlerExecutor:
             "experts_resident": self.placement.num_resident,
             "staging_slots": len(self.slots),
             "split_blocks": self.blocks,
+            "cpu_factor": self.cpu_factor,
             **self.counters.to_json(),
         }
 

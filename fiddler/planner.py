@@ -16,8 +16,8 @@ model that the engine, the benchmarks and the simulator share. Policies:
 - ``cpu-experts`` / ``copy-experts``: every missing expert on the CPU / copied (ablations).
 
 Timeline (``predict_layer``): the CPU path moves its rows' activations down in one transfer,
-runs its experts one after another (a divided expert costs its share of the whole, since the
-work streams weights) and moves the results up; the copy engine brings the divided expert's
+runs its experts one after another (a divided expert costs what the calibration measured for
+that share) and moves the results up; the copy engine brings the divided expert's
 remainder first, then whole experts, at most ``staging_slots`` ahead of the accelerator using
 them; the accelerator runs resident experts first, then each copied one once it has landed.
 When both paths are busy, each runs at its calibrated concurrent slowdown. The layer
@@ -32,6 +32,7 @@ import math
 from fiddler.cost_model import LatencyModel
 
 POLICIES = ("paper", "hybrid", "cpu-experts", "copy-experts")
+BALANCE_NEIGHBOURS = 2  # block counts tried on each side of the proportional balance point
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,7 +70,7 @@ def predict_layer(
     cpu_rows = sum(tokens[e] for e in cpu) + (tokens[split.expert] if split else 0)
     cpu_compute = sum(model.cpu(tokens[e]) for e in cpu)
     if split:
-        cpu_compute += model.cpu(tokens[split.expert]) * split.cpu_fraction
+        cpu_compute += model.cpu_part(tokens[split.expert], split.cpu_fraction)
     cpu_end = (model.act_d2h(cpu_rows) + cpu_compute * cpu_slow + model.act_h2d(cpu_rows)) if cpu_rows else 0.0
 
     # (copy seconds, accelerator seconds) per copied item, the divided expert's remainder first
@@ -128,10 +129,12 @@ def _balanced_blocks(
     tokens: dict[int, int], cpu: list[int], divided: int, copied: list[int], model: LatencyModel, blocks: int
 ) -> set[int]:
     """Block counts around the share of ``divided`` that makes the CPU path and the copy path
-    take equally long (both busy, each at its concurrent rate)."""
+    take equally long (both busy, each at its concurrent rate), estimated as if cost were
+    proportional to the share; neighbours are included since it is not quite."""
     cpu_base = sum(model.cpu(tokens[e]) for e in cpu) * model.cpu_slowdown
     cpu_divided = model.cpu(tokens[divided]) * model.cpu_slowdown
     copy_one = model.copy * model.copy_slowdown
     share = (copy_one + len(copied) * copy_one - cpu_base) / (cpu_divided + copy_one)
     share = min(max(share, 0.0), 1.0) * blocks
-    return {b for b in (math.floor(share), math.ceil(share)) if 0 < b < blocks}
+    low = math.floor(share)
+    return {b for b in range(low - BALANCE_NEIGHBOURS, low + BALANCE_NEIGHBOURS + 2) if 0 < b < blocks}

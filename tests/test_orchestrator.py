@@ -88,7 +88,8 @@ def replay_plans(engine, policy, latency, slots):
     expected["copied_blocks"] = 0
     for entry in executor.layer_log:
         resident = executor.resident_by_layer[entry["layer"]]
-        plan = plan_layer(entry["tokens"], resident, policy, latency, slots, executor.blocks)
+        model = latency.with_cpu_factor(entry["cpu_factor"])  # the in-run correction it planned with
+        plan = plan_layer(entry["tokens"], resident, policy, model, slots, executor.blocks)
         split = (plan.split.expert, plan.split.cpu_blocks, plan.split.blocks) if plan.split else None
         assert (plan.gpu, plan.cpu, plan.copy, split) == (entry["gpu"], entry["cpu"], entry["copy"], entry["split"])
         expected["experts_gpu"] += len(plan.gpu)
@@ -166,3 +167,16 @@ def test_repeated_random_runs_do_not_race(reference):
         settings = GenerationSettings(max_new_tokens=rng.randint(1, 6), beam_width=rng.choice([1, 2]))
         assert generate(engine, prompt, settings).token_ids == generate(reference, prompt, settings).token_ids, trial
         engine.close()
+
+
+def test_cpu_latencies_are_corrected_in_the_run():
+    """The tiny model's CPU experts take microseconds, far below the host-like model."""
+    placement = placement_with(set())
+    adapting = fiddler_engine(placement, "cpu-experts")
+    stats = generate(adapting, PROMPT, GenerationSettings(max_new_tokens=4)).stats
+    assert stats["cpu_factor"] < 0.5
+    fixed = Engine.fiddler(SOURCE, "cpu", torch.float32, 128, placement, HOST_LIKE, "cpu-experts", make_kernel("torch"))
+    fixed.model.experts.adapt_cpu = False
+    assert generate(fixed, PROMPT, GenerationSettings(max_new_tokens=4)).stats["cpu_factor"] == 1.0
+    adapting.close()
+    fixed.close()

@@ -71,3 +71,18 @@ def test_bad_policy_and_slots():
         plan_layer({0: 1}, set(), "fastest", HOST_LIKE, 2)
     with pytest.raises(ValueError, match="staging slot"):
         plan_layer({0: 1}, set(), "hybrid", HOST_LIKE, 0)
+
+
+def test_share_curve_and_cpu_factor():
+    import dataclasses
+
+    curved = dataclasses.replace(HOST_LIKE, cpu_shares=(0.0, 0.0625, 0.5, 1.0), cpu_share_cost=(0.0, 0.16, 0.44, 1.0))
+    assert curved.cpu_part(1, 0.0625) == pytest.approx(0.16 * 7.5e-3)
+    assert curved.cpu_part(1, 0.25) == pytest.approx(7.5e-3 * (0.16 + (0.44 - 0.16) * (0.25 - 0.0625) / 0.4375))
+    assert HOST_LIKE.cpu_part(1, 0.25) == pytest.approx(0.25 * 7.5e-3)  # no curve: proportional
+    slower = HOST_LIKE.with_cpu_factor(2.0)
+    assert slower.cpu(16) == pytest.approx(2 * HOST_LIKE.cpu(16)) and slower.copy == HOST_LIKE.copy
+    # A slower CPU gets a smaller share of a divided expert.
+    fast = plan_layer({0: 1}, set(), "hybrid", HOST_LIKE, 2, 16).split
+    slow = plan_layer({0: 1}, set(), "hybrid", slower, 2, 16).split
+    assert fast is not None and slow is not None and slow.cpu_blocks < fast.cpu_blocks
