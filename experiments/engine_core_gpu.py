@@ -28,17 +28,12 @@ import torch
 
 from fiddler.config import resolve_model
 from fiddler.engine import Engine, parse_dtype
+from fiddler.files import write_json_atomic
 from fiddler.generate import GenerationSettings, generate
 from fiddler.hf_reference import build_transformers_model
 from fiddler.loading import load_host_weights
 from fiddler.timing import Clock
 from fiddler.weights import RandomWeights
-
-
-def write_atomic(path: Path, payload: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(payload, indent=1, default=str))
-    os.replace(tmp, path)
 
 
 def environment(device: torch.device) -> dict:
@@ -142,7 +137,7 @@ def engine_phase(config, seed: int, device, dtype, prompt: list[int], new_tokens
             continue  # grouped matmuls unsupported for this device/dtype
         experts.strategy, experts.capturable = strategy, strategy == "grouped"
         engine.use_graphs = graphs and device.type == "cuda"
-        generate(engine, prompt, GenerationSettings(max_new_tokens=4))  # warm-up (and graph capture)
+        generate(engine, prompt, GenerationSettings(max_new_tokens=min(4, new_tokens)))  # warm-up, graph capture
         row = timed_generations(lambda: generate(engine, prompt, settings), repeats)
         row.update(strategy=strategy, cuda_graphs=engine.stats()["cuda_graphs"], stats=engine.stats())
         variants.append(row)
@@ -180,7 +175,7 @@ def transformers_phase(config, seed, device, dtype, prompt, new_tokens, repeats,
         try:
             if impl != "default":
                 model.set_experts_implementation(impl)
-            run(4)  # warm-up
+            run(min(4, new_tokens))  # warm-up
         except Exception as err:  # an implementation this build lacks: record and go on
             variants.append({"experts_implementation": impl, "error": repr(err)[:300]})
             continue
@@ -242,22 +237,22 @@ def main() -> int:
         "new_tokens": args.new_tokens,
         "env": environment(device),
     }
-    write_atomic(path, record)
+    write_json_atomic(path, record)
     if device.type == "cuda" and not args.skip_host:
         record["host"] = host_phase(config, args.seed)
         print("host", json.dumps(record["host"]), flush=True)
-        write_atomic(path, record)
+        write_json_atomic(path, record)
         release()
     if args.only_host:
         return 0
     engine, sequence, logits = engine_phase(config, args.seed, device, dtype, prompt, args.new_tokens, args.repeats)
     record["engine"] = engine
-    write_atomic(path, record)
+    write_json_atomic(path, record)
     release()
     record["transformers"] = transformers_phase(
         config, args.seed, device, dtype, prompt, args.new_tokens, args.repeats, sequence, logits
     )
-    write_atomic(path, record)
+    write_json_atomic(path, record)
     print(json.dumps({k: record[k] for k in ("engine", "transformers") if k in record}, default=str)[:3000])
     return 0
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import torch
 
 from fiddler.config import resolve_model
 from fiddler.engine import Engine
+from fiddler.files import write_json_atomic
 from fiddler.hf_reference import build_transformers_model
 from fiddler.loading import load_expert_stack
 from fiddler.moe import ResidentExperts, Routing
@@ -134,9 +134,7 @@ def main() -> int:
         cfg, _ = resolve_model(args.model, layers)
         record["models"][layers] = model_check(cfg, args.seed, device, sequence)
         print("layers", layers, json.dumps(record["models"][layers]), flush=True)
-        tmp = out / "gpu_numerics.tmp"
-        tmp.write_text(json.dumps(record, indent=1))
-        os.replace(tmp, out / "gpu_numerics.json")
+        write_json_atomic(out / "gpu_numerics.json", record)
     return 0
 
 

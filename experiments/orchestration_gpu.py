@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 import statistics
 import sys
 from pathlib import Path
@@ -28,6 +27,7 @@ from fiddler.build import EngineOptions, build_engine
 from fiddler.calibrate import DEFAULT_TOKEN_COUNTS, calibrate, save_calibration
 from fiddler.config import resolve_model
 from fiddler.engine import Engine
+from fiddler.files import write_json_atomic
 from fiddler.generate import GenerationSettings, generate
 from fiddler.machine import machine_identity
 from fiddler.planner import POLICIES
@@ -46,12 +46,6 @@ COUNTED = (
     "d2h_bytes",
     "predicted_s",
 )
-
-
-def write_atomic(path: Path, payload: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(payload, indent=1, default=str))
-    os.replace(tmp, path)
 
 
 def free() -> None:
@@ -114,17 +108,9 @@ def correctness(args, calibration_path: Path) -> dict:
     return result
 
 
-def speed(args, calibration_path: Path) -> dict:
-    config, _ = resolve_model(args.model, args.layers)
-    prompt = [
-        1,
-        *torch.randint(
-            3, config.vocab_size, (args.prompt_len - 1,), generator=torch.Generator().manual_seed(args.seed)
-        ).tolist(),
-    ]
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-    engine, record = build_engine(
+def full_size_engine(args, config, calibration_path: Path):
+    """The engine every speed measurement uses: the budget, the calibration, ``hybrid``."""
+    return build_engine(
         EngineOptions(
             config=config,
             seed=args.seed,
@@ -137,6 +123,19 @@ def speed(args, calibration_path: Path) -> dict:
             cpu_threads=args.cpu_threads,
         )
     )
+
+
+def speed(args, calibration_path: Path) -> dict:
+    config, _ = resolve_model(args.model, args.layers)
+    prompt = [
+        1,
+        *torch.randint(
+            3, config.vocab_size, (args.prompt_len - 1,), generator=torch.Generator().manual_seed(args.seed)
+        ).tolist(),
+    ]
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    engine, record = full_size_engine(args, config, calibration_path)
     result = {"build": record, "policies": {}}
     executor = engine.model.experts
     long = GenerationSettings(max_new_tokens=args.new_tokens)
@@ -193,19 +192,7 @@ def diagnose(args, calibration_path: Path) -> dict:
             3, config.vocab_size, (args.prompt_len - 1,), generator=torch.Generator().manual_seed(args.seed)
         ).tolist(),
     ]
-    engine, _record = build_engine(
-        EngineOptions(
-            config=config,
-            seed=args.seed,
-            device=args.device,
-            dtype=torch.bfloat16,
-            max_seq_len=args.prompt_len + args.new_tokens,
-            gpu_memory_gb=args.gpu_memory_gb,
-            policy="hybrid",
-            calibration=calibration_path,
-            cpu_threads=args.cpu_threads,
-        )
-    )
+    engine, _ = full_size_engine(args, config, calibration_path)
     executor = engine.model.experts
     result: dict = {"logs": {}}
     for policy in ("hybrid", "cpu-experts") if not args.sweep_only else ():
@@ -320,13 +307,13 @@ def main() -> int:
         free()
     if args.diagnose:
         record["diagnose"] = diagnose(args, calibration_path)
-        write_atomic(out / "diagnose.json", record)
+        write_json_atomic(out / "diagnose.json", record)
         return 0
     record["correctness"] = correctness(args, calibration_path)
-    write_atomic(path, record)
+    write_json_atomic(path, record)
     free()
     record["speed"] = speed(args, calibration_path)
-    write_atomic(path, record)
+    write_json_atomic(path, record)
     return 0
 
 

@@ -35,11 +35,11 @@ QUICK_CALIBRATION_REPEATS = 3
 @dataclasses.dataclass(frozen=True)
 class EngineOptions:
     config: ModelConfig
+    max_seq_len: int  # prompt + new tokens: sizes the KV cache and the budget's workspace
     checkpoint: Path | None = None
     seed: int = 0
     device: str = "cpu"
     dtype: torch.dtype = torch.bfloat16
-    max_seq_len: int = 4096
     beam_width: int = 1
     gpu_memory_gb: float | None = None
     policy: str | None = None  # resident, or one of fiddler.planner.POLICIES; None: choose

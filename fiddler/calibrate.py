@@ -31,7 +31,6 @@ from __future__ import annotations
 import datetime
 import json
 import math
-import os
 import statistics
 import threading
 from pathlib import Path
@@ -41,6 +40,7 @@ import torch
 from fiddler.config import ModelConfig
 from fiddler.cpu_experts import make_kernel, set_cpu_threads
 from fiddler.expert_layout import split_blocks, split_ffn, split_shapes, to_split_layout
+from fiddler.files import write_json_atomic
 from fiddler.host_memory import HostArena, nbytes_of
 from fiddler.loading import expert_shapes, load_expert_into
 from fiddler.machine import machine_identity
@@ -267,11 +267,7 @@ def _measure_shares(kernel, cold, hidden: int, dtype, repeats: int, generator) -
 
 def save_calibration(calibration: dict[str, object], path: str | Path) -> None:
     """Write atomically: a crash leaves the old file or the new one, never half of one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(calibration, indent=1))
-    os.replace(tmp, path)
+    write_json_atomic(path, calibration)
 
 
 def load_calibration(path: str | Path) -> dict[str, object]:

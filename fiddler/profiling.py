@@ -9,13 +9,12 @@ that placement reads (schema ``fiddler-popularity`` version 1: ``model``, ``num_
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
 import torch
 
 from fiddler.engine import Engine
+from fiddler.files import write_json_atomic
 from fiddler.generate import GenerationSettings, generate
 from fiddler.moe import ExpertExecutor, Routing
 
@@ -60,8 +59,6 @@ def profile_popularity(engine: Engine, prompts: list[list[int]], max_new_tokens:
 
 
 def save_popularity(counts: list[list[int]], model_name: str, prompts: int, path: str | Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     top_k_total = sum(counts[0]) if counts else 0
     payload = {
         "schema": SCHEMA,
@@ -73,6 +70,4 @@ def save_popularity(counts: list[list[int]], model_name: str, prompts: int, path
         "routed_tokens": top_k_total,
         "counts": counts,
     }
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=1))
-    os.replace(tmp, path)
+    write_json_atomic(path, payload)

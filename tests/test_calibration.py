@@ -56,3 +56,18 @@ def test_bad_calibration_files(tmp_path):
     (tmp_path / "x.json").write_text('{"schema": "other"}')
     with pytest.raises(ValueError, match="not a fiddler calibration"):
         load_calibration(tmp_path / "x.json")
+
+
+def test_result_files_are_written_atomically(tmp_path):
+    from fiddler.files import write_json_atomic
+
+    class Unprintable:
+        def __str__(self):
+            raise OSError("No space left on device")  # what a full disk looks like mid-write
+
+    path = tmp_path / "out" / "result.json"
+    write_json_atomic(path, {"a": 1})
+    with pytest.raises(OSError, match="No space left"):
+        write_json_atomic(path, {"a": Unprintable()})
+    assert json.loads(path.read_text()) == {"a": 1}
+    assert [p.name for p in path.parent.iterdir()] == ["result.json"]

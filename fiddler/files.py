@@ -1,0 +1,28 @@
+"""Writing result files safely.
+
+Contract: ``write_json_atomic(path, payload)`` leaves either the previous file or the complete
+new one, never a half-written file: it writes a temporary file beside the target, flushes it
+to disk, and renames it over the target; on any failure (a full disk, say) the temporary file
+is removed and the error is raised.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+
+def write_json_atomic(path: str | Path, payload: object) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with tmp.open("w") as handle:
+            json.dump(payload, handle, indent=1, default=str)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
