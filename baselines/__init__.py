@@ -1,5 +1,24 @@
 """The systems Fiddler is compared with, behind one interface and one GPU memory budget.
 
-Empty until the baselines issue (#4) lands: nothing here is implemented yet. Contract to keep:
-``baselines`` may import ``fiddler`` but never ``harness``.
+Importing the package registers every system (``baselines.base.SYSTEMS``): the engine's own
+(``fiddler-*``, ``gpu-resident``), ``cpu-only``, ``accelerate-offload``, ``expert-lru``,
+``expert-lru-prefetch`` and ``layer-streaming``. Contract to keep: ``baselines`` may import
+``fiddler`` but never ``harness``.
 """
+
+from baselines import accelerate_offload, cpu_only, engine_systems, expert_lru, layer_streaming
+from baselines.base import SYSTEMS, System, SystemOptions, SystemRefused, Unsupported, load_system
+
+__all__ = [
+    "SYSTEMS",
+    "System",
+    "SystemOptions",
+    "SystemRefused",
+    "Unsupported",
+    "accelerate_offload",
+    "cpu_only",
+    "engine_systems",
+    "expert_lru",
+    "layer_streaming",
+    "load_system",
+]

@@ -152,15 +152,20 @@ class MixtralModel:
                 return kv_len, None, True  # a prefill from position 0
         return kv_len, self.attention_mask(positions, kv_len), False
 
+    def layer_weights(self, layer: int) -> LayerWeights:
+        """The dense weights of ``layer``, ready on the device (a streaming subclass fetches them)."""
+        return self.dense.layers[layer]
+
     def attention(
         self,
         layer: int,
+        w: LayerWeights,
         x: torch.Tensor,
         positions: torch.Tensor,
         span: tuple[int, torch.Tensor | None, bool],
         cache: KVCache,
     ) -> torch.Tensor:
-        cfg, w = self.config, self.dense.layers[layer]
+        cfg = self.config
         kv_len, mask, causal = span
         batch, num_tokens, _ = x.shape
         qkv = F.linear(x, w.wqkv)
@@ -184,17 +189,17 @@ class MixtralModel:
         out = out.transpose(1, 2).reshape(batch, num_tokens, cfg.q_size)
         return F.linear(out, w.wo)
 
-    def route(self, layer: int, hidden: torch.Tensor) -> Routing:
+    def route(self, w: LayerWeights, hidden: torch.Tensor) -> Routing:
         """hidden: [N, D] -> top-k experts and their renormalised float32 weights."""
-        logits = F.linear(hidden, self.dense.layers[layer].router)
+        logits = F.linear(hidden, w.router)
         probs = torch.softmax(logits.float(), dim=-1)
         weights, experts = torch.topk(probs, self.config.num_experts_per_token, dim=-1)
         weights = weights / weights.sum(dim=-1, keepdim=True)
         return Routing(experts=experts, weights=weights)
 
-    def moe(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+    def moe(self, layer: int, w: LayerWeights, x: torch.Tensor) -> torch.Tensor:
         hidden = x.reshape(-1, x.shape[-1])
-        return self.experts(layer, hidden, self.route(layer, hidden)).view_as(x)
+        return self.experts(layer, hidden, self.route(w, hidden)).view_as(x)
 
     def forward(
         self,
@@ -211,9 +216,9 @@ class MixtralModel:
         x = F.embedding(tokens, self.dense.embed)
         span = self.attention_span(positions, cache, kv_len)
         for layer in range(cfg.num_layers):
-            w = self.dense.layers[layer]
-            x = x + self.attention(layer, rms_norm(x, w.attn_norm, cfg.rms_norm_eps), positions, span, cache)
-            x = x + self.moe(layer, rms_norm(x, w.moe_norm, cfg.rms_norm_eps))
+            w = self.layer_weights(layer)
+            x = x + self.attention(layer, w, rms_norm(x, w.attn_norm, cfg.rms_norm_eps), positions, span, cache)
+            x = x + self.moe(layer, w, rms_norm(x, w.moe_norm, cfg.rms_norm_eps))
         if last_only:
             x = x[:, -1]
         x = rms_norm(x, self.dense.norm, cfg.rms_norm_eps)

@@ -69,9 +69,8 @@ class ResidentExperts:
 
     def __init__(self, w13: list[torch.Tensor], w2: list[torch.Tensor], strategy: str = "auto"):
         self.w13, self.w2 = w13, w2
-        device, dtype = w13[0].device, w13[0].dtype
         if strategy == "auto":
-            strategy = "grouped" if grouped_mm_supported(device, dtype) else "loop"
+            strategy = "grouped" if grouped_mm_supported(w13[0].device, w13[0].dtype) else "loop"
         if strategy not in ("grouped", "loop"):
             raise ValueError(f"expert strategy must be auto, grouped or loop, got {strategy!r}")
         self.strategy = strategy

@@ -1,0 +1,84 @@
+"""Systems that are this project's own engine: Fiddler's policies and the whole model resident.
+
+Contract: ``fiddler-paper``, ``fiddler-hybrid`` and the ablations ``fiddler-cpu-experts`` /
+``fiddler-copy-experts`` run ``fiddler.build.build_engine`` with that policy under the
+system's GPU budget; ``gpu-resident`` puts the whole model on the device (decode captured as a
+CUDA graph) and refuses when the model, its KV cache and workspace exceed the budget.
+"""
+
+from __future__ import annotations
+
+from baselines.base import SystemOptions, SystemRefused, device_peak_memory, register
+from fiddler.build import RESIDENT, EngineOptions, build_engine
+from fiddler.generate import GenerationResult, GenerationSettings, generate
+from fiddler.placement import budget_breakdown
+from fiddler.planner import POLICIES
+
+
+class EngineSystem:
+    name = "engine"
+
+    def __init__(self, options: SystemOptions, policy: str):
+        self.options = options
+        engine_options = EngineOptions(
+            config=options.config,
+            max_seq_len=options.max_seq_len,
+            checkpoint=options.checkpoint,
+            seed=options.seed,
+            device=options.device,
+            dtype=options.dtype,
+            beam_width=options.beam_width,
+            gpu_memory_gb=options.gpu_memory_gb,
+            policy=policy,
+            calibration=options.calibration,
+            popularity=options.popularity,
+            cpu_threads=options.cpu_threads,
+        )
+        try:
+            self.engine, self.record = build_engine(engine_options)
+        except ValueError as err:
+            if "cannot hold" in str(err):
+                raise SystemRefused(str(err)) from None
+            raise
+
+    def generate(self, prompt_ids: list[int], settings: GenerationSettings) -> GenerationResult:
+        result = generate(self.engine, prompt_ids, settings)
+        result.stats["engine"] = self.record
+        return result
+
+    def peak_gpu_memory(self) -> dict[str, float | None]:
+        return device_peak_memory(self.options.device)
+
+    def close(self) -> None:
+        self.engine.close()
+
+
+def _fiddler(policy: str):
+    def factory(options: SystemOptions) -> EngineSystem:
+        return EngineSystem(options, policy)
+
+    return factory
+
+
+for _policy in POLICIES:
+    register(f"fiddler-{_policy}")(_fiddler(_policy))
+
+
+@register("gpu-resident")
+def gpu_resident(options: SystemOptions) -> EngineSystem:
+    if options.budget_bytes is not None:
+        b = budget_breakdown(
+            options.config,
+            options.budget_bytes,
+            options.dtype,
+            options.max_seq_len,
+            options.beam_width,
+            staging_experts=0,
+        )
+        needed = b.dense + b.kv_cache + b.workspace + options.config.num_expert_slots * b.expert
+        if needed > b.budget:
+            raise SystemRefused(
+                f"gpu-resident needs {needed / 1e9:.1f} GB for {options.config.name}; the budget is "
+                f"{options.gpu_memory_gb:g} GB"
+            )
+    return EngineSystem(options, RESIDENT)

@@ -1,0 +1,249 @@
+"""``expert-lru`` and ``expert-lru-prefetch``: the Mixtral-offloading approach (Eliseev & Mazur)
+over this project's model.
+
+Contract: non-expert weights live on the GPU; each layer has an LRU cache of ``k`` expert slots
+on the GPU, ``k`` derived from the budget (what is left after the non-expert weights, KV
+cache and workspace, divided evenly over the layers; at least one, else the system refuses).
+Every expert also lives in page-locked host memory. A routed expert that is cached runs from
+its slot (a hit, and it becomes the most recently used); a missing one is copied on a side
+stream into the least recently used slot of its layer (a miss), at most ``k`` copies ahead of
+the GPU using them, and then runs there. ``expert-lru-prefetch`` adds their speculative
+prefetch: the next layer's router is applied to this layer's MoE input and the experts it
+picks start copying into the next layer's cache while this layer computes; a prefetched
+expert is an ordinary cache entry, so outputs never change. Counters: hits, misses,
+prefetches and the ones that were used, bytes copied.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+
+from baselines.base import SystemOptions, SystemRefused, device_peak_memory, register
+from fiddler.engine import Engine
+from fiddler.expert_layout import split_ffn
+from fiddler.generate import GenerationResult, GenerationSettings, generate
+from fiddler.loading import HostWeights, load_dense, load_host_weights
+from fiddler.model import MixtralModel
+from fiddler.moe import Routing, combine
+from fiddler.placement import budget_breakdown
+from fiddler.streams import new_stream, on_stream, record, wait
+from fiddler.weights import open_weights
+
+
+@dataclasses.dataclass
+class _Slot:
+    w13b: torch.Tensor
+    w2t: torch.Tensor
+    expert: int = -1
+    free: torch.cuda.Event | None = None  # the GPU's last use of the slot
+    landed: torch.cuda.Event | None = None  # the copy that filled it
+    prefetched: bool = False
+
+
+@dataclasses.dataclass
+class LruCounters:
+    hits: int = 0
+    misses: int = 0
+    prefetches: int = 0
+    prefetch_hits: int = 0
+    h2d_bytes: int = 0
+    d2h_bytes: int = 0
+
+    def to_json(self) -> dict[str, object]:
+        total = self.hits + self.misses
+        return dataclasses.asdict(self) | {"gpu_hit_rate": self.hits / total if total else None}
+
+
+class LruExperts:
+    """An ``ExpertExecutor`` with a per-layer LRU cache of expert slots on the device."""
+
+    capturable = False
+
+    def __init__(
+        self,
+        host: HostWeights,
+        device: torch.device,
+        slots_per_layer: int,
+        routers: list[torch.Tensor] | None = None,
+        top_k: int = 2,
+    ):
+        self.host, self.device = host, device
+        self.block = host.experts[0][0][1].shape[0] // host.blocks
+        dtype = host.experts[0][0][0].dtype
+        w13_shape, w2_shape = host.experts[0][0][0].shape, host.experts[0][0][1].shape
+        self.caches: list[collections.OrderedDict[int, _Slot]] = []
+        self.free_slots: list[list[_Slot]] = []
+        for _ in host.experts:
+            slots = [
+                _Slot(
+                    torch.empty(w13_shape, device=device, dtype=dtype),
+                    torch.empty(w2_shape, device=device, dtype=dtype),
+                )
+                for _ in range(slots_per_layer)
+            ]
+            self.free_slots.append(slots)
+            self.caches.append(collections.OrderedDict())
+        self.slots_per_layer = slots_per_layer
+        self.expert_bytes = sum(t.numel() * t.element_size() for t in host.experts[0][0])
+        self.routers = routers  # set: speculative prefetch of the next layer
+        self.top_k = top_k
+        self.copy_stream = new_stream(device)
+        self.counters = LruCounters()
+
+    # ---- cache bookkeeping -------------------------------------------------------------
+
+    def _victim(self, layer: int, keep: set[int]) -> _Slot:
+        """An empty slot, else the least recently used one whose expert is not in ``keep``."""
+        if self.free_slots[layer]:
+            return self.free_slots[layer].pop()
+        for expert, slot in self.caches[layer].items():  # oldest first
+            if expert not in keep:
+                del self.caches[layer][expert]
+                return slot
+        raise RuntimeError("every slot holds an expert this layer still needs")
+
+    def _load(self, layer: int, expert: int, keep: set[int], prefetch: bool = False) -> _Slot:
+        slot = self._victim(layer, keep)
+        w13b, w2t = self.host.experts[layer][expert]
+        with on_stream(self.copy_stream):
+            wait(slot.free, self.copy_stream)  # the GPU is done with what the slot held
+            slot.w13b.copy_(w13b, non_blocking=True)
+            slot.w2t.copy_(w2t, non_blocking=True)
+            slot.landed = record(self.device, self.copy_stream)
+        slot.expert, slot.prefetched = expert, prefetch
+        self.caches[layer][expert] = slot
+        self.counters.h2d_bytes += self.expert_bytes
+        return slot
+
+    def cached(self, layer: int) -> list[int]:
+        """Experts cached for ``layer``, least recently used first."""
+        return list(self.caches[layer])
+
+    # ---- the executor interface --------------------------------------------------------
+
+    def __call__(self, layer: int, hidden: torch.Tensor, routing: Routing) -> torch.Tensor:
+        num_tokens, top_k = routing.experts.shape
+        flat = routing.experts.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        counts = torch.bincount(flat.cpu(), minlength=len(self.host.experts[layer])).tolist()  # the one sync
+        self.counters.d2h_bytes += flat.numel() * flat.element_size()
+        offsets = [0]
+        for count in counts:
+            offsets.append(offsets[-1] + count)
+        token_of_row = order // top_k
+        needed = [e for e, c in enumerate(counts) if c]
+        cache = self.caches[layer]
+        hits = [e for e in needed if e in cache]
+        misses = [e for e in needed if e not in cache]
+        self.counters.hits += len(hits)
+        self.counters.misses += len(misses)
+        self.counters.prefetch_hits += sum(1 for e in hits if cache[e].prefetched)
+
+        sorted_out = hidden.new_empty(flat.shape[0], hidden.shape[-1])
+        for expert in hits:
+            cache.move_to_end(expert)
+            self._run(layer, cache[expert], hidden, token_of_row, sorted_out, offsets, expert)
+        pending = list(misses)
+        computed: set[int] = set(hits)
+        in_flight: collections.deque = collections.deque()
+        while pending or in_flight:
+            while pending and len(in_flight) < self.slots_per_layer:
+                expert = pending.pop(0)
+                # keep every expert of this layer that is queued but not yet computed
+                in_flight.append(self._load(layer, expert, keep={e for e in needed if e not in computed}))
+            slot = in_flight.popleft()
+            self._run(layer, slot, hidden, token_of_row, sorted_out, offsets, slot.expert)
+            computed.add(slot.expert)
+        if self.routers is not None and layer + 1 < len(self.routers):
+            self._prefetch(layer + 1, hidden)
+        outputs = torch.empty_like(sorted_out).index_copy_(0, order, sorted_out)
+        return combine(outputs.view(num_tokens, top_k, -1), routing, hidden.dtype)
+
+    def _run(self, layer, slot: _Slot, hidden, token_of_row, sorted_out, offsets, expert) -> None:
+        wait(slot.landed)
+        slot.prefetched = False
+        rows = slice(offsets[expert], offsets[expert + 1])
+        sorted_out[rows] = split_ffn(hidden.index_select(0, token_of_row[rows]), slot.w13b, slot.w2t, self.block)
+        slot.free = record(self.device)
+
+    def _prefetch(self, layer: int, hidden: torch.Tensor) -> None:
+        """Guess the next layer's experts from this layer's MoE input and start copying them."""
+        logits = F.linear(hidden, self.routers[layer])
+        guessed = torch.topk(logits.float(), self.top_k, dim=-1).indices.reshape(-1)
+        self.counters.d2h_bytes += guessed.numel() * guessed.element_size()
+        cache = self.caches[layer]
+        wanted = [e for e in dict.fromkeys(guessed.cpu().tolist()) if e not in cache][: self.slots_per_layer]
+        for expert in wanted:
+            self._load(layer, expert, keep=set(wanted), prefetch=True)
+            self.counters.prefetches += 1
+
+    def stats(self) -> dict[str, object]:
+        return {
+            "executor": "expert-lru",
+            "prefetch": self.routers is not None,
+            "slots_per_layer": self.slots_per_layer,
+            **self.counters.to_json(),
+        }
+
+    def reset_stats(self) -> None:
+        self.counters = LruCounters()
+
+    def close(self) -> None:
+        self.host.close()
+
+
+def lru_slots(options: SystemOptions) -> int:
+    """Expert slots per layer that fit the budget beside the non-expert weights."""
+    cfg = options.config
+    budget = options.budget_bytes
+    if budget is None:
+        return cfg.num_experts
+    b = budget_breakdown(cfg, budget, options.dtype, options.max_seq_len, options.beam_width, staging_experts=0)
+    return min(b.for_experts // (b.expert * cfg.num_layers), cfg.num_experts)
+
+
+class ExpertLru:
+    name = "expert-lru"
+
+    def __init__(self, options: SystemOptions, prefetch: bool):
+        self.options = options
+        cfg, device = options.config, torch.device(options.device)
+        slots = lru_slots(options)
+        if slots < 1:
+            raise SystemRefused(
+                f"expert-lru needs at least one expert slot per layer; {options.gpu_memory_gb:g} GB leaves none "
+                f"for {cfg.name}"
+            )
+        source = open_weights(cfg, options.checkpoint, options.seed, device.type)
+        dense = load_dense(source, device, options.dtype)
+        host = load_host_weights(source, options.dtype, pin=device.type == "cuda")
+        routers = [layer.router for layer in dense.layers] if prefetch else None
+        self.executor = LruExperts(host, device, slots, routers, cfg.num_experts_per_token)
+        for layer in range(cfg.num_layers):  # start warm, as their implementation does
+            for expert in range(slots):
+                self.executor._load(layer, expert, keep=set())
+        self.executor.reset_stats()
+        self.engine = Engine(MixtralModel(cfg, dense, self.executor, options.max_seq_len), cuda_graphs=False)
+
+    def generate(self, prompt_ids: list[int], settings: GenerationSettings) -> GenerationResult:
+        return generate(self.engine, prompt_ids, settings)
+
+    def peak_gpu_memory(self) -> dict[str, float | None]:
+        return device_peak_memory(self.options.device)
+
+    def close(self) -> None:
+        self.engine.close()
+
+
+@register("expert-lru")
+def expert_lru(options: SystemOptions) -> ExpertLru:
+    return ExpertLru(options, prefetch=False)
+
+
+@register("expert-lru-prefetch")
+def expert_lru_prefetch(options: SystemOptions) -> ExpertLru:
+    return ExpertLru(options, prefetch=True)
