@@ -1,12 +1,13 @@
 """The systems Fiddler is compared with, behind one interface and one GPU memory budget.
 
 Importing the package registers every system (``baselines.base.SYSTEMS``): the engine's own
-(``fiddler-*``, ``gpu-resident``), ``cpu-only``, ``accelerate-offload``, ``expert-lru``,
+(``fiddler-*``, ``gpu-resident``), transformers' (``cpu-only``, ``transformers-resident``),
+``accelerate-offload``, ``expert-lru``,
 ``expert-lru-prefetch`` and ``layer-streaming``. Contract to keep: ``baselines`` may import
 ``fiddler`` but never ``harness``.
 """
 
-from baselines import accelerate_offload, cpu_only, engine_systems, expert_lru, layer_streaming
+from baselines import accelerate_offload, engine_systems, expert_lru, layer_streaming, transformers_systems
 from baselines.base import SYSTEMS, System, SystemOptions, SystemRefused, Unsupported, load_system
 
 __all__ = [
@@ -16,9 +17,9 @@ __all__ = [
     "SystemRefused",
     "Unsupported",
     "accelerate_offload",
-    "cpu_only",
     "engine_systems",
     "expert_lru",
     "layer_streaming",
     "load_system",
+    "transformers_systems",
 ]

@@ -21,7 +21,7 @@ import torch
 
 from fiddler.config import ModelConfig
 from fiddler.generate import GenerationResult, GenerationSettings
-from fiddler.placement import GB
+from fiddler.placement import GB, budget_breakdown
 
 
 class SystemRefused(RuntimeError):
@@ -98,3 +98,17 @@ def require_greedy(name: str, settings: GenerationSettings, beams: bool = True) 
         raise Unsupported(f"{name} does not support beam search")
     if settings.temperature > 0:
         raise Unsupported(f"{name} compares greedy decoding only; use temperature 0")
+
+
+def require_whole_model_fits(name: str, options: SystemOptions) -> None:
+    """Refuse unless the whole model, its KV cache and workspace fit the budget."""
+    if options.budget_bytes is None:
+        return
+    b = budget_breakdown(
+        options.config, options.budget_bytes, options.dtype, options.max_seq_len, options.beam_width, staging_experts=0
+    )
+    needed = b.dense + b.kv_cache + b.workspace + options.config.num_expert_slots * b.expert
+    if needed > b.budget:
+        raise SystemRefused(
+            f"{name} needs {needed / GB:.1f} GB for {options.config.name}; the budget is {options.gpu_memory_gb:g} GB"
+        )

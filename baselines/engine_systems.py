@@ -8,10 +8,9 @@ CUDA graph) and refuses when the model, its KV cache and workspace exceed the bu
 
 from __future__ import annotations
 
-from baselines.base import SystemOptions, SystemRefused, device_peak_memory, register
+from baselines.base import SystemOptions, SystemRefused, device_peak_memory, register, require_whole_model_fits
 from fiddler.build import RESIDENT, EngineOptions, build_engine
 from fiddler.generate import GenerationResult, GenerationSettings, generate
-from fiddler.placement import budget_breakdown
 from fiddler.planner import POLICIES
 
 
@@ -66,19 +65,5 @@ for _policy in POLICIES:
 
 @register("gpu-resident")
 def gpu_resident(options: SystemOptions) -> EngineSystem:
-    if options.budget_bytes is not None:
-        b = budget_breakdown(
-            options.config,
-            options.budget_bytes,
-            options.dtype,
-            options.max_seq_len,
-            options.beam_width,
-            staging_experts=0,
-        )
-        needed = b.dense + b.kv_cache + b.workspace + options.config.num_expert_slots * b.expert
-        if needed > b.budget:
-            raise SystemRefused(
-                f"gpu-resident needs {needed / 1e9:.1f} GB for {options.config.name}; the budget is "
-                f"{options.gpu_memory_gb:g} GB"
-            )
+    require_whole_model_fits("gpu-resident", options)
     return EngineSystem(options, RESIDENT)

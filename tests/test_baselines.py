@@ -115,10 +115,13 @@ def test_budget_to_slots():
     assert lru_slots(options(None)) == CONFIG.num_experts
 
 
-@pytest.mark.parametrize("name", ["expert-lru", "gpu-resident", "layer-streaming", "fiddler-hybrid"])
+@pytest.mark.parametrize(
+    "name", ["expert-lru", "gpu-resident", "transformers-resident", "layer-streaming", "fiddler-hybrid"]
+)
 def test_too_small_budgets_are_refused_clearly(name):
     b = budget_breakdown(CONFIG, 0, torch.float32, MAX_LEN, 1, 0)
-    too_small = (b.dense + b.kv_cache) / 1e9 * 0.9 if name != "gpu-resident" else budget_for_expert_slots(1)
+    whole = name in ("gpu-resident", "transformers-resident")
+    too_small = budget_for_expert_slots(1) if whole else (b.dense + b.kv_cache) / 1e9 * 0.9
     with pytest.raises(SystemRefused, match="GB"):
         load_system(name, options(too_small))
 

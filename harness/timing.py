@@ -1,0 +1,53 @@
+"""The timing protocol's arithmetic: cell metrics from one generation's clock readings.
+
+Contract: this module reads no clock (``fiddler.timing`` is the one that does; generations
+record TTFT and per-step times with it after a warm-up, synchronising the device). Given a
+generation's TTFT and per-step decode times, ``cell_metrics`` reports a cell of
+``output_tokens`` new tokens: TTFT; decode tokens/s over the steps after the first token;
+and the paper's end-to-end metric, output tokens / (prefill + decode time). A cell shorter
+than the generation is read off its prefix (``derived``, exact for greedy decoding). A cell
+longer than the steps measured (a slow system under a time limit) is ``extrapolated`` from
+the mean measured step, and says how many steps stand behind it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+
+
+@dataclasses.dataclass(frozen=True)
+class CellMetrics:
+    ttft_s: float
+    decode_tokens_per_s: float | None  # None when the cell has a single token
+    e2e_tokens_per_s: float
+    steps_measured: int
+    status: str  # ok, derived or extrapolated
+
+
+def cell_metrics(ttft_s: float, step_times_s: list[float], output_tokens: int, generated_tokens: int) -> CellMetrics:
+    needed = output_tokens - 1
+    measured = step_times_s[:needed]
+    if len(measured) == needed:
+        decode = sum(measured)
+        status = "ok" if output_tokens == generated_tokens else "derived"
+    elif measured:
+        decode = sum(measured) + statistics.mean(measured) * (needed - len(measured))
+        status = "extrapolated"
+    else:
+        raise ValueError(f"no decode step was measured; cannot extrapolate to {output_tokens} tokens")
+    return CellMetrics(
+        ttft_s=ttft_s,
+        decode_tokens_per_s=needed / decode if needed else None,
+        e2e_tokens_per_s=output_tokens / (ttft_s + decode),
+        steps_measured=len(measured),
+        status=status,
+    )
+
+
+def steps_within(limit_s: float | None, ttft_s: float, step_s: float, wanted_steps: int) -> int:
+    """Decode steps that fit a per-run time limit, given a probe's TTFT and step time (at
+    least one step, so there is something to extrapolate from)."""
+    if limit_s is None or step_s <= 0:
+        return wanted_steps
+    return max(1, min(wanted_steps, int((limit_s - ttft_s) / step_s)))
