@@ -2,7 +2,7 @@
 PYTHON ?= python3
 TORCH_CPU_PIN := torch==2.13.0
 
-.PHONY: help install test lint format demo reproduce
+.PHONY: help install test lint format demo reproduce reproduce-quick bench
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed -e 's/:.*## /\t/'
@@ -25,5 +25,12 @@ format:  ## apply ruff's formatting and safe fixes
 demo:  ## generate from the small preset on the CPU (random weights, Mixtral vocabulary)
 	$(PYTHON) -m fiddler generate --model mixtral-small --device cpu --prompt "The capital of France is" --max-new-tokens 16
 
-reproduce:  ## the paper's sweep: arrives with the harness (issue 5); not implemented yet
-	@echo "make reproduce is not implemented yet: the harness (issue 5) provides it. Try 'make demo'." >&2; exit 1
+reproduce:  ## the paper's sweep (GPU host: Mixtral-8x7B at 24 GB; no GPU: functional sweep on the CPU)
+	$(PYTHON) -m harness.reproduce
+
+reproduce-quick:  ## a few-minute subset of `reproduce`
+	$(PYTHON) -m harness.reproduce --quick
+
+bench:  ## pytest-benchmark: every system's decode on a small model; JSON under results/benchmarks/
+	mkdir -p results/benchmarks
+	$(PYTHON) -m pytest tests/benchmarks -q --benchmark-only --benchmark-json=results/benchmarks/decode.json

@@ -57,7 +57,7 @@ class AccelerateOffload:
         b = budget_breakdown(options.config, budget, options.dtype, options.max_seq_len, options.beam_width, 0)
         for_weights = b.budget - b.kv_cache - b.workspace
         if for_weights <= 0:
-            raise SystemRefused(f"accelerate-offload: a {budget / 1e9:.1f} GB budget leaves no room for weights")
+            raise SystemRefused(f"accelerate-offload: a {budget / 1e9:.3g} GB budget leaves no room for weights")
         index = device.index or 0
         max_memory = {index: for_weights, "cpu": psutil.virtual_memory().available}
         self.device_map = infer_auto_device_map(

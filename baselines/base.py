@@ -110,5 +110,5 @@ def require_whole_model_fits(name: str, options: SystemOptions) -> None:
     needed = b.dense + b.kv_cache + b.workspace + options.config.num_expert_slots * b.expert
     if needed > b.budget:
         raise SystemRefused(
-            f"{name} needs {needed / GB:.1f} GB for {options.config.name}; the budget is {options.gpu_memory_gb:g} GB"
+            f"{name} needs {needed / GB:.3g} GB for {options.config.name}; the budget is {options.gpu_memory_gb:g} GB"
         )

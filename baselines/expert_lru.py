@@ -129,8 +129,14 @@ class LruExperts:
         num_tokens, top_k = routing.experts.shape
         flat = routing.experts.reshape(-1)
         order = torch.argsort(flat, stable=True)
-        counts = torch.bincount(flat.cpu(), minlength=len(self.host.experts[layer])).tolist()  # the one sync
-        self.counters.d2h_bytes += flat.numel() * flat.element_size()
+        read = flat
+        prefetching = self.routers is not None and layer + 1 < len(self.routers)
+        if prefetching:  # guess the next layer's experts now, so one read-back brings both
+            guessed = torch.topk(F.linear(hidden, self.routers[layer + 1]).float(), self.top_k, dim=-1).indices
+            read = torch.cat((flat, guessed.reshape(-1)))
+        host_ids = read.cpu()  # the one sync
+        self.counters.d2h_bytes += read.numel() * read.element_size()
+        counts = torch.bincount(host_ids[: flat.numel()], minlength=len(self.host.experts[layer])).tolist()
         offsets = [0]
         for count in counts:
             offsets.append(offsets[-1] + count)
@@ -158,8 +164,8 @@ class LruExperts:
             slot = in_flight.popleft()
             self._run(layer, slot, hidden, token_of_row, sorted_out, offsets, slot.expert)
             computed.add(slot.expert)
-        if self.routers is not None and layer + 1 < len(self.routers):
-            self._prefetch(layer + 1, hidden)
+        if prefetching:  # queued after this layer's misses on the same copy stream
+            self._prefetch(layer + 1, host_ids[flat.numel() :].tolist())
         outputs = torch.empty_like(sorted_out).index_copy_(0, order, sorted_out)
         return combine(outputs.view(num_tokens, top_k, -1), routing, hidden.dtype)
 
@@ -170,13 +176,11 @@ class LruExperts:
         sorted_out[rows] = split_ffn(hidden.index_select(0, token_of_row[rows]), slot.w13b, slot.w2t, self.block)
         slot.free = record(self.device)
 
-    def _prefetch(self, layer: int, hidden: torch.Tensor) -> None:
-        """Guess the next layer's experts from this layer's MoE input and start copying them."""
-        logits = F.linear(hidden, self.routers[layer])
-        guessed = torch.topk(logits.float(), self.top_k, dim=-1).indices.reshape(-1)
-        self.counters.d2h_bytes += guessed.numel() * guessed.element_size()
+    def _prefetch(self, layer: int, guessed: list[int]) -> None:
+        """Start copying the experts guessed for ``layer`` (its router applied to the previous
+        layer's MoE input) into its cache."""
         cache = self.caches[layer]
-        wanted = [e for e in dict.fromkeys(guessed.cpu().tolist()) if e not in cache][: self.slots_per_layer]
+        wanted = [e for e in dict.fromkeys(guessed) if e not in cache][: self.slots_per_layer]
         for expert in wanted:
             self._load(layer, expert, keep=set(wanted), prefetch=True)
             self.counters.prefetches += 1

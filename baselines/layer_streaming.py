@@ -91,35 +91,44 @@ class LayerStreamer:
         self.buffers = [
             _Buffer({p: torch.empty(shapes[p], device=device, dtype=dtype) for p in LAYER_PARTS}) for _ in range(2)
         ]
+        self.in_use: _Buffer | None = None
         self.layer_bytes = sum(sizes[: len(LAYER_PARTS)])
         self.stream = new_stream(device)
         self.layers_streamed = 0
 
-    def _fetch(self, layer: int) -> _Buffer:
-        buffer = self.buffers[layer % 2]
-        if buffer.layer != layer:
-            with on_stream(self.stream):
-                wait(buffer.free, self.stream)  # the GPU is done with the layer it held
-                for part in LAYER_PARTS:
-                    buffer.parts[part].copy_(self.host_layers[layer][part], non_blocking=True)
-                buffer.ready = record(self.device, self.stream)
-            buffer.layer = layer
-            self.layers_streamed += 1
-        return buffer
+    def _fill(self, buffer: _Buffer, layer: int) -> None:
+        with on_stream(self.stream):
+            wait(buffer.free, self.stream)  # the GPU is done with the layer it held
+            for part in LAYER_PARTS:
+                buffer.parts[part].copy_(self.host_layers[layer][part], non_blocking=True)
+            buffer.ready = record(self.device, self.stream)
+        buffer.layer = layer
+        self.layers_streamed += 1
+
+    def _holding(self, layer: int) -> _Buffer | None:
+        return next((b for b in self.buffers if b.layer == layer), None)
 
     def acquire(self, layer: int) -> _Buffer:
-        """The buffer holding ``layer``, ready for use on the current stream; starts copying
-        the next layer into the other buffer once everything queued so far is done with it."""
-        buffer = self._fetch(layer)
+        """The buffer holding ``layer``, ready for use on the current stream; then the other
+        buffer, once everything queued so far is done with it, starts receiving the next
+        layer (the first layer again after the last: the next forward pass's)."""
+        buffer = self._holding(layer)
+        if buffer is None:
+            buffer = self.buffers[0] if self.buffers[1] is self.in_use else self.buffers[1]
+            buffer.free = record(self.device)
+            self._fill(buffer, layer)
         wait(buffer.ready)
-        other = self.buffers[(layer + 1) % 2]
-        other.free = record(self.device)
-        self._fetch((layer + 1) % len(self.host_layers))
+        self.in_use = buffer
+        other = self.buffers[1] if buffer is self.buffers[0] else self.buffers[0]
+        following = (layer + 1) % len(self.host_layers)
+        if following != layer and other.layer != following:
+            other.free = record(self.device)
+            self._fill(other, following)
         return buffer
 
     def current(self, layer: int) -> _Buffer:
-        buffer = self.buffers[layer % 2]
-        assert buffer.layer == layer, "the layer's weights were not acquired"
+        buffer = self._holding(layer)
+        assert buffer is not None and buffer is self.in_use, "the layer's weights were not acquired"
         return buffer
 
 
@@ -181,7 +190,7 @@ class LayerStreaming:
             needed = 2 * layer_bytes + resident + b.kv_cache + b.workspace
             if needed > b.budget:
                 raise SystemRefused(
-                    f"layer-streaming needs {needed / 1e9:.1f} GB (two layer buffers, embeddings, KV cache); "
+                    f"layer-streaming needs {needed / 1e9:.3g} GB (two layer buffers, embeddings, KV cache); "
                     f"the budget is {options.gpu_memory_gb:g} GB"
                 )
         source = open_weights(cfg, options.checkpoint, options.seed, device.type)

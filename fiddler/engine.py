@@ -58,7 +58,7 @@ class DecodeGraph:
         self.tokens.copy_(tokens.view(-1, 1))
         self.positions.fill_(position)
         self.graph.replay()
-        return self.logits
+        return self.logits.clone()  # the next replay overwrites the static output
 
 
 class Engine:

@@ -31,6 +31,7 @@ from fiddler.timing import Clock
 ALIGNMENT = 4096  # bytes; page-aligned views keep DMA transfers on their fast path
 TOUCH_STRIDE = 4096  # write one byte per base page: every page gets faulted in
 CHUNK_BYTES = 1 << 30  # unit of parallel preparation and of registration
+HOST_REGISTER_PORTABLE = 1  # cudaHostRegisterPortable: page-locked for every device, not just the current
 TOUCH_WORKERS = 8
 
 
@@ -43,6 +44,8 @@ class _Chunk:
 
 
 def _unregister(pointers: list[int]) -> None:
+    if pointers:
+        torch.cuda.synchronize()  # no copy may still be reading the memory
     for pointer in pointers:
         torch.cuda.cudart().cudaHostUnregister(pointer)
     pointers.clear()
@@ -123,7 +126,7 @@ class HostArena:
         t1 = self._clock.now()
         if self.pin:
             pointer = self.bytes[chunk.start :].data_ptr()
-            err = torch.cuda.cudart().cudaHostRegister(pointer, chunk.end - chunk.start, 0)
+            err = torch.cuda.cudart().cudaHostRegister(pointer, chunk.end - chunk.start, HOST_REGISTER_PORTABLE)
             code = int(getattr(err, "value", err))
             if code != 0:
                 raise RuntimeError(

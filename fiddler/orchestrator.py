@@ -180,7 +180,7 @@ class FiddlerExecutor:
         pending = ([(split.expert, split.cpu_blocks)] if split else []) + [(e, 0) for e in plan.copy]
         in_flight: collections.deque = collections.deque()
         for _ in range(min(len(self.slots), len(pending))):
-            in_flight.append(self._queue_copy(layer, *pending.pop(0)))
+            in_flight.append(self._queue_copy(layer, *pending.pop(0), self._take_slot()))
         cpu_experts = list(plan.cpu) + ([split.expert] if split else [])
         cpu_rows = self._rows_of(cpu_experts, offsets, order.device)
         cpu_job = self._start_cpu(layer, plan, counts, hidden, token_of_row, cpu_rows)
@@ -202,7 +202,7 @@ class FiddlerExecutor:
             )
             slot.free = record(self.device)
             if pending:  # into the slot just freed: the copy waits for that compute
-                in_flight.append(self._queue_copy(layer, *pending.pop(0)))
+                in_flight.append(self._queue_copy(layer, *pending.pop(0), slot))
 
         waited = 0.0
         if cpu_job is not None:
@@ -260,11 +260,15 @@ class FiddlerExecutor:
 
     # ---- the three paths ----------------------------------------------------------------
 
-    def _queue_copy(self, layer: int, expert: int, first_block: int):
-        """Queue blocks [first_block, blocks) of one expert into the next slot (round robin)
-        on the side stream. Returns (expert, slot, landed event, number of blocks)."""
+    def _take_slot(self) -> _Slot:
+        """The next slot, round robin (its ``free`` event orders any reuse)."""
         slot = self.slots[self._next_slot]
         self._next_slot = (self._next_slot + 1) % len(self.slots)
+        return slot
+
+    def _queue_copy(self, layer: int, expert: int, first_block: int, slot: _Slot):
+        """Queue blocks [first_block, blocks) of one expert into ``slot`` on the side stream,
+        after the GPU's last use of the slot. Returns (expert, slot, landed event, blocks)."""
         w13b, w2t = self.host.experts[layer][expert]
         count = self.blocks - first_block
         rows = count * self.block
@@ -278,9 +282,8 @@ class FiddlerExecutor:
     @staticmethod
     def _rows_of(experts: list[int], offsets: list[int], device: torch.device) -> torch.Tensor:
         """Positions, in expert-sorted row order, of the given experts' rows."""
-        ranges = [torch.arange(offsets[e], offsets[e + 1]) for e in experts]
-        rows = torch.cat(ranges) if ranges else torch.empty(0, dtype=torch.long)
-        return rows.to(device, non_blocking=True)
+        ranges = [torch.arange(offsets[e], offsets[e + 1], device=device) for e in experts]
+        return torch.cat(ranges) if ranges else torch.empty(0, dtype=torch.long, device=device)
 
     def _start_cpu(
         self,

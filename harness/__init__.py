@@ -1,5 +1,5 @@
-"""Workloads, the timing protocol, sweeps, tables and plots.
+"""Workloads, the timing protocol, sweeps, tables and plots (``python -m harness``).
 
-Empty until the harness issue (#5) lands: nothing here is implemented yet. Contract to keep:
-``harness`` may import ``fiddler`` and ``baselines``; neither imports ``harness``.
+Contract to keep: ``harness`` may import ``fiddler`` and ``baselines``; neither imports
+``harness``.
 """

@@ -132,3 +132,16 @@ def test_unsupported_and_unknown():
         system.generate(PROMPT, GenerationSettings(max_new_tokens=2, temperature=1.0))
     with pytest.raises(ValueError, match="unknown system"):
         load_system("deepspeed", options())
+
+
+@pytest.mark.parametrize("layers", [1, 3, 5])
+def test_layer_streaming_with_odd_layer_counts(layers):
+    """Two buffers and an odd number of layers: the wrap-around prefetch must not overwrite
+    the buffer of the layer in use."""
+    config = ModelConfig.from_dict({**CONFIG.to_hf_dict(), "num_hidden_layers": layers}, f"tiny{layers}")
+    reference = Engine.resident(RandomWeights(config, seed=3), "cpu", torch.float32, MAX_LEN)
+    system = load_system(
+        "layer-streaming", SystemOptions(config=config, max_seq_len=MAX_LEN, device="cpu", dtype=torch.float32, seed=3)
+    )
+    assert system.generate(PROMPT, GREEDY).token_ids == generate(reference, PROMPT, GREEDY).token_ids
+    system.close()

@@ -1,0 +1,133 @@
+"""``python -m harness``: run a sweep into a run folder, or re-render a folder's report.
+
+- ``run --systems a,b --scenario S [--grid paper-v3 | --inputs 32,64 --outputs 64,128]
+  [--beam-widths 4,8] --model <preset|dir> [--layers L] [--gpu-memory-gb G] [--device cuda|cpu]
+  [--dtype bfloat16|float32] [--dataset sharegpt|random|FILE] [--prompts-per-cell N]
+  [--reference SYSTEM] [--run-time-limit S] [--out DIR]``: writes everything into DIR (default
+  ``results/<date>_<gpu or cpu>_<model>``) and resumes a folder it finds there.
+- ``report DIR``: re-renders summary, tables and plots from DIR's raw rows.
+
+A user error prints one ``error:`` line and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import logging
+import sys
+from pathlib import Path
+
+import torch
+
+from baselines import SYSTEMS
+from fiddler.config import resolve_model
+from fiddler.engine import parse_dtype
+from harness.report import render
+from harness.runner import SweepSpec, run_sweep
+from harness.scenarios import GRIDS, SCENARIOS, cells
+
+RESULTS = Path(__file__).resolve().parent.parent / "results"
+
+
+def int_list(text: str | None) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise ValueError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def default_out(model: str, device: str) -> Path:
+    where = torch.cuda.get_device_name(0).replace(" ", "-") if device.startswith("cuda") else "cpu"
+    name = Path(model).name if Path(model).is_dir() else model
+    return RESULTS / f"{datetime.date.today().isoformat()}_{where}_{name}"
+
+
+def default_reference(config, device: str, budget: float | None) -> str:
+    """transformers with the whole model where it fits the device, else the CPU."""
+    if device.startswith("cuda"):
+        whole = config.total_params * 2 / 1e9
+        free = torch.cuda.mem_get_info()[0] / 1e9
+        return "transformers-resident" if whole < free * 0.9 else "cpu-only"
+    return "cpu-only"
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    systems = tuple(s for s in args.systems.split(",") if s)
+    unknown = [s for s in systems if s not in SYSTEMS]
+    if unknown:
+        raise ValueError(f"unknown systems {unknown}; choose from {', '.join(sorted(SYSTEMS))}")
+    config, _ = resolve_model(args.model, args.layers)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    cell_list = cells(
+        args.scenario, args.grid, int_list(args.inputs), int_list(args.outputs), int_list(args.beam_widths)
+    )
+    reference = args.reference or default_reference(config, device, args.gpu_memory_gb)
+    spec = SweepSpec(
+        systems=systems,
+        cells=tuple(cell_list),
+        model=args.model,
+        layers=args.layers,
+        seed=args.seed,
+        device=device,
+        dtype=parse_dtype(args.dtype or config.dtype),
+        gpu_memory_gb=args.gpu_memory_gb,
+        dataset=args.dataset,
+        prompts_per_cell=args.prompts_per_cell,
+        reference=reference or None,
+        run_time_limit_s=args.run_time_limit,
+        calibration=args.calibration,
+        cpu_threads=args.cpu_threads,
+        out=Path(args.out) if args.out else default_out(args.model, device),
+    )
+    out = run_sweep(spec)
+    print(out)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    render(args.dir)
+    print(Path(args.dir) / "tables.md")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m harness", description="Fiddler reproduction harness")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run a sweep into a run folder (resumes one it finds)")
+    run.add_argument("--systems", required=True, help=f"comma-separated: {', '.join(sorted(SYSTEMS))}")
+    run.add_argument("--scenario", required=True, choices=SCENARIOS)
+    run.add_argument("--grid", choices=sorted(GRIDS), help="single-batch grid (default paper-v3)")
+    run.add_argument("--inputs", help="input lengths, e.g. 32,64")
+    run.add_argument("--outputs", help="output lengths, e.g. 64,128")
+    run.add_argument("--beam-widths", help="beam widths for beam-search, e.g. 4,8,16")
+    run.add_argument("--model", required=True, help="preset name or checkpoint directory")
+    run.add_argument("--layers", type=int)
+    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--gpu-memory-gb", type=float)
+    run.add_argument("--device")
+    run.add_argument("--dtype")
+    run.add_argument("--dataset", default="sharegpt", help="sharegpt (bundled sample), random, or a ShareGPT file")
+    run.add_argument("--prompts-per-cell", type=int, default=3)
+    run.add_argument("--reference", help="system whose tokens the others are compared with ('' for none)")
+    run.add_argument("--run-time-limit", type=float, help="seconds per generation; slower runs are extrapolated")
+    run.add_argument("--calibration", type=Path)
+    run.add_argument("--cpu-threads", type=int)
+    run.add_argument("--out")
+    run.set_defaults(func=cmd_run)
+    report = sub.add_parser("report", help="re-render a run folder's summary, tables and plots")
+    report.add_argument("dir")
+    report.set_defaults(func=cmd_report)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2

@@ -1,0 +1,324 @@
+"""From a run folder's raw rows to its summary, tables, plots and the comparison with the paper.
+
+Contract: ``render(run_dir)`` reads ``raw.csv`` and ``matrix.json`` and (re)writes, atomically:
+``summary.csv`` (one row per system x cell: ``system, scenario, model, num_layers, dtype,
+device, input_tokens, output_tokens, beam_width, gpu_memory_gb, prompts, ttft_s,
+decode_tokens_per_s, e2e_tokens_per_s, gpu_hit_rate, h2d_bytes_per_token,
+peak_gpu_memory_gb, output_matches_reference, source, status``, medians over prompts;
+``status`` is ok, derived, extrapolated (with ``steps_measured``), refused or unsupported;
+``output_matches_reference`` is the fraction of the cell's new tokens equal, position by
+position, to the reference system's for the same prompt), ``tables.md`` (systems x
+[input, output] like the paper's figure, Fiddler's speedup over each baseline, and the paper's
+published figures beside ours) and one PNG per scenario. Nothing is measured here.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from pathlib import Path
+
+import pandas as pd
+
+from harness.scenarios import Cell, Run
+from harness.timing import cell_metrics
+
+SUMMARY_COLUMNS = [
+    "system",
+    "scenario",
+    "model",
+    "num_layers",
+    "dtype",
+    "device",
+    "input_tokens",
+    "output_tokens",
+    "beam_width",
+    "gpu_memory_gb",
+    "prompts",
+    "ttft_s",
+    "decode_tokens_per_s",
+    "e2e_tokens_per_s",
+    "gpu_hit_rate",
+    "h2d_bytes_per_token",
+    "peak_gpu_memory_gb",
+    "output_matches_reference",
+    "source",
+    "status",
+    "steps_measured",
+]
+PAPER_FILE = Path(__file__).resolve().parent.parent / "results" / "paper" / "published.csv"
+# Our systems standing for the paper's baselines (../shared/PAPER.md).
+PAPER_BASELINES = {"layer-streaming": "DeepSpeed-MII", "expert-lru": "Mixtral-offloading"}
+FIDDLER_PREFIX = "fiddler-"
+
+
+def _median(values: list[float]) -> float | None:
+    values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    return statistics.median(values) if values else None
+
+
+def _number(value) -> float | None:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(number) else number
+
+
+def _int(value) -> int:
+    """CSV columns that mix blanks and numbers come back as floats or strings."""
+    return int(float(value))
+
+
+def _agreement(tokens: list[int], reference: list[int] | None, length: int) -> float | None:
+    if reference is None:
+        return None
+    a, b = tokens[:length], reference[:length]
+    return sum(x == y for x, y in zip(a, b, strict=False)) / length if length else None
+
+
+def summarize(raw: list[dict], matrix: dict) -> pd.DataFrame:
+    plan = [
+        Run(r["scenario"], r["input_tokens"], r["output_tokens"], r["beam_width"], tuple(Cell(**c) for c in r["cells"]))
+        for r in matrix["runs"]
+    ]
+    reference = matrix.get("reference")
+    by_run: dict[tuple, list[dict]] = {}
+    for row in raw:
+        key = (
+            row["system"],
+            row["scenario"],
+            int(row["input_tokens"]),
+            int(row["run_output_tokens"]),
+            int(row["beam_width"]),
+        )
+        by_run.setdefault(key, []).append(row)
+    summary = []
+    for (_system, scenario, inputs, run_output, beams), rows in sorted(by_run.items()):
+        run = next(
+            (
+                r
+                for r in plan
+                if (r.scenario, r.input_tokens, r.output_tokens, r.beam_width) == (scenario, inputs, run_output, beams)
+            ),
+            None,
+        )
+        if run is None:
+            continue
+        ref_rows = {
+            int(r["prompt_index"]): r
+            for r in by_run.get((reference, scenario, inputs, run_output, beams), [])
+            if r["status"] in ("ok", "time-limited")
+        }
+        first = rows[0]
+        for cell in run.cells:
+            out = {
+                k: first[k] for k in ("system", "scenario", "model", "num_layers", "dtype", "device", "gpu_memory_gb")
+            }
+            out.update(
+                input_tokens=cell.input_tokens,
+                output_tokens=cell.output_tokens,
+                beam_width=cell.beam_width,
+                source="measured",
+                prompts=len(rows),
+            )
+            failed = [r for r in rows if r["status"] in ("refused", "unsupported")]
+            if failed:
+                summary.append(out | {"status": failed[0]["status"]})
+                continue
+            metrics, agree, hit, h2d, peak = [], [], [], [], []
+            for r in rows:
+                steps = json.loads(r["step_times_s"])
+                generated = _int(r["generated_tokens"])
+                wanted = _int(r["run_output_tokens"])
+                metrics.append(
+                    cell_metrics(
+                        float(r["ttft_s"]),
+                        steps,
+                        cell.output_tokens,
+                        wanted if generated == wanted else cell.output_tokens,
+                    )
+                )
+                ref = ref_rows.get(_int(r["prompt_index"]))
+                agree.append(
+                    _agreement(
+                        json.loads(r["token_ids"]),
+                        json.loads(ref["token_ids"]) if ref else None,
+                        min(cell.output_tokens, generated),
+                    )
+                )
+                hit.append(_number(r.get("gpu_hit_rate")))
+                h2d_bytes = _number(r.get("h2d_bytes"))
+                h2d.append(h2d_bytes / (cell.input_tokens + generated) if h2d_bytes is not None else None)
+                peak.append(_number(r.get("peak_allocated_gb")))
+            statuses = {m.status for m in metrics}
+            status = "extrapolated" if "extrapolated" in statuses else "derived" if "derived" in statuses else "ok"
+            summary.append(
+                out
+                | {
+                    "ttft_s": _median([m.ttft_s for m in metrics]),
+                    "decode_tokens_per_s": _median([m.decode_tokens_per_s for m in metrics]),
+                    "e2e_tokens_per_s": _median([m.e2e_tokens_per_s for m in metrics]),
+                    "gpu_hit_rate": _median(hit),
+                    "h2d_bytes_per_token": _median(h2d),
+                    "peak_gpu_memory_gb": max((p for p in peak if p is not None), default=None),
+                    "output_matches_reference": _median(agree),
+                    "status": status,
+                    "steps_measured": min(m.steps_measured for m in metrics),
+                }
+            )
+    return pd.DataFrame(summary, columns=SUMMARY_COLUMNS)
+
+
+def speedups(summary: pd.DataFrame, scenario: str, metric: str) -> pd.DataFrame:
+    """Per baseline: best Fiddler policy / baseline on ``metric`` over the cells both have
+    (for TTFT the ratio is inverted, so > 1 always means Fiddler is better)."""
+    measured = summary[(summary.scenario == scenario) & summary[metric].notna()]
+    cell = ["input_tokens", "output_tokens", "beam_width"]
+    fiddler = measured[measured.system.str.startswith(FIDDLER_PREFIX)]
+    if fiddler.empty:
+        return pd.DataFrame()
+    best = fiddler.groupby(cell)[metric].min() if metric == "ttft_s" else fiddler.groupby(cell)[metric].max()
+    rows = []
+    for system, group in measured[~measured.system.str.startswith(FIDDLER_PREFIX)].groupby("system"):
+        ratios = []
+        for _, row in group.iterrows():
+            key = tuple(row[c] for c in cell)
+            if key in best.index and row[metric] > 0:
+                ours = best[key]
+                ratios.append(row[metric] / ours if metric == "ttft_s" else ours / row[metric])
+        if ratios:
+            rows.append(
+                {
+                    "baseline": system,
+                    "cells": len(ratios),
+                    "min": min(ratios),
+                    "median": statistics.median(ratios),
+                    "max": max(ratios),
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+def _display(row: pd.Series, value: str) -> str:
+    """A number (marked when extrapolated), or why there is none."""
+    if pd.isna(row[value]):
+        return row["status"] if row["status"] in ("refused", "unsupported") else "-"
+    mark = "*" if row["status"] == "extrapolated" else ""
+    beams = f" (w{row['beam_width']})" if row["beam_width"] > 1 else ""
+    return f"{row[value]:.3g}{mark}{beams}"
+
+
+def _pivot_markdown(frame: pd.DataFrame, value: str) -> str:
+    shown = frame.assign(shown=[_display(row, value) for _, row in frame.iterrows()])
+    table = shown.pivot_table(
+        index="system", columns=["input_tokens", "output_tokens"], values="shown", aggfunc=" / ".join
+    )
+    header = "| system | " + " | ".join(f"{i}/{o}" for i, o in table.columns) + " |"
+    lines = [header, "|" + "---|" * (len(table.columns) + 1)]
+    for system, row in table.iterrows():
+        lines.append(f"| {system} | " + " | ".join("-" if pd.isna(v) else v for v in row) + " |")
+    return "\n".join(lines)
+
+
+def paper_figures() -> pd.DataFrame:
+    return pd.read_csv(PAPER_FILE) if PAPER_FILE.exists() else pd.DataFrame()
+
+
+def tables_markdown(summary: pd.DataFrame) -> str:
+    parts = [
+        "# Tables",
+        "",
+        "Medians over prompts. `input/output` tokens per column; * marks a figure extrapolated from the "
+        "decode steps measured under the time limit (summary.csv says how many); derived cells are read "
+        "off a longer greedy run (exact).",
+    ]
+    for scenario, frame in summary.groupby("scenario"):
+        metric = "ttft_s" if scenario == "long-prefill" else "e2e_tokens_per_s"
+        label = "TTFT, s" if metric == "ttft_s" else "end-to-end tokens/s = output / (prefill + decode)"
+        parts += ["", f"## {scenario}: {label}", "", _pivot_markdown(frame, metric)]
+        if scenario != "long-prefill":
+            parts += ["", f"## {scenario}: decode tokens/s", "", _pivot_markdown(frame, "decode_tokens_per_s")]
+        ratios = speedups(summary, scenario, metric)
+        if not ratios.empty:
+            parts += [
+                "",
+                f"### Fiddler (best policy per cell) over each baseline, {scenario}",
+                "",
+                "| baseline | cells | min | median | max |",
+                "|---|---|---|---|---|",
+            ]
+            parts += [
+                f"| {r.baseline} | {r.cells} | {r['min']:.2f}x | {r['median']:.2f}x | {r['max']:.2f}x |"
+                for _, r in ratios.iterrows()
+            ]
+    paper = paper_figures()
+    if not paper.empty:
+        parts += [
+            "",
+            "## The paper's published figures (results/paper/published.csv)",
+            "",
+            "| version | environment | quantity | value | source |",
+            "|---|---|---|---|---|",
+        ]
+        parts += [
+            f"| {r.version} | {r.environment} | {r.quantity} | {r.value} | {r.source} |" for _, r in paper.iterrows()
+        ]
+        parts += [
+            "",
+            "Our systems standing for the paper's baselines: "
+            + ", ".join(f"`{ours}` for {theirs}" for ours, theirs in PAPER_BASELINES.items())
+            + ".",
+        ]
+    return "\n".join(parts) + "\n"
+
+
+def plot(summary: pd.DataFrame, out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    for scenario, frame in summary.groupby("scenario"):
+        frame = frame.dropna(subset=["e2e_tokens_per_s"])
+        if frame.empty:
+            continue
+        metric = "ttft_s" if scenario == "long-prefill" else "e2e_tokens_per_s"
+        table = frame.pivot_table(
+            index=["input_tokens", "output_tokens", "beam_width"], columns="system", values=metric, aggfunc="first"
+        )
+        fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(table)), 4.0))
+        table.plot.bar(ax=ax, width=0.85)
+        ax.set_xlabel("[input, output, beams]")
+        ax.set_ylabel("TTFT (s)" if metric == "ttft_s" else "tokens/s (output / (prefill + decode))")
+        ax.set_title(f"{scenario}: {frame.model.iloc[0]}, {frame.gpu_memory_gb.iloc[0]} GB budget")
+        ax.legend(fontsize="small", ncol=2)
+        fig.tight_layout()
+        path = out / f"{scenario}.png"
+        tmp = out / f".{scenario}.tmp.png"
+        fig.savefig(tmp, dpi=120)
+        plt.close(fig)
+        tmp.replace(path)
+        written.append(path)
+    return written
+
+
+def render(run_dir: str | Path) -> pd.DataFrame:
+    from harness.runner import read_raw
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "matrix.json").exists():
+        raise FileNotFoundError(f"{run_dir} has no matrix.json: is it a run folder written by 'python -m harness run'?")
+    matrix = json.loads((run_dir / "matrix.json").read_text())
+    summary = summarize(read_raw(run_dir / "raw.csv"), matrix)
+    tmp = run_dir / ".summary.csv.tmp"
+    summary.to_csv(tmp, index=False)
+    tmp.replace(run_dir / "summary.csv")
+    text = tables_markdown(summary)
+    tmp = run_dir / ".tables.md.tmp"
+    tmp.write_text(text)
+    tmp.replace(run_dir / "tables.md")
+    plot(summary, run_dir)
+    return summary

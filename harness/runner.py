@@ -1,0 +1,292 @@
+"""Sweeps: scenarios x systems x prompts, one timing protocol, raw rows first.
+
+Contract: ``run_sweep(spec)`` writes into ``spec.out`` (the run folder): ``env.json`` (machine,
+software, settings), ``matrix.json`` (the cells and the generations that measure them),
+``raw.csv`` (one row per prompt run: token ids, TTFT, every decode step's time, what moved,
+peak memory, telemetry, status) and, through ``harness.report``, the summaries, tables and
+plots. Systems run one after another, each loaded once; each does a warm-up generation
+before its first measured one. Every row is written to ``raw.csv`` atomically as soon as it
+is measured, so an interrupted sweep resumes where it stopped, with no duplicate or lost row
+(``spec.out`` found with a ``raw.csv``: finished runs are skipped). A per-run time limit
+makes slow systems generate only the steps that fit (the cells beyond are extrapolated by the
+report, marked so). A system that cannot run within its budget gets one ``refused`` row per
+generation it would have run; one that cannot do a scenario (beam search) gets
+``unsupported`` rows. The reference system (for token agreement) runs like the others.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import sys
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from baselines import SystemOptions, SystemRefused, Unsupported, load_system
+from fiddler.config import ModelConfig, resolve_model
+from fiddler.files import write_json_atomic
+from fiddler.generate import GenerationSettings
+from fiddler.timing import Clock
+from fiddler.tokenizer import find_tokenizer
+from harness import prompts as prompt_sources
+from harness.scenarios import Cell, Run, runs
+from harness.telemetry import NvmlSampler, environment, process_rss_gb
+from harness.timing import steps_within
+
+log = logging.getLogger(__name__)
+
+RAW_COLUMNS = [
+    "system",
+    "scenario",
+    "model",
+    "num_layers",
+    "dtype",
+    "device",
+    "dataset",
+    "input_tokens",
+    "run_output_tokens",
+    "beam_width",
+    "prompt_index",
+    "gpu_memory_gb",
+    "status",
+    "reason",
+    "generated_tokens",
+    "ttft_s",
+    "step_times_s",
+    "token_ids",
+    "gpu_hit_rate",
+    "h2d_bytes",
+    "d2h_bytes",
+    "peak_allocated_gb",
+    "device_used_gb",
+    "rss_gb",
+    "telemetry",
+    "stats",
+]
+KEY = ["system", "scenario", "input_tokens", "run_output_tokens", "beam_width", "prompt_index"]
+PROBE_TOKENS = 3  # a short generation that estimates a slow system's step time
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepSpec:
+    systems: tuple[str, ...]
+    cells: tuple[Cell, ...]
+    model: str
+    out: Path
+    layers: int | None = None
+    seed: int = 0
+    device: str = "cpu"
+    dtype: torch.dtype = torch.bfloat16
+    gpu_memory_gb: float | None = None
+    dataset: str = "sharegpt"  # sharegpt (the bundled sample), random, or a ShareGPT-format file
+    prompts_per_cell: int = 3
+    reference: str | None = None
+    run_time_limit_s: float | None = None
+    calibration: Path | None = None
+    cpu_threads: int | None = None
+
+    def settings(self) -> dict[str, object]:
+        fields = dataclasses.asdict(self)
+        fields["cells"] = [dataclasses.asdict(c) for c in self.cells]
+        return {k: (str(v) if isinstance(v, (Path, torch.dtype)) else v) for k, v in fields.items()}
+
+
+def _write_raw(path: Path, rows: list[dict]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        pd.DataFrame(rows, columns=RAW_COLUMNS).to_csv(tmp, index=False)
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def read_raw(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    frame = pd.read_csv(path, keep_default_na=False)
+    missing = [c for c in KEY if c not in frame.columns]
+    if missing:
+        raise ValueError(f"{path} is not a sweep's raw.csv (no {missing}); choose another --out folder")
+    return frame.to_dict("records")
+
+
+def _key(row: dict) -> tuple:
+    return tuple(str(row[k]) for k in KEY)
+
+
+class PromptBank:
+    """Prompts per input length, from the chosen data set (the same for every system)."""
+
+    def __init__(self, spec: SweepSpec, config: ModelConfig, checkpoint: Path | None):
+        self.spec, self.config = spec, config
+        self.tokenizer = find_tokenizer(checkpoint)
+        self.conversations = None
+        if spec.dataset != "random":
+            if self.tokenizer is None:
+                raise ValueError(f"{config.name} has no tokenizer; use --dataset random")
+            source = prompt_sources.BUNDLED_SAMPLE if spec.dataset == "sharegpt" else spec.dataset
+            self.conversations = prompt_sources.read_conversations(source)
+        self._cache: dict[tuple[str, int], list[list[int]]] = {}
+
+    def prompts(self, scenario: str, num_tokens: int) -> list[list[int]]:
+        key = (scenario, num_tokens)
+        if key not in self._cache:
+            count = self.spec.prompts_per_cell
+            if self.conversations is None:
+                found = prompt_sources.random_prompts(self.config.vocab_size, num_tokens, count, self.spec.seed)
+            elif scenario == "long-prefill":
+                found = prompt_sources.long_prompts(self.conversations.texts, self.tokenizer, num_tokens, count)
+            else:
+                found = prompt_sources.select_prompts(self.conversations.texts, self.tokenizer, num_tokens, count)
+            self._cache[key] = found
+        return self._cache[key]
+
+    def describe(self) -> dict[str, object]:
+        if self.conversations is None:
+            return {"dataset": "random", "seed": self.spec.seed}
+        return {"dataset": self.spec.dataset, **self.conversations.to_json()}
+
+
+def run_sweep(spec: SweepSpec) -> Path:
+    from harness.report import render
+
+    spec.out.mkdir(parents=True, exist_ok=True)
+    config, checkpoint = resolve_model(spec.model, spec.layers)
+    bank = PromptBank(spec, config, checkpoint)
+    plan = runs(list(spec.cells))
+    systems = list(dict.fromkeys([*spec.systems, *([spec.reference] if spec.reference else [])]))
+    write_json_atomic(spec.out / "env.json", environment(spec.device, spec.settings() | {"prompts": bank.describe()}))
+    write_json_atomic(
+        spec.out / "matrix.json",
+        {
+            "systems": systems,
+            "reference": spec.reference,
+            "runs": [dataclasses.asdict(r) for r in plan],
+            "prompts_per_cell": spec.prompts_per_cell,
+        },
+    )
+    raw_path = spec.out / "raw.csv"
+    rows = read_raw(raw_path)
+    done = {_key(r) for r in rows}
+    longest = max(r.input_tokens + r.output_tokens for r in plan)
+    total = len(systems) * len(plan) * spec.prompts_per_cell
+    progress = _Progress(total, len(done))
+    base = {
+        "model": config.name,
+        "num_layers": config.num_layers,
+        "dtype": str(spec.dtype).removeprefix("torch."),
+        "device": spec.device,
+        "dataset": spec.dataset,
+        "gpu_memory_gb": spec.gpu_memory_gb,
+    }
+    for name in systems:
+        todo = [(r, i) for r in plan for i in range(spec.prompts_per_cell) if _key(_row_key(name, r, i)) not in done]
+        if not todo:
+            continue
+        options = SystemOptions(
+            config=config,
+            max_seq_len=longest,
+            checkpoint=checkpoint,
+            seed=spec.seed,
+            device=spec.device,
+            dtype=spec.dtype,
+            gpu_memory_gb=spec.gpu_memory_gb,
+            cpu_threads=spec.cpu_threads,
+            beam_width=max(r.beam_width for r in plan),
+            calibration=spec.calibration,
+        )
+        try:
+            system = load_system(name, options)
+        except SystemRefused as err:
+            for run, index in todo:
+                rows.append(base | _row_key(name, run, index) | {"status": "refused", "reason": str(err)})
+                progress.step(name, run, index)
+            _write_raw(raw_path, rows)
+            continue
+        try:
+            system.generate(
+                bank.prompts(plan[0].scenario, plan[0].input_tokens)[0], GenerationSettings(max_new_tokens=2)
+            )  # warm-up
+            limits: dict[Run, int] = {}
+            for run, index in todo:
+                prompt = bank.prompts(run.scenario, run.input_tokens)[index]
+                row = base | _row_key(name, run, index) | _measure(system, run, prompt, spec, limits)
+                rows.append(row)
+                _write_raw(raw_path, rows)  # atomically, after every run
+                progress.step(name, run, index)
+        finally:
+            system.close()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+    render(spec.out)
+    return spec.out
+
+
+def _row_key(system: str, run: Run, index: int) -> dict:
+    return {
+        "system": system,
+        "scenario": run.scenario,
+        "input_tokens": run.input_tokens,
+        "run_output_tokens": run.output_tokens,
+        "beam_width": run.beam_width,
+        "prompt_index": index,
+    }
+
+
+def _measure(system, run: Run, prompt: list[int], spec: SweepSpec, limits: dict[Run, int]) -> dict:
+    wanted = run.output_tokens
+    if spec.run_time_limit_s is not None and run not in limits and wanted > PROBE_TOKENS:
+        try:
+            probe = system.generate(prompt, GenerationSettings(max_new_tokens=PROBE_TOKENS, beam_width=run.beam_width))
+        except Unsupported as err:
+            return {"status": "unsupported", "reason": str(err)}
+        step = probe.decode_s / max(len(probe.step_times_s), 1)
+        limits[run] = 1 + steps_within(spec.run_time_limit_s, probe.ttft_s, step, wanted - 1)
+    new_tokens = limits.get(run, wanted)
+    settings = GenerationSettings(max_new_tokens=new_tokens, beam_width=run.beam_width)
+    try:
+        with NvmlSampler() as sampler:
+            result = system.generate(prompt, settings)
+    except Unsupported as err:
+        return {"status": "unsupported", "reason": str(err)}
+    stats = result.stats
+    return {
+        "status": "ok" if new_tokens == wanted else "time-limited",
+        "reason": "" if new_tokens == wanted else f"{new_tokens} of {wanted} tokens within {spec.run_time_limit_s} s",
+        "generated_tokens": len(result.token_ids),
+        "ttft_s": result.ttft_s,
+        "step_times_s": json.dumps(result.step_times_s),
+        "token_ids": json.dumps(result.token_ids),
+        "gpu_hit_rate": stats.get("gpu_hit_rate"),
+        "h2d_bytes": stats.get("h2d_bytes"),
+        "d2h_bytes": stats.get("d2h_bytes"),
+        "rss_gb": process_rss_gb(),
+        "telemetry": json.dumps(sampler.summary()),
+        "stats": json.dumps({k: v for k, v in stats.items() if k != "engine"}, default=str),
+        **system.peak_gpu_memory(),
+    }
+
+
+class _Progress:
+    """Runs done and an estimate of the time left, one line per run on standard error."""
+
+    def __init__(self, total: int, done: int):
+        self.total, self.done, self.started = total, done, done
+        self.clock = Clock("cpu")
+        self.start = self.clock.now()
+
+    def step(self, system: str, run: Run, index: int) -> None:
+        self.done += 1
+        elapsed = self.clock.now() - self.start
+        rate = (self.done - self.started) / elapsed if elapsed > 0 else 0.0
+        left = (self.total - self.done) / rate if rate else float("nan")
+        print(
+            f"[{self.done}/{self.total}] {system} {run.scenario} in={run.input_tokens} out={run.output_tokens} "
+            f"beams={run.beam_width} prompt={index} | ~{left / 60:.1f} min left",
+            file=sys.stderr,
+            flush=True,
+        )

@@ -1,0 +1,158 @@
+"""The harness on the CPU: prompt selection, scenarios, timing arithmetic, a small sweep with
+its CSV schema, resume after a crash, tables, plots and the agreement column."""
+
+import json
+import random
+
+import pandas as pd
+import pytest
+import torch
+
+from fiddler.tokenizer import find_tokenizer
+from harness import prompts as P
+from harness.report import SUMMARY_COLUMNS, render
+from harness.runner import KEY, SweepSpec, read_raw, run_sweep
+from harness.scenarios import cells, runs
+from harness.timing import cell_metrics, steps_within
+
+TOKENIZER = find_tokenizer(None)
+
+
+def test_selection_rule_on_a_crafted_file(tmp_path):
+    long_text = "word " * 80
+    data = [
+        {"conversations": [{"from": "human", "value": "  first   prompt\n\n with  spaces " + long_text}]},
+        {"conversations": [{"from": "gpt", "value": "the model speaks first"}, {"from": "human", "value": "hi"}]},
+        {"conversations": [{"from": "user", "value": "second prompt " + long_text}]},
+        {"conversations": []},
+        {"no_conversations": True},
+        {"conversations": [{"from": "human"}]},
+        {"conversations": [{"from": "human", "value": "short"}]},
+    ]
+    path = tmp_path / "sharegpt.json"
+    path.write_text(json.dumps(data))
+    conv = P.read_conversations(path)
+    assert conv.entries == 7 and conv.model_first == 1 and conv.malformed == 3
+    assert conv.texts[0].startswith("first prompt with spaces word")  # whitespace collapsed
+    expected = list(conv.texts)
+    random.seed(0)
+    random.shuffle(expected)
+    assert P.shuffled(conv.texts) == expected  # the paper's random.seed(0) shuffle
+    chosen = P.select_prompts(conv.texts, TOKENIZER, 40, 2)
+    assert all(len(ids) == 40 and ids[0] == 1 for ids in chosen)
+    long_ones = [TOKENIZER.encode(t)[:40] for t in expected if len(TOKENIZER.encode(t)) >= 40]
+    assert chosen == long_ones[:2]
+    with pytest.raises(ValueError, match="at least 500 tokens"):
+        P.select_prompts(conv.texts, TOKENIZER, 500, 1)
+
+
+def test_bundled_sample_covers_the_paper_lengths():
+    conv = P.read_conversations()
+    assert conv.model_first > 0 and conv.malformed == 0
+    for length in (16, 32, 64, 128, 256):
+        prompts = P.select_prompts(conv.texts, TOKENIZER, length, 10)
+        assert len({tuple(p) for p in prompts}) == 10
+
+
+def test_long_and_random_prompts():
+    conv = P.read_conversations()
+    long_prompts = P.long_prompts(conv.texts, TOKENIZER, 8192, 3)
+    assert all(len(p) == 8192 and p[0] == 1 and 1 not in p[1:] for p in long_prompts)
+    assert len({tuple(p[:200]) for p in long_prompts}) == 3
+    a = P.random_prompts(32000, 64, 3, seed=1)
+    assert a == P.random_prompts(32000, 64, 3, seed=1) and a != P.random_prompts(32000, 64, 3, seed=2)
+    assert all(p[0] == 1 and all(3 <= t < 32000 for t in p[1:]) for p in a)
+
+
+def test_scenarios_and_runs():
+    grid = cells("single-batch", "paper-v3")
+    assert len(grid) == 16 and {c.input_tokens for c in grid} == {32, 64, 128, 256}
+    plan = runs(grid)
+    assert len(plan) == 4 and all(r.output_tokens == 512 and len(r.cells) == 4 for r in plan)
+    beams = runs(cells("beam-search", beam_widths=(4, 8)))
+    assert [(r.beam_width, r.output_tokens) for r in beams] == [(4, 64), (8, 64)]
+    assert [c.input_tokens for c in cells("long-prefill")] == [512, 1024, 2048, 4096, 8192]
+    with pytest.raises(ValueError, match="--scenario must be one of"):
+        cells("batch")
+
+
+def test_timing_arithmetic():
+    full = cell_metrics(0.5, [0.1] * 9, 10, 10)
+    assert full.status == "ok" and full.e2e_tokens_per_s == pytest.approx(10 / 1.4)
+    assert full.decode_tokens_per_s == pytest.approx(10.0)
+    prefix = cell_metrics(0.5, [0.1] * 9, 4, 10)
+    assert prefix.status == "derived" and prefix.e2e_tokens_per_s == pytest.approx(4 / 0.8)
+    extra = cell_metrics(0.5, [0.2, 0.4], 11, 11)
+    assert extra.status == "extrapolated" and extra.steps_measured == 2
+    assert extra.e2e_tokens_per_s == pytest.approx(11 / (0.5 + 0.6 + 0.3 * 8))
+    assert cell_metrics(0.5, [], 1, 1).decode_tokens_per_s is None
+    assert steps_within(10.0, 1.0, 2.0, 100) == 4 and steps_within(None, 1.0, 2.0, 100) == 100
+
+
+def spec(tmp_path, systems=("expert-lru", "fiddler-paper"), **kw):
+    return SweepSpec(
+        systems=systems,
+        cells=tuple(cells("single-batch", inputs=(16, 32), outputs=(3, 6))),
+        model="mixtral-tiny",
+        out=tmp_path / "run",
+        device="cpu",
+        dtype=torch.float32,
+        gpu_memory_gb=0.0175,
+        prompts_per_cell=2,
+        reference="cpu-only",
+        **kw,
+    )
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    return run_sweep(spec(tmp_path_factory.mktemp("sweep")))
+
+
+def test_sweep_outputs_and_schema(sweep):
+    for name in ("env.json", "matrix.json", "raw.csv", "summary.csv", "tables.md", "single-batch.png"):
+        assert (sweep / name).exists(), name
+    summary = pd.read_csv(sweep / "summary.csv")
+    assert list(summary.columns) == SUMMARY_COLUMNS
+    assert len(summary) == 3 * 4  # systems (with the reference) x cells
+    assert set(summary.status) == {"ok", "derived"} and (summary.source == "measured").all()
+    # on CPU in fp32 every system reproduces the reference's tokens exactly
+    assert (summary.output_matches_reference == 1.0).all()
+    tables = (sweep / "tables.md").read_text()
+    assert "expert-lru" in tables and "Fiddler (best policy per cell) over each baseline" in tables
+    env = json.loads((sweep / "env.json").read_text())
+    assert "git_commit" in env and env["settings"]["prompts"]["dataset"] == "sharegpt"
+
+
+def test_resume_after_a_crash_loses_and_duplicates_nothing(tmp_path, monkeypatch):
+    from baselines import engine_systems
+
+    calls = {"n": 0}
+    original = engine_systems.EngineSystem.generate
+
+    def crashing(self, prompt_ids, settings):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise RuntimeError("simulated crash")
+        return original(self, prompt_ids, settings)
+
+    monkeypatch.setattr(engine_systems.EngineSystem, "generate", crashing)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_sweep(spec(tmp_path, systems=("fiddler-paper",)))
+    partial = read_raw(tmp_path / "run" / "raw.csv")
+    assert len(partial) == 2  # warm-up, then two rows written before the crash
+    monkeypatch.setattr(engine_systems.EngineSystem, "generate", original)
+    run_sweep(spec(tmp_path, systems=("fiddler-paper",)))
+    rows = read_raw(tmp_path / "run" / "raw.csv")
+    keys = [tuple(str(r[k]) for k in KEY) for r in rows]
+    assert len(keys) == len(set(keys)) == 2 * 2 * 2  # (system + reference) x inputs x prompts
+    assert not list((tmp_path / "run").glob(".*.tmp*"))
+
+
+def test_report_re_renders_from_raw_rows(sweep, tmp_path):
+    before = (sweep / "summary.csv").read_text()
+    (sweep / "summary.csv").unlink()
+    render(sweep)
+    assert (sweep / "summary.csv").read_text() == before
+    with pytest.raises(FileNotFoundError, match=r"matrix\.json"):
+        render(tmp_path)
