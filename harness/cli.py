@@ -45,13 +45,14 @@ def default_out(model: str, device: str) -> Path:
     return RESULTS / f"{datetime.date.today().isoformat()}_{where}_{name}"
 
 
-def default_reference(config, device: str, budget: float | None) -> str:
-    """transformers with the whole model where it fits the device, else the CPU."""
-    if device.startswith("cuda"):
-        whole = config.total_params * 2 / 1e9
-        free = torch.cuda.mem_get_info()[0] / 1e9
-        return "transformers-resident" if whole < free * 0.9 else "cpu-only"
-    return "cpu-only"
+def default_reference(config, device: str, systems: tuple[str, ...]) -> str:
+    """transformers with the whole model where it fits the device (on the CPU: ``cpu-only``),
+    else the first system of the sweep."""
+    if not device.startswith("cuda"):
+        return "cpu-only"
+    whole_gb = config.total_params * torch.empty((), dtype=torch.bfloat16).element_size() / 1e9
+    free_gb = torch.cuda.mem_get_info()[0] / 1e9
+    return "transformers-resident" if whole_gb < free_gb else systems[0]
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -64,7 +65,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     cell_list = cells(
         args.scenario, args.grid, int_list(args.inputs), int_list(args.outputs), int_list(args.beam_widths)
     )
-    reference = args.reference or default_reference(config, device, args.gpu_memory_gb)
+    reference = args.reference if args.reference is not None else default_reference(config, device, systems)
     spec = SweepSpec(
         systems=systems,
         cells=tuple(cell_list),

@@ -156,3 +156,42 @@ def test_report_re_renders_from_raw_rows(sweep, tmp_path):
     assert (sweep / "summary.csv").read_text() == before
     with pytest.raises(FileNotFoundError, match=r"matrix\.json"):
         render(tmp_path)
+
+
+def test_command_line(tmp_path, capsys):
+    from harness.cli import main
+
+    out = tmp_path / "cli-run"
+    code = main(
+        [
+            "run",
+            "--systems",
+            "fiddler-hybrid",
+            "--scenario",
+            "long-prefill",
+            "--inputs",
+            "48",
+            "--model",
+            "mixtral-tiny",
+            "--device",
+            "cpu",
+            "--dtype",
+            "float32",
+            "--gpu-memory-gb",
+            "0.0175",
+            "--prompts-per-cell",
+            "1",
+            "--dataset",
+            "random",
+            "--reference",
+            "",
+            "--out",
+            str(out),
+        ]
+    )
+    assert code == 0 and (out / "summary.csv").exists()
+    summary = pd.read_csv(out / "summary.csv")
+    assert list(summary.system) == ["fiddler-hybrid"] and summary.ttft_s.iloc[0] > 0
+    assert main(["report", str(out)]) == 0
+    assert main(["run", "--systems", "deepspeed", "--scenario", "single-batch", "--model", "mixtral-tiny"]) == 2
+    assert "unknown systems" in capsys.readouterr().err
