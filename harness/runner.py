@@ -208,9 +208,8 @@ def run_sweep(spec: SweepSpec) -> Path:
             _write_raw(raw_path, rows)
             continue
         try:
-            system.generate(
-                bank.prompts(plan[0].scenario, plan[0].input_tokens)[0], GenerationSettings(max_new_tokens=2)
-            )  # warm-up
+            warm_up = GenerationSettings(max_new_tokens=min(2, plan[0].output_tokens))
+            system.generate(bank.prompts(plan[0].scenario, plan[0].input_tokens)[0], warm_up)
             limits: dict[Run, int] = {}
             for run, index in todo:
                 prompt = bank.prompts(run.scenario, run.input_tokens)[index]
