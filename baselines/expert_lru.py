@@ -37,7 +37,7 @@ from fiddler.weights import open_weights
 @dataclasses.dataclass
 class _Slot:
     w13b: torch.Tensor
-    w2t: torch.Tensor
+    w2b: torch.Tensor
     expert: int = -1
     free: torch.cuda.Event | None = None  # the GPU's last use of the slot
     landed: torch.cuda.Event | None = None  # the copy that filled it
@@ -72,7 +72,6 @@ class LruExperts:
         top_k: int = 2,
     ):
         self.host, self.device = host, device
-        self.block = host.experts[0][0][1].shape[0] // host.blocks
         dtype = host.experts[0][0][0].dtype
         w13_shape, w2_shape = host.experts[0][0][0].shape, host.experts[0][0][1].shape
         self.caches: list[collections.OrderedDict[int, _Slot]] = []
@@ -108,11 +107,11 @@ class LruExperts:
 
     def _load(self, layer: int, expert: int, keep: set[int], prefetch: bool = False) -> _Slot:
         slot = self._victim(layer, keep)
-        w13b, w2t = self.host.experts[layer][expert]
+        w13b, w2b = self.host.experts[layer][expert]
         with on_stream(self.copy_stream):
             wait(slot.free, self.copy_stream)  # the GPU is done with what the slot held
             slot.w13b.copy_(w13b, non_blocking=True)
-            slot.w2t.copy_(w2t, non_blocking=True)
+            slot.w2b.copy_(w2b, non_blocking=True)
             slot.landed = record(self.device, self.copy_stream)
         slot.expert, slot.prefetched = expert, prefetch
         self.caches[layer][expert] = slot
@@ -173,7 +172,7 @@ class LruExperts:
         wait(slot.landed)
         slot.prefetched = False
         rows = slice(offsets[expert], offsets[expert + 1])
-        sorted_out[rows] = split_ffn(hidden.index_select(0, token_of_row[rows]), slot.w13b, slot.w2t, self.block)
+        sorted_out[rows] = split_ffn(hidden.index_select(0, token_of_row[rows]), slot.w13b, slot.w2b)
         slot.free = record(self.device)
 
     def _prefetch(self, layer: int, guessed: list[int]) -> None:

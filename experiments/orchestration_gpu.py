@@ -216,32 +216,31 @@ def diagnose(args, calibration_path: Path) -> dict:
     alone = []
     for layer, e in missing:
         t0 = host_clock.now()
-        executor.cpu_kernel(x, *executor.host.experts[layer][e], executor.block)
+        executor.cpu_kernel(x, *executor.host.experts[layer][e])
         alone.append(host_clock.now() - t0)
     stream = torch.cuda.Stream()
     slot = executor.slots[0]
     with torch.cuda.stream(stream):
         for layer, e in missing * 2:
-            w13b, w2t = executor.host.experts[layer][e]
+            w13b, w2b = executor.host.experts[layer][e]
             slot.w13b.copy_(w13b, non_blocking=True)
-            slot.w2t.copy_(w2t, non_blocking=True)
+            slot.w2b.copy_(w2b, non_blocking=True)
         done = torch.cuda.Event()
         done.record(stream)
     beside = []
     for layer, e in missing:
         t0 = host_clock.now()
-        executor.cpu_kernel(x, *executor.host.experts[layer][e], executor.block)
+        executor.cpu_kernel(x, *executor.host.experts[layer][e])
         if not done.query():
             beside.append(host_clock.now() - t0)
     done.synchronize()
     partial = {}
     for share in (1, 4, 8, 12, 16):
-        rows = share * executor.block
         times = []
         for layer, e in missing:
-            w13b, w2t = executor.host.experts[layer][e]
+            w13b, w2b = executor.host.experts[layer][e]
             t0 = host_clock.now()
-            executor.cpu_kernel(x, w13b[: 2 * rows], w2t[:rows], executor.block)
+            executor.cpu_kernel(x, w13b[: 2 * share * executor.block], w2b[:share])
             times.append(host_clock.now() - t0)
         partial[f"{share}/{executor.blocks}"] = 1e3 * statistics.median(times)
     result["cpu_partial_expert_ms"] = partial

@@ -21,7 +21,7 @@ import torch
 from fiddler.calibrate import QUICK_TOKEN_COUNTS, calibrate, calibration_matches, load_calibration
 from fiddler.config import ModelConfig
 from fiddler.cost_model import LatencyModel
-from fiddler.cpu_experts import make_kernel, set_cpu_threads
+from fiddler.cpu_experts import AUTO, CpuExpertKernel, make_kernel, set_cpu_threads
 from fiddler.engine import Engine
 from fiddler.placement import budget_from_free_memory, load_popularity, plan_placement
 from fiddler.planner import POLICIES
@@ -46,7 +46,7 @@ class EngineOptions:
     calibration: Path | None = None
     popularity: Path | None = None
     cpu_threads: int | None = None
-    cpu_kernel: str = "torch"
+    cpu_kernel: str = AUTO  # the calibration's choice, or a kernel it was measured with
     staging_experts: int = 2
     layer_timing: bool = False
 
@@ -75,7 +75,7 @@ def build_engine(options: EngineOptions) -> tuple[Engine, dict[str, object]]:
     if options.policy is None and placement.num_resident == cfg.num_expert_slots:
         return _resident(source, device, options, record)
     policy = options.policy or "hybrid"
-    latency, record["calibration"] = _latency_model(options, device)
+    latency, cpu_kernel, record["calibration"] = _latency_model(options, device)
     log.info(
         "placement: %d of %d experts on %s (%s order)",
         placement.num_resident,
@@ -91,7 +91,7 @@ def build_engine(options: EngineOptions) -> tuple[Engine, dict[str, object]]:
         placement,
         latency,
         policy,
-        make_kernel(options.cpu_kernel),
+        cpu_kernel,
         options.staging_experts,
         options.layer_timing,
     )
@@ -104,7 +104,10 @@ def _resident(source, device, options: EngineOptions, record: dict[str, object])
     return Engine.resident(source, device, options.dtype, options.max_seq_len), record
 
 
-def _latency_model(options: EngineOptions, device: torch.device) -> tuple[LatencyModel, dict[str, object]]:
+def _latency_model(
+    options: EngineOptions, device: torch.device
+) -> tuple[LatencyModel, CpuExpertKernel, dict[str, object]]:
+    """The latency model and the CPU kernel it was measured with, from a file or measured now."""
     if options.calibration is not None:
         calibration = load_calibration(options.calibration)
         mismatch = calibration_matches(calibration, options.config, options.dtype)
@@ -112,6 +115,11 @@ def _latency_model(options: EngineOptions, device: torch.device) -> tuple[Latenc
             raise ValueError(
                 f"calibration {options.calibration} was measured for another expert shape ({mismatch}); "
                 "run 'fiddler calibrate' for this model"
+            )
+        if options.cpu_kernel not in (AUTO, calibration["cpu_kernel"]):
+            raise ValueError(
+                f"calibration {options.calibration} was measured with the {calibration['cpu_kernel']} CPU kernel; "
+                f"run 'fiddler calibrate --cpu-kernel {options.cpu_kernel}' to use that one"
             )
         source = {"file": str(options.calibration)}
     else:
@@ -127,5 +135,7 @@ def _latency_model(options: EngineOptions, device: torch.device) -> tuple[Latenc
             options.seed,
         )
         source = {"file": None, "quick": True}
-    source.update(copy_gb_per_s=calibration["copy_gb_per_s"], cpu_kernel=calibration["cpu_kernel"])
-    return LatencyModel.from_calibration(calibration), source
+    max_tokens = calibration.get("cpu_kernel_max_tokens")
+    kernel = make_kernel(calibration["cpu_kernel"], max_tokens)
+    source.update(copy_gb_per_s=calibration["copy_gb_per_s"], cpu_kernel=kernel.name, cpu_kernel_max_tokens=max_tokens)
+    return LatencyModel.from_calibration(calibration), kernel, source

@@ -7,7 +7,9 @@ schema ``fiddler-calibration`` version 1 (``save_calibration`` writes it atomica
 - ``schema``, ``version``; ``machine``: ``fiddler.machine.machine_identity``; ``created``.
 - ``model``: ``hidden_size``, ``intermediate_size``, ``dtype``, ``expert_bytes``; latencies
   depend on the expert's shape, so a file only serves models of that shape.
-- ``device`` (the accelerator, or ``cpu`` standing in), ``cpu_threads``, ``cpu_kernel``,
+- ``device`` (the accelerator, or ``cpu`` standing in), ``cpu_threads``, ``cpu_kernel`` (the
+  chosen kernel), ``cpu_kernel_max_tokens`` (it serves up to that many tokens, torch beyond),
+  ``cpu_kernel_curves_s`` (every kernel's CPU curve as measured),
   ``split_blocks`` (experts are measured in the split layout of ``fiddler.expert_layout``).
 - ``token_counts``: n values of the curves below (seconds, medians):
   ``cpu_expert_s`` one expert on the CPU for n tokens, weights not in cache;
@@ -38,7 +40,7 @@ from pathlib import Path
 import torch
 
 from fiddler.config import ModelConfig
-from fiddler.cpu_experts import make_kernel, set_cpu_threads
+from fiddler.cpu_experts import AUTO, available_kernels, make_kernel, set_cpu_threads
 from fiddler.expert_layout import split_blocks, split_ffn, split_shapes, to_split_layout
 from fiddler.files import write_json_atomic
 from fiddler.host_memory import HostArena, nbytes_of
@@ -89,10 +91,10 @@ class _ColdExperts:
         experts = []
         for index in range(count):
             layer, expert = divmod(index, config.num_experts)
-            w13b, w2t = self.arena.take(w13_shape, dtype), self.arena.take(w2_shape, dtype)
+            w13b, w2b = self.arena.take(w13_shape, dtype), self.arena.take(w2_shape, dtype)
             load_expert_into(source, layer, expert, plain13, plain2)
-            to_split_layout(plain13, plain2, self.blocks, w13b, w2t)
-            experts.append((w13b, w2t))
+            to_split_layout(plain13, plain2, self.blocks, w13b, w2b)
+            experts.append((w13b, w2b))
         synchronize(device)
         half = max(1, count // 2)
         self.sets = [experts[:half], experts[half:] or experts[:half]]
@@ -109,23 +111,40 @@ def calibrate(
     device: torch.device | str,
     dtype: torch.dtype,
     cpu_threads: int | None = None,
-    cpu_kernel: str = "torch",
+    cpu_kernel: str = AUTO,
     token_counts: tuple[int, ...] = DEFAULT_TOKEN_COUNTS,
     repeats: int = 5,
     seed: int = 0,
 ) -> dict[str, object]:
+    """``cpu_kernel`` ``auto`` measures every kernel that runs here and keeps, for each token
+    count, the faster one (``cpu_kernel_max_tokens``: the native kernel up to that count)."""
     device = torch.device(device)
     threads = set_cpu_threads(cpu_threads)
-    kernel = make_kernel(cpu_kernel)
     cold = _ColdExperts(config, dtype, seed, device)
     host_clock, device_clock = Clock("cpu"), Clock(device)
     hidden = config.hidden_size
     generator = torch.Generator().manual_seed(seed)
 
-    cpu_s = []
-    for n in token_counts:
-        x = torch.randn(n, hidden, generator=generator).to(dtype)
-        cpu_s.append(_median_time(host_clock, lambda x=x: kernel(x, *cold.next(), cold.block), repeats))
+    native_dtype = dtype == torch.bfloat16  # the native kernel computes bf16 only
+    candidates = available_kernels() if cpu_kernel == AUTO and native_dtype else [cpu_kernel]
+    if candidates == [AUTO]:
+        candidates = ["torch"]
+    curves: dict[str, list[float]] = {}
+    for name in candidates:
+        candidate = make_kernel(name)
+        curve = []
+        for n in token_counts:
+            x = torch.randn(n, hidden, generator=generator).to(dtype)
+            curve.append(_median_time(host_clock, lambda x=x, k=candidate: k(x, *cold.next()), repeats))
+        curves[name] = curve
+    kernel_name, max_tokens = _choose_kernel(curves, token_counts)
+    kernel = make_kernel(kernel_name, max_tokens)
+    cpu_s = [
+        min(curves[kernel_name][i], curves["torch"][i])
+        if "torch" in curves and token_counts[i] > max_tokens
+        else curves[kernel_name][i]
+        for i in range(len(token_counts))
+    ]
 
     slot13, slot2 = (torch.empty_like(w, device=device) for w in cold.sets[1][0])
 
@@ -143,7 +162,7 @@ def calibrate(
 
         def gpu_runs(x=x) -> None:
             for _ in range(GPU_INNER_RUNS):
-                split_ffn(x, slot13, slot2, cold.block)
+                split_ffn(x, slot13, slot2)
 
         gpu_s.append(_median_time(device_clock, gpu_runs, repeats) / GPU_INNER_RUNS)
         d2h_s.append(_median_time(device_clock, lambda x=x, n=n: staging[:n].copy_(x, non_blocking=True), repeats))
@@ -167,6 +186,8 @@ def calibrate(
         "device": device.type,
         "cpu_threads": threads,
         "cpu_kernel": kernel.name,
+        "cpu_kernel_max_tokens": max_tokens,
+        "cpu_kernel_curves_s": curves,
         "split_blocks": cold.blocks,
         "token_counts": list(token_counts),
         "cpu_expert_s": cpu_s,
@@ -179,6 +200,20 @@ def calibrate(
         "cpu_weight_gb_per_s": [bytes_ / s / 1e9 for s in cpu_s],
         "copy_gb_per_s": bytes_ / copy_s / 1e9,
     }
+
+
+def _choose_kernel(curves: dict[str, list[float]], token_counts: tuple[int, ...]) -> tuple[str, int]:
+    """The native kernel for the token counts, from the smallest up, where it beats torch's."""
+    native = next((name for name in curves if name != "torch"), None)
+    if native is None or "torch" not in curves:
+        name = next(iter(curves))
+        return name, max(token_counts)
+    max_tokens = 0
+    for n, mine, theirs in zip(token_counts, curves[native], curves["torch"], strict=True):
+        if mine >= theirs:
+            break
+        max_tokens = n
+    return (native, max_tokens) if max_tokens else ("torch", 0)
 
 
 def _measure_concurrency(device, kernel, cold, slot13, slot2, repeats) -> dict[str, object]:
@@ -194,7 +229,7 @@ def _measure_concurrency(device, kernel, cold, slot13, slot2, repeats) -> dict[s
 
     def cpu_once() -> float:
         start = host_clock.now()
-        kernel(x, *cold.next(0), cold.block)
+        kernel(x, *cold.next(0))
         return host_clock.now() - start
 
     def timed_copies(count: int) -> list[float]:
@@ -231,7 +266,7 @@ def _measure_concurrency(device, kernel, cold, slot13, slot2, repeats) -> dict[s
 
     def cpu_load() -> None:
         while not stop.is_set():
-            kernel(x, *cold.next(0), cold.block)
+            kernel(x, *cold.next(0))
 
     worker = threading.Thread(target=cpu_load, daemon=True)
     worker.start()
@@ -256,9 +291,8 @@ def _measure_shares(kernel, cold, hidden: int, dtype, repeats: int, generator) -
     counts = sorted({max(1, round(cold.blocks * s)) for s in SHARES_MEASURED} | {cold.blocks})
 
     def run(blocks: int) -> None:
-        w13b, w2t = cold.next()
-        rows = blocks * cold.block
-        kernel(x, w13b[: 2 * rows], w2t[:rows], cold.block)
+        w13b, w2b = cold.next()
+        kernel(x, w13b[: 2 * blocks * cold.block], w2b[:blocks])
 
     times = {b: _median_time(clock, lambda b=b: run(b), max(repeats, SHARE_REPEATS)) for b in counts}
     whole = times[cold.blocks]

@@ -203,7 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_arguments(cal)
     cal.add_argument("--out", type=Path, required=True, help="JSON file to write")
     cal.add_argument("--cpu-threads", type=int)
-    cal.add_argument("--cpu-kernel", default="torch")
+    cal.add_argument(
+        "--cpu-kernel", default="auto", help="auto (measure every kernel, keep the faster), torch, avx512-bf16"
+    )
     cal.add_argument("--repeats", type=int, default=5)
     cal.add_argument("--quick", action="store_true", help="fewer token counts")
     cal.set_defaults(func=cmd_calibrate)

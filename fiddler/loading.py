@@ -81,7 +81,7 @@ def load_expert_stack(
 @dataclasses.dataclass
 class HostWeights:
     arena: HostArena
-    experts: list[list[tuple[torch.Tensor, torch.Tensor]]]  # [layer][expert] -> (w13b, w2t), split layout
+    experts: list[list[tuple[torch.Tensor, torch.Tensor]]]  # [layer][expert] -> (w13b, w2b), split layout
     dense: dict[str, torch.Tensor]  # checkpoint name -> tensor (empty unless asked for)
     blocks: int  # split-layout blocks per expert
 
@@ -93,7 +93,7 @@ class HostWeights:
 def load_host_weights(
     source: WeightSource, dtype: torch.dtype, pin: bool = True, include_dense: bool = False
 ) -> HostWeights:
-    """Every expert (split layout; w13b and w2t of one expert adjacent) and, if asked, every
+    """Every expert (split layout; w13b and w2b of one expert adjacent) and, if asked, every
     dense tensor, in one host arena, page-locked when CUDA is present. Experts are assembled
     where the source produces them (the GPU for GPU-generated random weights) and rearranged
     there, so only finished tensors cross to the host."""
@@ -114,10 +114,10 @@ def load_host_weights(
     for layer in range(cfg.num_layers):
         row = []
         for expert in range(cfg.num_experts):
-            w13b, w2t = arena.take(w13_shape, dtype), arena.take(w2_shape, dtype)
+            w13b, w2b = arena.take(w13_shape, dtype), arena.take(w2_shape, dtype)
             load_expert_into(source, layer, expert, plain13, plain2)
-            to_split_layout(plain13, plain2, blocks, w13b, w2t)
-            row.append((w13b, w2t))
+            to_split_layout(plain13, plain2, blocks, w13b, w2b)
+            row.append((w13b, w2b))
         experts.append(row)
     if torch.device(work_device).type == "cuda":
         torch.cuda.synchronize()  # the last copies into the arena are asynchronous

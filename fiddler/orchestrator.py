@@ -52,7 +52,7 @@ CPU_FACTOR_BOUNDS = (0.25, 4.0)
 @dataclasses.dataclass
 class _Slot:
     w13b: torch.Tensor
-    w2t: torch.Tensor
+    w2b: torch.Tensor
     free: torch.cuda.Event | None = None  # the accelerator's last use of this slot
 
 
@@ -98,7 +98,7 @@ class FiddlerExecutor:
         self.resident, self.placement, self.latency = resident, placement, latency
         self.policy, self.cpu_kernel = policy, cpu_kernel
         self.blocks = host.blocks
-        self.block = config.intermediate_size // host.blocks
+        self.block = config.intermediate_size // host.blocks  # rows of w13b per half-block
         self.resident_by_layer = [frozenset(placement.resident_in_layer(layer)) for layer in range(config.num_layers)]
         self.dtype = host.experts[0][0][0].dtype
         w13_shape, w2_shape = split_shapes(config)
@@ -110,7 +110,7 @@ class FiddlerExecutor:
             for _ in range(staging_slots)
         ]
         self._next_slot = 0
-        self.expert_bytes = sum(t.numel() * t.element_size() for t in (self.slots[0].w13b, self.slots[0].w2t))
+        self.expert_bytes = sum(t.numel() * t.element_size() for t in (self.slots[0].w13b, self.slots[0].w2b))
         self.copy_stream = new_stream(device)
         self.cpu_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fiddler-cpu")
         self._host_in = self._host_out = torch.empty(0)
@@ -198,7 +198,7 @@ class FiddlerExecutor:
                 offsets,
                 expert,
                 slot.w13b[: 2 * blocks * self.block],
-                slot.w2t[: blocks * self.block],
+                slot.w2b[:blocks],
             )
             slot.free = record(self.device)
             if pending:  # into the slot just freed: the copy waits for that compute
@@ -269,13 +269,13 @@ class FiddlerExecutor:
     def _queue_copy(self, layer: int, expert: int, first_block: int, slot: _Slot):
         """Queue blocks [first_block, blocks) of one expert into ``slot`` on the side stream,
         after the GPU's last use of the slot. Returns (expert, slot, landed event, blocks)."""
-        w13b, w2t = self.host.experts[layer][expert]
+        w13b, w2b = self.host.experts[layer][expert]
         count = self.blocks - first_block
         rows = count * self.block
         with on_stream(self.copy_stream):
             wait(slot.free, self.copy_stream)  # the accelerator is done with the slot's last expert
             slot.w13b[: 2 * rows].copy_(w13b[2 * first_block * self.block :], non_blocking=True)
-            slot.w2t[:rows].copy_(w2t[first_block * self.block :], non_blocking=True)
+            slot.w2b[:count].copy_(w2b[first_block:], non_blocking=True)
             landed = record(self.device, self.copy_stream)
         return expert, slot, landed, count
 
@@ -303,9 +303,9 @@ class FiddlerExecutor:
         arrived = record(self.device)
         work = [(counts[e], *self.host.experts[layer][e]) for e in plan.cpu]
         if plan.split:
-            w13b, w2t = self.host.experts[layer][plan.split.expert]
-            rows = plan.split.cpu_blocks * self.block
-            work.append((counts[plan.split.expert], w13b[: 2 * rows], w2t[:rows]))
+            w13b, w2b = self.host.experts[layer][plan.split.expert]
+            blocks = plan.split.cpu_blocks
+            work.append((counts[plan.split.expert], w13b[: 2 * blocks * self.block], w2b[:blocks]))
         return self.cpu_worker.submit(self._cpu_work, work, host_in, self._host_out, arrived, self._host_out_free)
 
     def _cpu_work(self, work, host_in, host_out, arrived, out_free) -> float:
@@ -315,9 +315,9 @@ class FiddlerExecutor:
         clock = Clock("cpu")
         start = clock.now()
         position = 0
-        for count, w13b, w2t in work:
+        for count, w13b, w2b in work:
             end = position + count
-            host_out[position:end] = self.cpu_kernel(host_in[position:end], w13b, w2t, self.block)
+            host_out[position:end] = self.cpu_kernel(host_in[position:end], w13b, w2b)
             position = end
         return clock.now() - start
 
@@ -329,9 +329,9 @@ class FiddlerExecutor:
             self._host_out = torch.empty(rows, hidden, dtype=self.dtype, pin_memory=pin)
             self._host_out_free = None
 
-    def _run_on_accelerator(self, hidden, token_of_row, sorted_out, offsets, expert, w13b, w2t) -> None:
+    def _run_on_accelerator(self, hidden, token_of_row, sorted_out, offsets, expert, w13b, w2b) -> None:
         rows = slice(offsets[expert], offsets[expert + 1])
-        sorted_out[rows] = split_ffn(hidden.index_select(0, token_of_row[rows]), w13b, w2t, self.block)
+        sorted_out[rows] = split_ffn(hidden.index_select(0, token_of_row[rows]), w13b, w2b)
 
     def _count(self, plan: LayerPlan, tokens: dict[int, int], flat: torch.Tensor, hidden: torch.Tensor) -> None:
         c = self.counters

@@ -19,7 +19,8 @@ def tiny_calibration():
 def test_calibration_schema(tiny_calibration, tmp_path):
     c = tiny_calibration
     assert c["schema"] == SCHEMA and c["version"] == 1 and c["device"] == "cpu"
-    assert c["model"]["hidden_size"] == TINY.hidden_size and c["cpu_kernel"] == "torch"
+    assert c["model"]["hidden_size"] == TINY.hidden_size and c["cpu_kernel"] == "torch"  # float32: torch only
+    assert set(c["cpu_kernel_curves_s"]) == {"torch"}
     for key in ("cpu_expert_s", "gpu_expert_s", "act_d2h_s", "act_h2d_s", "cpu_weight_gb_per_s"):
         assert len(c[key]) == 3 and all(v > 0 for v in c[key]), key
     assert c["copy_expert_s"] > 0 and c["concurrent"]["measured"] is False

@@ -180,3 +180,24 @@ def test_cpu_latencies_are_corrected_in_the_run():
     assert generate(fixed, PROMPT, GenerationSettings(max_new_tokens=4)).stats["cpu_factor"] == 1.0
     adapting.close()
     fixed.close()
+
+
+def test_native_cpu_kernel_inside_the_executor():
+    """bf16 end to end with the AVX512-BF16 kernel on the CPU path (where it builds)."""
+    from fiddler.native import native_expert_module, native_unavailable_reason
+
+    if native_expert_module() is None:
+        pytest.skip(f"native kernel unavailable here: {native_unavailable_reason()}")
+    placement = placement_with({(0, 0)})
+    engine = Engine.fiddler(
+        SOURCE, "cpu", torch.bfloat16, 128, placement, HOST_LIKE, "cpu-experts", make_kernel("avx512-bf16")
+    )
+    reference = Engine.resident(SOURCE, "cpu", torch.bfloat16, 128)
+    for e in (engine, reference):
+        e.begin(1, len(PROMPT) + 1)
+    got, want = engine.prefill(torch.tensor(PROMPT))[0], reference.prefill(torch.tensor(PROMPT))[0]
+    assert float((got - want).norm() / want.norm()) < 0.05
+    got, want = engine.decode(torch.tensor([5]))[0], reference.decode(torch.tensor([5]))[0]
+    assert float((got - want).norm() / want.norm()) < 0.05
+    assert engine.stats()["cpu_kernel"] == "avx512-bf16" and engine.stats()["experts_cpu"] > 0
+    engine.close()

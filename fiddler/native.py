@@ -1,0 +1,58 @@
+"""The native CPU expert kernel (fiddler/csrc/expert_bf16.cpp), built on first use.
+
+Contract: ``native_expert_module()`` returns the compiled extension, or ``None`` with the
+reason in ``native_unavailable_reason()`` when this CPU lacks AVX512-BF16, there is no
+compiler, or the build fails; callers then use the pure-torch path. The build goes through
+torch's extension loader (ninja, the host compiler, OpenMP so it uses torch's intra-op
+threads) into torch's extension cache, so later processes load it without compiling.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).parent / "csrc" / "expert_bf16.cpp"
+REQUIRED_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16")
+COMPILE_FLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma"]
+_reason: list[str] = []
+
+
+def cpu_flags() -> set[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+@functools.cache
+def native_expert_module():
+    missing = [flag for flag in REQUIRED_FLAGS if flag not in cpu_flags()]
+    if missing:
+        _reason.append(f"this CPU lacks {', '.join(missing)}")
+        return None
+    try:
+        from torch.utils.cpp_extension import load
+
+        return load(
+            name="fiddler_expert_bf16",
+            sources=[str(SOURCE)],
+            extra_cflags=COMPILE_FLAGS,
+            extra_ldflags=["-fopenmp"],
+            verbose=False,
+        )
+    except Exception as err:  # no compiler, no ninja, a failed build: the torch path stays
+        _reason.append(f"the native kernel did not build: {str(err).splitlines()[0][:200]}")
+        log.warning("native CPU expert kernel unavailable: %s", _reason[-1])
+        return None
+
+
+def native_unavailable_reason() -> str | None:
+    native_expert_module()
+    return _reason[-1] if _reason else None
