@@ -2,7 +2,7 @@
 PYTHON ?= python3
 TORCH_CPU_PIN := torch==2.13.0
 
-.PHONY: help install test lint format demo reproduce reproduce-quick bench
+.PHONY: help install test lint format demo reproduce reproduce-quick simulate bench
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed -e 's/:.*## /\t/'
@@ -30,6 +30,9 @@ reproduce:  ## the paper's sweep (GPU host: Mixtral-8x7B at 24 GB; no GPU: funct
 
 reproduce-quick:  ## a few-minute subset of `reproduce`
 	$(PYTHON) -m harness.reproduce --quick
+
+simulate:  ## the simulated reproduction on the paper's machines only (seconds)
+	$(PYTHON) -m harness.reproduce --simulated-only
 
 bench:  ## pytest-benchmark: every system's decode on a small model; JSON under results/benchmarks/
 	mkdir -p results/benchmarks

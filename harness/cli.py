@@ -5,6 +5,9 @@
   [--dtype bfloat16|float32] [--dataset sharegpt|random|FILE] [--prompts-per-cell N]
   [--reference SYSTEM] [--run-time-limit S] [--out DIR]``: writes everything into DIR (default
   ``results/<date>_<gpu or cpu>_<model>``) and resumes a folder it finds there.
+- ``simulate --hardware <paper-env1|paper-env2|paper-env3|h200-host|FILE> --systems ... --scenario S
+  [--grid ...] [--gpu-memory-gb G] [--routing uniform|FILE] --out DIR``: predicted cells, same
+  summary.csv columns (``source`` simulated), tables and plots.
 - ``report DIR``: re-renders summary, tables and plots from DIR's raw rows.
 
 A user error prints one ``error:`` line and exits with status 2.
@@ -18,16 +21,25 @@ import logging
 import sys
 from pathlib import Path
 
+import pandas as pd
 import torch
 
 from baselines import SYSTEMS
 from fiddler.config import resolve_model
 from fiddler.engine import parse_dtype
-from harness.report import render
+from fiddler.files import write_json_atomic
+from harness.report import SUMMARY_COLUMNS, render
 from harness.runner import SweepSpec, run_sweep
 from harness.scenarios import GRIDS, SCENARIOS, cells
 
 RESULTS = Path(__file__).resolve().parent.parent / "results"
+
+
+def write_csv_atomic(frame: pd.DataFrame, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    frame.to_csv(tmp, index=False)
+    tmp.replace(path)
 
 
 def int_list(text: str | None) -> tuple[int, ...] | None:
@@ -88,6 +100,47 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from harness.report import plot, tables_markdown
+    from harness.simulate import SIMULATED_SYSTEMS, SimulationSpec, load_profile, simulate
+
+    systems = tuple(s for s in args.systems.split(",") if s)
+    unknown = [s for s in systems if s not in SIMULATED_SYSTEMS]
+    if unknown:
+        raise ValueError(f"systems {unknown} are not simulated; choose from {', '.join(SIMULATED_SYSTEMS)}")
+    config, _ = resolve_model(args.model, args.layers)
+    calibration, _ = load_profile(args.hardware)
+    cell_list = cells(
+        args.scenario, args.grid, int_list(args.inputs), int_list(args.outputs), int_list(args.beam_widths)
+    )
+    budget = args.gpu_memory_gb or float(calibration["hardware"]["gpu_memory_gb"])
+    spec = SimulationSpec(
+        systems=systems,
+        cells=tuple(cell_list),
+        config=config,
+        hardware=args.hardware,
+        gpu_memory_gb=budget,
+        routing=args.routing,
+        samples=args.samples,
+        seed=args.seed,
+    )
+    summary = pd.DataFrame(simulate(spec), columns=SUMMARY_COLUMNS)
+    out = Path(args.out)
+    write_csv_atomic(summary, out / "summary.csv")
+    write_json_atomic(
+        out / "env.json",
+        {
+            "hardware": args.hardware,
+            "profile": calibration.get("profile"),
+            "settings": {k: str(v) for k, v in vars(args).items() if k != "func"},
+        },
+    )
+    (out / "tables.md").write_text(tables_markdown(summary))
+    plot(summary, out)
+    print(out / "tables.md")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     render(args.dir)
     print(Path(args.dir) / "tables.md")
@@ -118,6 +171,24 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--cpu-threads", type=int)
     run.add_argument("--out")
     run.set_defaults(func=cmd_run)
+    sim = sub.add_parser("simulate", help="predict systems on a hardware profile (summary.csv, source simulated)")
+    sim.add_argument(
+        "--hardware", required=True, help="paper-env1, paper-env2, paper-env3, h200-host, or a profile file"
+    )
+    sim.add_argument("--systems", required=True)
+    sim.add_argument("--scenario", required=True, choices=SCENARIOS)
+    sim.add_argument("--grid", choices=sorted(GRIDS))
+    sim.add_argument("--inputs")
+    sim.add_argument("--outputs")
+    sim.add_argument("--beam-widths")
+    sim.add_argument("--model", default="mixtral-8x7b")
+    sim.add_argument("--layers", type=int)
+    sim.add_argument("--gpu-memory-gb", type=float, help="default: the profile's GPU memory")
+    sim.add_argument("--routing", default="uniform", help="uniform, a 'fiddler profile' file, or a routing trace")
+    sim.add_argument("--samples", type=int, default=8, help="decode steps sampled per cell")
+    sim.add_argument("--seed", type=int, default=0)
+    sim.add_argument("--out", required=True)
+    sim.set_defaults(func=cmd_simulate)
     report = sub.add_parser("report", help="re-render a run folder's summary, tables and plots")
     report.add_argument("dir")
     report.set_defaults(func=cmd_report)

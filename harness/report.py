@@ -322,3 +322,68 @@ def render(run_dir: str | Path) -> pd.DataFrame:
     tmp.replace(run_dir / "tables.md")
     plot(summary, run_dir)
     return summary
+
+
+# The paper's v1 figures per environment (results/paper/published.csv), for the comparison.
+PAPER_V1 = {
+    "paper-env1": {
+        "fiddler_average": 2.48,
+        "fiddler_512": 3.2,
+        "over_layer-streaming": 19.4,
+        "over_expert-lru": 8.2,
+        "layer-streaming": (0.11, 0.13),
+        "expert-lru": (0.25, 0.30),
+    },
+    "paper-env2": {
+        "fiddler_average": 2.74,
+        "fiddler_512": 3.9,
+        "over_layer-streaming": 22.5,
+        "over_expert-lru": 10.1,
+        "layer-streaming": (0.08, 0.11),
+        "expert-lru": (0.21, 0.26),
+    },
+}
+DEVIATION_FLAG = 0.25
+
+
+def paper_comparison(summary: pd.DataFrame, environment: str, fiddler: str = "fiddler-paper") -> pd.DataFrame:
+    """Simulated (or measured) single-batch figures beside the paper's v1 figures for the same
+    environment; ``deviation`` is ours / paper's - 1, flagged beyond 25%."""
+    paper = PAPER_V1[environment]
+    single = summary[(summary.scenario == "single-batch") & (summary.status != "refused")]
+    ours = single[single.system == fiddler]
+    rows = [
+        ("Fiddler average tokens/s over the grid", paper["fiddler_average"], ours.e2e_tokens_per_s.mean()),
+        (
+            "Fiddler tokens/s at 512 output tokens",
+            paper["fiddler_512"],
+            ours[ours.output_tokens == ours.output_tokens.max()].e2e_tokens_per_s.mean(),
+        ),
+    ]
+    for baseline in ("layer-streaming", "expert-lru"):
+        theirs = single[single.system == baseline]
+        if theirs.empty:
+            continue
+        merged = ours.merge(theirs, on=["input_tokens", "output_tokens"], suffixes=("", "_b"))
+        speedup = (merged.e2e_tokens_per_s / merged.e2e_tokens_per_s_b).mean()
+        low, high = paper[baseline]
+        rows.append((f"speedup over {PAPER_BASELINES[baseline]} ({baseline})", paper[f"over_{baseline}"], speedup))
+        rows.append(
+            (
+                f"{PAPER_BASELINES[baseline]} ({baseline}) tokens/s, mid of published range",
+                (low + high) / 2,
+                theirs.e2e_tokens_per_s.mean(),
+            )
+        )
+    frame = pd.DataFrame(rows, columns=["quantity", "paper", "ours"])
+    frame["deviation"] = frame.ours / frame.paper - 1
+    frame["flag"] = frame.deviation.abs() > DEVIATION_FLAG
+    return frame
+
+
+def comparison_markdown(frame: pd.DataFrame, environment: str) -> str:
+    lines = [f"| {environment} | paper | ours | deviation |", "|---|---|---|---|"]
+    for _, r in frame.iterrows():
+        mark = " **>25%**" if r.flag else ""
+        lines.append(f"| {r.quantity} | {r.paper:.3g} | {r.ours:.3g} | {r.deviation:+.0%}{mark} |")
+    return "\n".join(lines) + "\n"

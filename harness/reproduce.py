@@ -8,9 +8,12 @@ baselines, 3 prompts per cell, slow systems held to a per-run time limit (extrap
 are marked); ``--quick`` runs a few-minute subset. Without a GPU it says so and runs the same
 systems on the small preset on the CPU (float32, a budget that keeps about a fifth of the
 experts resident, as 24 GB does for Mixtral-8x7B), which checks that everything runs and agrees
-with the reference, not how fast the paper's hardware is. The simulated reproduction on the
-paper's machines (issue 7) does not exist yet and is reported as missing. Each part writes
-its own run folder under ``results/`` (resumable).
+with the reference, not how fast the paper's hardware is. Both then write the simulated
+reproduction on the paper's machines (``harness.simulate``: v1 grid on Environments 1 and 2 at
+24 GB, v3 grid on the 48 GB Gen4 environment, the measured GPU host at 24 GB) under
+``results/simulated/`` with the comparison against the paper's published figures
+(``--simulated-only`` does just that, in seconds). Each measured part writes its own run
+folder under ``results/`` (resumable).
 """
 
 from __future__ import annotations
@@ -54,10 +57,74 @@ def plan(gpu: bool, quick: bool) -> list[tuple[str, dict]]:
     ]
 
 
+SIMULATED = (  # (hardware profile, grid, budget GB)
+    ("paper-env1", "paper-v1", 24.0),
+    ("paper-env2", "paper-v1", 24.0),
+    ("paper-env3", "paper-v3", 48.0),
+    ("h200-host", "paper-v3", 24.0),
+)
+SIMULATED_SYSTEMS = (
+    "fiddler-paper",
+    "fiddler-hybrid",
+    "layer-streaming",
+    "expert-lru",
+    "accelerate-offload",
+    "cpu-only",
+    "gpu-resident",
+)
+
+
+def simulated_reproduction(out_root: Path = RESULTS / "simulated") -> list[Path]:
+    import pandas as pd
+
+    from fiddler.files import write_json_atomic
+    from harness.cli import write_csv_atomic
+    from harness.report import PAPER_V1, SUMMARY_COLUMNS, comparison_markdown, paper_comparison, plot, tables_markdown
+    from harness.simulate import SimulationSpec, load_profile, simulate
+
+    written = []
+    for hardware, grid, budget in SIMULATED:
+        out = out_root / hardware
+        spec = SimulationSpec(
+            systems=SIMULATED_SYSTEMS,
+            cells=tuple(cells("single-batch", grid)),
+            config=ModelConfig.preset(GPU_MODEL),
+            hardware=hardware,
+            gpu_memory_gb=budget,
+        )
+        summary = pd.DataFrame(simulate(spec), columns=SUMMARY_COLUMNS)
+        write_csv_atomic(summary, out / "summary.csv")
+        profile, _ = load_profile(hardware)
+        write_json_atomic(
+            out / "env.json",
+            {
+                "hardware": hardware,
+                "profile": profile.get("profile"),
+                "grid": grid,
+                "gpu_memory_gb": budget,
+                "routing": "uniform",
+            },
+        )
+        text = tables_markdown(summary)
+        if hardware in PAPER_V1:
+            text += "\n## Against the paper's published v1 figures\n\n" + comparison_markdown(
+                paper_comparison(summary, hardware), hardware
+            )
+        (out / "tables.md").write_text(text)
+        plot(summary, out)
+        written.append(out / "tables.md")
+    return written
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a few-minute subset")
+    parser.add_argument("--simulated-only", action="store_true", help="only the simulated reproduction")
     args = parser.parse_args(argv)
+    if args.simulated_only:
+        for path in simulated_reproduction():
+            print(f"simulated: {path}")
+        return 0
     gpu = torch.cuda.is_available()
     stamp = datetime.date.today().isoformat()
     if not gpu:
@@ -87,7 +154,8 @@ def main(argv: list[str] | None = None) -> int:
             run_time_limit_s=RUN_TIME_LIMIT_S if gpu else None,
         )
         print(f"{part}: {run_sweep(spec) / 'tables.md'}")
-    print("Simulated reproduction on the paper's hardware: not implemented yet (issue 7).")
+    for path in simulated_reproduction():
+        print(f"simulated: {path}")
     return 0
 
 

@@ -1,0 +1,353 @@
+"""Predict every system on a hardware profile: the paper's machines, or a measured one.
+
+Contract: ``simulate(spec)`` returns summary rows with the columns of a measured run's
+``summary.csv`` (``source`` = simulated) for each system and scenario cell. Inputs: the model
+config, a hardware profile (``load_profile``: a calibration-schema JSON with a ``hardware``
+section and, for profiles written from specifications, every assumption and its source), the
+GPU budget and routing statistics (uniform; a ``fiddler profile`` popularity file; or a
+routing trace: a JSON list of steps, each a list of layers, each a list of per-token expert
+lists). Nothing is fitted to published tokens/s.
+
+The model of each system, per decoder layer and forward pass over T new tokens:
+- dense part on the GPU: max(layer bytes / memory bandwidth, FLOPs / throughput) plus the
+  profile's per-layer host overhead;
+- Fiddler's policies: the engine's own placement (``fiddler.placement``), latency model
+  (``fiddler.cost_model``) and planner (``fiddler.planner``): the planner's predicted time;
+- ``gpu-resident``: every expert on the GPU (refused when it does not fit);
+- ``expert-lru``: the LRU cache replayed over the sampled routing (the baseline's own slot
+  count, ``baselines.expert_lru.lru_slots``); each miss costs a pinned copy, copies serialised;
+- ``layer-streaming``: max(layer bytes / pinned bandwidth, layer compute), double buffered;
+- ``accelerate-offload``: the layers that do not fit copied from pageable memory, no overlap;
+- ``cpu-only``: dense part and routed experts on the CPU.
+Decode steps are averaged over ``samples`` sampled steps; TTFT is one prefill of the input.
+``expert-lru-prefetch`` is not simulated (its hits depend on hidden states, not statistics).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import random
+import statistics
+from pathlib import Path
+
+import torch
+
+from fiddler.config import ModelConfig
+from fiddler.cost_model import LatencyModel
+from fiddler.placement import GB, budget_breakdown, check_popularity, plan_placement
+from fiddler.planner import POLICIES, plan_layer
+from harness.scenarios import Cell, runs
+
+PROFILES = Path(__file__).parent / "hardware"
+BF16_BYTES = 2
+STAGING_SLOTS = 2
+HARDWARE_FIELDS = (
+    "gpu_memory_gb",
+    "gpu_mem_gb_per_s",
+    "gpu_tflops",
+    "h2d_pinned_gb_per_s",
+    "h2d_pageable_gb_per_s",
+    "cpu_mem_gb_per_s",
+    "cpu_tflops",
+    "step_overhead_per_layer_s",
+)
+SIMULATED_SYSTEMS = (
+    *(f"fiddler-{p}" for p in POLICIES),
+    "gpu-resident",
+    "expert-lru",
+    "layer-streaming",
+    "accelerate-offload",
+    "cpu-only",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Hardware:
+    gpu_memory_gb: float
+    gpu_mem_gb_per_s: float
+    gpu_tflops: float
+    h2d_pinned_gb_per_s: float
+    h2d_pageable_gb_per_s: float
+    cpu_mem_gb_per_s: float
+    cpu_tflops: float
+    step_overhead_per_layer_s: float
+
+
+def profile_names() -> list[str]:
+    return sorted(p.stem for p in PROFILES.glob("*.json"))
+
+
+def load_profile(name_or_path: str) -> tuple[dict, Hardware]:
+    path = PROFILES / f"{name_or_path}.json" if name_or_path in profile_names() else Path(name_or_path)
+    if not path.exists():
+        raise FileNotFoundError(
+            f"--hardware {name_or_path!r} is neither a profile ({', '.join(profile_names())}) nor a file"
+        )
+    data = json.loads(path.read_text())
+    validate_profile(data, str(path))
+    return data, Hardware(**{k: float(data["hardware"][k]) for k in HARDWARE_FIELDS})
+
+
+def validate_profile(data: dict, where: str) -> None:
+    """A profile is a calibration (schema fiddler-calibration) with a complete hardware section,
+    and, unless measured, the assumptions it rests on."""
+    if data.get("schema") != "fiddler-calibration":
+        raise ValueError(f"{where} is not a calibration-schema profile")
+    missing = [
+        k for k in ("token_counts", "cpu_expert_s", "gpu_expert_s", "copy_expert_s", "concurrent") if k not in data
+    ]
+    hardware = data.get("hardware", {})
+    missing += [f"hardware.{k}" for k in HARDWARE_FIELDS if k not in hardware]
+    if missing:
+        raise ValueError(f"{where} lacks {missing}: add them (see harness/hardware/*.json)")
+    profile = data.get("profile", {})
+    if not profile.get("measured", False) and not profile.get("assumptions"):
+        raise ValueError(f"{where} is written from specifications but states no assumptions")
+    for key in ("cpu_expert_s", "gpu_expert_s"):
+        if len(data[key]) != len(data["token_counts"]) or min(data[key]) <= 0:
+            raise ValueError(f"{where}: {key} must give a positive time for every token count")
+
+
+class RoutingSampler:
+    """Expert choices per (step, layer): uniform, by popularity, or replayed from a trace."""
+
+    def __init__(self, config: ModelConfig, source: str, seed: int = 0):
+        self.config, self.rng = config, random.Random(seed)
+        self.weights: list[list[float]] | None = None
+        self.trace: list | None = None
+        self.kind = "uniform"
+        if source != "uniform":
+            data = json.loads(Path(source).read_text())
+            if isinstance(data, dict) and "counts" in data:
+                check_popularity(config, data["counts"])
+                self.weights, self.kind = data["counts"], "popularity"
+            elif isinstance(data, list):
+                self.trace, self.kind = data, "trace"
+            else:
+                raise ValueError(f"{source} is neither a popularity profile nor a routing trace")
+        self._step = 0
+
+    def step(self, num_tokens: int) -> list[dict[int, int]]:
+        """Per layer: expert -> tokens routed to it, for one forward pass over ``num_tokens``."""
+        cfg = self.config
+        layers = []
+        for layer in range(cfg.num_layers):
+            counts: collections.Counter = collections.Counter()
+            for token in range(num_tokens):
+                counts.update(self._choose(layer, token))
+            layers.append(dict(counts))
+        self._step += 1
+        return layers
+
+    def _choose(self, layer: int, token: int) -> list[int]:
+        k, experts = self.config.num_experts_per_token, range(self.config.num_experts)
+        if self.trace is not None:
+            step = self.trace[self._step % len(self.trace)]
+            choices = step[layer]
+            return list(choices[token % len(choices)])
+        if self.weights is None:
+            return self.rng.sample(experts, k)
+        pool, weights, chosen = list(experts), list(self.weights[layer]), []
+        for _ in range(k):
+            pick = self.rng.choices(range(len(pool)), weights=[w + 1e-9 for w in weights])[0]
+            chosen.append(pool.pop(pick))
+            weights.pop(pick)
+        return chosen
+
+
+@dataclasses.dataclass(frozen=True)
+class SimulationSpec:
+    systems: tuple[str, ...]
+    cells: tuple[Cell, ...]
+    config: ModelConfig
+    hardware: str
+    gpu_memory_gb: float
+    routing: str = "uniform"
+    samples: int = 8
+    seed: int = 0
+
+
+class _Simulator:
+    def __init__(self, spec: SimulationSpec, calibration: dict, hw: Hardware):
+        self.spec, self.cfg, self.hw = spec, spec.config, hw
+        self.model = LatencyModel.from_calibration(calibration)
+        self.blocks = int(calibration.get("split_blocks", 1))
+        self.expert_bytes = self.cfg.expert_params * BF16_BYTES
+        self.layer_dense_bytes = self.cfg.layer_dense_params * BF16_BYTES
+
+    # ---- shared costs -------------------------------------------------------------------
+
+    def dense_layer_s(self, tokens: int, kv_len: int, on_cpu: bool = False) -> float:
+        cfg = self.cfg
+        flops = 2 * cfg.layer_dense_params * tokens + 4 * tokens * kv_len * cfg.q_size
+        bandwidth, tflops = (
+            (self.hw.cpu_mem_gb_per_s, self.hw.cpu_tflops) if on_cpu else (self.hw.gpu_mem_gb_per_s, self.hw.gpu_tflops)
+        )
+        return (
+            max(self.layer_dense_bytes / (bandwidth * GB), flops / (tflops * 1e12)) + self.hw.step_overhead_per_layer_s
+        )
+
+    def head_s(self, tokens: int, on_cpu: bool = False) -> float:
+        bytes_ = self.cfg.vocab_size * self.cfg.hidden_size * BF16_BYTES
+        bandwidth = self.hw.cpu_mem_gb_per_s if on_cpu else self.hw.gpu_mem_gb_per_s
+        return bytes_ / (bandwidth * GB)
+
+    def budget_bytes(self) -> int:
+        return int(self.spec.gpu_memory_gb * GB)
+
+    # ---- systems: each returns (seconds of one forward pass, counters) --------------------
+
+    def forward(self, system: str, layers: list[dict[int, int]], tokens: int, kv_len: int, state: dict) -> tuple:
+        on_cpu = system == "cpu-only"
+        total = self.head_s(tokens, on_cpu)
+        hits = rows = h2d = 0
+        for layer, routed in enumerate(layers):
+            moe, layer_hits, layer_h2d = self.moe_layer(system, layer, routed, state)
+            dense = self.dense_layer_s(tokens, kv_len, on_cpu)
+            if system == "layer-streaming":  # the next layer's copy runs under this layer's compute
+                total += max(state["layer_bytes"] / (self.hw.h2d_pinned_gb_per_s * GB), dense + moe)
+            else:
+                total += dense + moe
+            hits += layer_hits
+            rows += sum(routed.values())
+            h2d += layer_h2d
+        if system == "layer-streaming":  # the first layer's copy is not hidden behind compute
+            total += state["layer_bytes"] / (self.hw.h2d_pinned_gb_per_s * GB)
+        return total, hits, rows, h2d
+
+    def moe_layer(self, system: str, layer: int, routed: dict[int, int], state: dict) -> tuple[float, int, int]:
+        m = self.model
+        if system.startswith("fiddler-") or system == "gpu-resident":
+            resident = state["resident"][layer]
+            policy = system.removeprefix("fiddler-") if system != "gpu-resident" else "copy-experts"
+            plan = plan_layer(routed, resident, policy, m, STAGING_SLOTS, self.blocks)
+            hits = sum(routed[e] for e in plan.gpu)
+            copied = len(plan.copy) + ((self.blocks - plan.split.cpu_blocks) / self.blocks if plan.split else 0)
+            return plan.predicted_s, hits, int(copied * self.expert_bytes)
+        if system == "expert-lru":
+            cache: collections.OrderedDict = state["lru"][layer]
+            time = hits = misses = 0
+            for expert, n in sorted(routed.items()):
+                if expert in cache:
+                    cache.move_to_end(expert)
+                    hits += n
+                else:
+                    if len(cache) >= state["slots"]:
+                        cache.popitem(last=False)
+                    cache[expert] = True
+                    misses += 1
+                    time += m.copy
+                time += m.gpu(n)
+            return time, hits, misses * self.expert_bytes
+        if system == "layer-streaming":  # compute only; forward() overlaps it with the copy
+            return sum(m.gpu(n) for n in routed.values()), sum(routed.values()), state["layer_bytes"]
+        if system == "accelerate-offload":
+            compute = sum(m.gpu(n) for n in routed.values())
+            if layer < state["layers_on_gpu"]:
+                return compute, sum(routed.values()), 0
+            return compute + state["layer_bytes"] / (self.hw.h2d_pageable_gb_per_s * GB), 0, state["layer_bytes"]
+        if system == "cpu-only":
+            return sum(m.cpu(n) for n in routed.values()), 0, 0
+        raise ValueError(f"system {system!r} is not simulated; choose from {', '.join(SIMULATED_SYSTEMS)}")
+
+    def setup(self, system: str, max_seq_len: int, beams: int) -> tuple[dict, str | None]:
+        cfg, budget = self.cfg, self.budget_bytes()
+        b = budget_breakdown(cfg, budget, torch.bfloat16, max_seq_len, beams, staging_experts=0)
+        layer_bytes = self.layer_dense_bytes + cfg.num_experts * self.expert_bytes
+        state: dict = {"layer_bytes": layer_bytes}
+        if system.startswith("fiddler-"):
+            try:
+                placement = plan_placement(
+                    cfg, self.spec.gpu_memory_gb, torch.bfloat16, max_seq_len, beams, STAGING_SLOTS
+                )
+            except ValueError as err:
+                return state, str(err)
+            state["resident"] = [placement.resident_in_layer(layer) for layer in range(cfg.num_layers)]
+            state["peak_gb"] = self.spec.gpu_memory_gb
+        elif system == "gpu-resident":
+            needed = b.dense + b.kv_cache + b.workspace + cfg.num_expert_slots * b.expert
+            if needed > budget:
+                return state, f"gpu-resident needs {needed / GB:.3g} GB"
+            state["resident"] = [set(range(cfg.num_experts))] * cfg.num_layers
+            state["peak_gb"] = needed / GB
+        elif system == "expert-lru":
+            slots = min(b.for_experts // (b.expert * cfg.num_layers), cfg.num_experts)
+            if slots < 1:
+                return state, "expert-lru: no expert slot per layer fits"
+            state["slots"] = slots
+            state["lru"] = [collections.OrderedDict((e, True) for e in range(slots)) for _ in range(cfg.num_layers)]
+        elif system == "layer-streaming":
+            needed = 2 * layer_bytes + 2 * cfg.vocab_size * cfg.hidden_size * BF16_BYTES + b.kv_cache + b.workspace
+            if needed > budget:
+                return state, f"layer-streaming needs {needed / GB:.3g} GB"
+        elif system == "accelerate-offload":
+            for_weights = budget - b.kv_cache - b.workspace - 2 * cfg.vocab_size * cfg.hidden_size * BF16_BYTES
+            state["layers_on_gpu"] = max(0, min(cfg.num_layers, for_weights // layer_bytes - 1))  # one for offload
+        return state, None
+
+
+def simulate(spec: SimulationSpec) -> list[dict]:
+    calibration, hw = load_profile(spec.hardware)
+    sim = _Simulator(spec, calibration, hw)
+    rows = []
+    for system in spec.systems:
+        for run in runs(list(spec.cells)):
+            longest = run.input_tokens + run.output_tokens
+            state, refusal = sim.setup(system, longest, run.beam_width)
+            base = {
+                "system": system,
+                "scenario": run.scenario,
+                "model": spec.config.name,
+                "num_layers": spec.config.num_layers,
+                "dtype": "bfloat16",
+                "device": f"simulated:{spec.hardware}",
+                "gpu_memory_gb": spec.gpu_memory_gb,
+                "source": "simulated",
+                "prompts": spec.samples,
+            }
+            if refusal:
+                rows += [
+                    base
+                    | {
+                        "input_tokens": c.input_tokens,
+                        "output_tokens": c.output_tokens,
+                        "beam_width": c.beam_width,
+                        "status": "refused",
+                    }
+                    for c in run.cells
+                ]
+                continue
+            sampler = RoutingSampler(spec.config, spec.routing, spec.seed)
+            ttft, _, _, _ = sim.forward(
+                system, sampler.step(run.input_tokens), run.input_tokens, run.input_tokens, state
+            )
+            steps, hit_rows, all_rows, decode_h2d = [], 0, 0, 0
+            for i in range(spec.samples):
+                kv_len = run.input_tokens + 1 + i * max(1, run.output_tokens // spec.samples)
+                seconds, hits, routed, h2d = sim.forward(
+                    system, sampler.step(run.beam_width), run.beam_width, kv_len, state
+                )
+                steps.append(seconds)
+                hit_rows, all_rows, decode_h2d = hit_rows + hits, all_rows + routed, decode_h2d + h2d
+            step = statistics.mean(steps)
+            for cell in run.cells:
+                decode = step * (cell.output_tokens - 1)
+                rows.append(
+                    base
+                    | {
+                        "input_tokens": cell.input_tokens,
+                        "output_tokens": cell.output_tokens,
+                        "beam_width": cell.beam_width,
+                        "ttft_s": ttft,
+                        "decode_tokens_per_s": 1 / step if cell.output_tokens > 1 else None,
+                        "e2e_tokens_per_s": cell.output_tokens / (ttft + decode),
+                        "gpu_hit_rate": hit_rows / all_rows if all_rows else None,
+                        "h2d_bytes_per_token": decode_h2d / spec.samples / max(run.beam_width, 1),
+                        "peak_gpu_memory_gb": state.get("peak_gb", spec.gpu_memory_gb),
+                        "status": "ok",
+                        "steps_measured": spec.samples,
+                    }
+                )
+    return rows

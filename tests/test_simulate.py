@@ -1,0 +1,129 @@
+"""The simulator: profiles validate, it reuses the planner's per-layer predictions, and its
+predictions move the right way when the hardware or the budget improves."""
+
+import copy
+import json
+
+import pytest
+import torch
+
+from fiddler.config import ModelConfig
+from fiddler.cost_model import LatencyModel
+from fiddler.placement import plan_placement
+from fiddler.planner import plan_layer
+from harness.report import paper_comparison
+from harness.scenarios import cells
+from harness.simulate import SimulationSpec, load_profile, profile_names, simulate, validate_profile
+
+MIXTRAL = ModelConfig.preset("mixtral-8x7b")
+
+
+@pytest.mark.parametrize("name", ["paper-env1", "paper-env2", "paper-env3", "h200-host"])
+def test_shipped_profiles_validate(name):
+    data, hw = load_profile(name)
+    assert name in profile_names() and hw.gpu_memory_gb > 0 and hw.h2d_pinned_gb_per_s > 0
+    if not data["profile"]["measured"]:
+        assert all({"field", "value", "basis"} <= set(a) for a in data["profile"]["assumptions"])
+
+
+def test_bad_profiles_are_refused(tmp_path):
+    data, _ = load_profile("paper-env1")
+    broken = copy.deepcopy(data)
+    del broken["hardware"]["gpu_tflops"]
+    with pytest.raises(ValueError, match=r"hardware\.gpu_tflops"):
+        validate_profile(broken, "x")
+    broken = copy.deepcopy(data)
+    broken["profile"]["assumptions"] = []
+    with pytest.raises(ValueError, match="states no assumptions"):
+        validate_profile(broken, "x")
+    with pytest.raises(FileNotFoundError, match="neither a profile"):
+        load_profile(str(tmp_path / "none.json"))
+
+
+def test_decode_step_is_the_planners_prediction_summed_over_layers(tmp_path):
+    """With a routing trace, one decode step = head + sum over layers of (dense part + the
+    planner's predicted MoE time): the simulator adds nothing of its own to the MoE part."""
+    config = MIXTRAL.with_layers(2)
+    trace = [[[[0, 1]], [[2, 5]]]]  # one step; layer 0 routes its token to experts 0 and 1, layer 1 to 2 and 5
+    path = tmp_path / "trace.json"
+    path.write_text(json.dumps(trace))
+    spec = SimulationSpec(
+        systems=("fiddler-hybrid",),
+        cells=tuple(cells("single-batch", inputs=(1,), outputs=(2,))),
+        config=config,
+        hardware="h200-host",
+        gpu_memory_gb=8.0,
+        routing=str(path),
+        samples=1,
+    )
+    row = simulate(spec)[0]
+    calibration, hw = load_profile("h200-host")
+    model = LatencyModel.from_calibration(calibration)
+    placement = plan_placement(config, 8.0, torch.bfloat16, 3, 1, 2)
+    from harness.simulate import _Simulator
+
+    sim = _Simulator(spec, calibration, hw)
+    expected = sim.head_s(1)
+    for layer, experts in enumerate(([0, 1], [2, 5])):
+        plan = plan_layer(
+            dict.fromkeys(experts, 1),
+            placement.resident_in_layer(layer),
+            "hybrid",
+            model,
+            2,
+            calibration["split_blocks"],
+        )
+        expected += sim.dense_layer_s(1, 2 + 0) + plan.predicted_s
+    assert 1 / row["decode_tokens_per_s"] == pytest.approx(expected)
+
+
+def run(
+    hardware_override=None,
+    budget=24.0,
+    systems=("fiddler-hybrid", "fiddler-copy-experts", "expert-lru", "layer-streaming"),
+):
+    spec = SimulationSpec(
+        systems=systems,
+        cells=tuple(cells("single-batch", inputs=(32,), outputs=(64,))),
+        config=MIXTRAL,
+        hardware=hardware_override or "paper-env2",
+        gpu_memory_gb=budget,
+        samples=4,
+    )
+    return {r["system"]: r for r in simulate(spec)}
+
+
+def test_more_pcie_bandwidth_never_slows_copy_based_systems(tmp_path):
+    data, _ = load_profile("paper-env2")
+    faster = copy.deepcopy(data)
+    faster["copy_expert_s"] /= 2
+    faster["hardware"]["h2d_pinned_gb_per_s"] *= 2
+    faster["hardware"]["h2d_pageable_gb_per_s"] *= 2
+    path = tmp_path / "fast-pcie.json"
+    path.write_text(json.dumps(faster))
+    slow, fast = run(), run(str(path))
+    for system in ("fiddler-copy-experts", "expert-lru", "layer-streaming", "fiddler-hybrid"):
+        assert fast[system]["e2e_tokens_per_s"] >= slow[system]["e2e_tokens_per_s"], system
+
+
+def test_more_resident_experts_never_slow_fiddler():
+    rates = [
+        run(budget=b, systems=("fiddler-hybrid", "fiddler-paper"))["fiddler-hybrid"]["e2e_tokens_per_s"]
+        for b in (16.0, 24.0, 48.0, 96.0)
+    ]
+    assert rates == sorted(rates)
+
+
+def test_paper_comparison_table():
+    spec = SimulationSpec(
+        systems=("fiddler-paper", "layer-streaming", "expert-lru"),
+        cells=tuple(cells("single-batch", inputs=(16, 32), outputs=(16, 512))),
+        config=MIXTRAL,
+        hardware="paper-env1",
+        gpu_memory_gb=24.0,
+        samples=2,
+    )
+    import pandas as pd
+
+    frame = paper_comparison(pd.DataFrame(simulate(spec)), "paper-env1")
+    assert len(frame) == 6 and set(frame.columns) == {"quantity", "paper", "ours", "deviation", "flag"}
