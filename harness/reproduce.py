@@ -38,6 +38,7 @@ FIDDLER = ("fiddler-paper", "fiddler-hybrid", "fiddler-cpu-experts", "fiddler-co
 STRONG_BASELINES = ("expert-lru", "expert-lru-prefetch", "layer-streaming", "cpu-only")
 EVERY_SYSTEM = (*FIDDLER, *STRONG_BASELINES, "accelerate-offload")
 RUN_TIME_LIMIT_S = 120.0
+QUICK_RUN_TIME_LIMIT_S = 30.0  # reproduce-quick: slow systems measured over what fits, extrapolated
 
 
 def cpu_budget_gb(config: ModelConfig, max_seq_len: int) -> float:
@@ -151,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
             gpu_memory_gb=GPU_BUDGET_GB if gpu else cpu_budget_gb(config, longest),
             prompts_per_cell=3 if gpu else 2,
             reference="transformers-resident" if gpu else "cpu-only",
-            run_time_limit_s=RUN_TIME_LIMIT_S if gpu else None,
+            run_time_limit_s=(QUICK_RUN_TIME_LIMIT_S if args.quick else RUN_TIME_LIMIT_S) if gpu else None,
         )
         print(f"{part}: {run_sweep(spec) / 'tables.md'}")
     for path in simulated_reproduction():

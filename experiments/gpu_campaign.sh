@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# The pending GPU-host measurements, stage by stage (each stage's failure is logged and the next
+# one runs); one device call runs at most 10 minutes, so give each call the stages that fit
+# (kernels + orchestration ~6 min; baselines ~8 min; quick ~8 min). Results are packed into $OUT/campaign.tar.gz (the device tool
+# returns at most 8 files). Usage, on the GPU host from the repository root:
+#   bash experiments/gpu_campaign.sh kernels orchestration baselines quick
+# Stages (in the order given):
+#   kernels        issue 6: CPU expert paths x tokens x threads, alone and beside copies
+#   orchestration  issues 3/6: calibration (kernel chosen by measurement), correctness, every
+#                  policy at 24 GB (hybrid decode with the chosen CPU kernel)
+#   baselines      issue 4: every system on one prompt at 24 GB (resumable)
+#   quick          issue 5: make reproduce-quick (measured cells for issue 7's validation)
+set -u
+export PYTHONPATH="$PWD" PYTHONUNBUFFERED=1
+OUT="${OUT:-/tmp/campaign}"
+mkdir -p "$OUT"
+stage() {
+  local name="$1"; shift
+  echo "=== $name: $*" | tee -a "$OUT/campaign.log"
+  local start=$SECONDS
+  if "$@" >>"$OUT/$name.log" 2>&1; then status=ok; else status="failed ($?)"; fi
+  echo "=== $name: $status after $((SECONDS - start)) s" | tee -a "$OUT/campaign.log"
+  tail -5 "$OUT/$name.log"
+}
+for name in "$@"; do
+  case "$name" in
+    kernels) stage kernels python3 experiments/cpu_kernels.py --out "$OUT/kernels" --threads 16,12 --with-copies ;;
+    orchestration) stage orchestration python3 experiments/orchestration_gpu.py --out "$OUT/orchestration" \
+                     --gpu-memory-gb 24 --new-tokens 24 --repeats 2 ;;
+    baselines)
+      calibration=()  # reuse the orchestration stage's calibration when it ran in this machine
+      [ -f "$OUT/orchestration/calibration.json" ] && calibration=(--calibration "$OUT/orchestration/calibration.json")
+      stage baselines python3 experiments/baselines_gpu.py --out "$OUT/baselines" --gpu-memory-gb 24 "${calibration[@]}" ;;
+    quick) stage quick python3 -m harness.reproduce --quick ;;
+    *) echo "unknown stage $name" | tee -a "$OUT/campaign.log" ;;
+  esac
+done
+cp -r results/20*_gpu_* "$OUT/" 2>/dev/null
+tar -czf "$OUT/campaign.tar.gz" -C "$OUT" --exclude=campaign.tar.gz . && ls -la "$OUT"
