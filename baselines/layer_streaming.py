@@ -173,6 +173,7 @@ class _StreamingExperts(ResidentExperts):
         self._streamed_at_reset = self.streamer.layers_streamed
 
     def close(self) -> None:
+        self.streamer.host_layers = []  # drop the views first, so the mapping can go at once
         self.streamer.arena.close()
 
 
