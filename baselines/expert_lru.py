@@ -46,16 +46,18 @@ class _Slot:
 
 @dataclasses.dataclass
 class LruCounters:
-    hits: int = 0
+    hits: int = 0  # expert calls served from the cache
     misses: int = 0
+    hit_rows: int = 0  # routed (token, expert) pairs, as Fiddler's hit rate counts them
+    miss_rows: int = 0
     prefetches: int = 0
     prefetch_hits: int = 0
     h2d_bytes: int = 0
     d2h_bytes: int = 0
 
     def to_json(self) -> dict[str, object]:
-        total = self.hits + self.misses
-        return dataclasses.asdict(self) | {"gpu_hit_rate": self.hits / total if total else None}
+        rows = self.hit_rows + self.miss_rows
+        return dataclasses.asdict(self) | {"gpu_hit_rate": self.hit_rows / rows if rows else None}
 
 
 class LruExperts:
@@ -146,6 +148,8 @@ class LruExperts:
         misses = [e for e in needed if e not in cache]
         self.counters.hits += len(hits)
         self.counters.misses += len(misses)
+        self.counters.hit_rows += sum(counts[e] for e in hits)
+        self.counters.miss_rows += sum(counts[e] for e in misses)
         self.counters.prefetch_hits += sum(1 for e in hits if cache[e].prefetched)
 
         sorted_out = hidden.new_empty(flat.shape[0], hidden.shape[-1])

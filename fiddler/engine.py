@@ -67,7 +67,8 @@ class Engine:
         self.config: ModelConfig = model.config
         self.device = model.device
         self.use_graphs = cuda_graphs and self.device.type == "cuda" and model.experts.capturable
-        self.cache: KVCache | None = None
+        self.cache: KVCache | None = None  # the rows of _full_cache this generation uses
+        self._full_cache: KVCache | None = None
         self.length = 0  # filled cache positions
         self.batch = 0
         self._graphs: dict[int, DecodeGraph] = {}
@@ -135,11 +136,14 @@ class Engine:
                 f"prompt + new tokens = {seq_len} exceeds this model's context of {limit} tokens; "
                 "shorten the prompt or lower --max-new-tokens"
             )
-        cache = self.cache
-        if cache is None or cache.batch != batch or cache.seq_len < seq_len:
-            self.cache = None
+        # One cache for the model's longest sequence and the largest batch seen; smaller batches
+        # use its first rows, so recorded graphs stay valid across generations of any length.
+        if self._full_cache is None or self._full_cache.batch < batch:
             self._graphs.clear()  # graphs point at the old cache
-            self.cache = KVCache.allocate(self.config, batch, seq_len, self.device, self.model.dtype)
+            self.cache = self._full_cache = None
+            self._full_cache = KVCache.allocate(self.config, batch, limit, self.device, self.model.dtype)
+        full = self._full_cache
+        self.cache = full if full.batch == batch else full.rows(batch)
         self.batch = batch
         self.length = 0
         self.model.experts.reset_stats()
@@ -194,7 +198,7 @@ class Engine:
     def close(self) -> None:
         """Release the executor's threads and host memory; the engine is unusable afterwards."""
         self._graphs.clear()
-        self.cache = None
+        self.cache = self._full_cache = None
         self.model.experts.close()
 
     def stats(self) -> dict[str, object]:

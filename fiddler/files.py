@@ -1,6 +1,6 @@
 """Writing result files safely.
 
-Contract: ``write_json_atomic(path, payload)`` leaves either the previous file or the complete
+Contract: ``write_text_atomic`` / ``write_json_atomic(path, payload)`` leave either the previous file or the complete
 new one, never a half-written file: it writes a temporary file beside the target, flushes it
 to disk, and renames it over the target; on any failure (a full disk, say) the temporary file
 is removed and the error is raised.
@@ -13,16 +13,20 @@ import os
 from pathlib import Path
 
 
-def write_json_atomic(path: str | Path, payload: object) -> None:
+def write_text_atomic(path: str | Path, text: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         with tmp.open("w") as handle:
-            json.dump(payload, handle, indent=1, default=str)
+            handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def write_json_atomic(path: str | Path, payload: object) -> None:
+    write_text_atomic(path, json.dumps(payload, indent=1, default=str))

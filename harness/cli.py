@@ -27,7 +27,7 @@ import torch
 from baselines import SYSTEMS
 from fiddler.config import resolve_model
 from fiddler.engine import parse_dtype
-from fiddler.files import write_json_atomic
+from fiddler.files import write_json_atomic, write_text_atomic
 from harness.report import SUMMARY_COLUMNS, render
 from harness.runner import SweepSpec, run_sweep
 from harness.scenarios import GRIDS, SCENARIOS, cells
@@ -135,7 +135,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             "settings": {k: str(v) for k, v in vars(args).items() if k != "func"},
         },
     )
-    (out / "tables.md").write_text(tables_markdown(summary))
+    write_text_atomic(out / "tables.md", tables_markdown(summary))
     plot(summary, out)
     print(out / "tables.md")
     return 0

@@ -134,7 +134,7 @@ def select_prompts(texts: list[str], tokenizer: Tokenizer, num_tokens: int, coun
 def long_prompts(texts: list[str], tokenizer: Tokenizer, num_tokens: int, count: int) -> list[list[int]]:
     """Prompts of ``num_tokens`` made by concatenating shuffled prompts (prompt i starts at i)."""
     pieces = [tokenizer.encode(text) for text in shuffled(texts)]
-    bos = pieces[0][:1] if pieces and pieces[0] else []
+    bos = tokenizer.encode("")  # what the tokenizer puts before every text (BOS, or nothing)
     bodies = [ids[len(bos) :] for ids in pieces if len(ids) > len(bos)]
     total = sum(map(len, bodies)) + len(bos)
     if not bodies or total < num_tokens or len(bodies) < count:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from fiddler.files import write_text_atomic
 from harness.scenarios import Cell, Run
 from harness.timing import cell_metrics
 
@@ -72,10 +73,11 @@ def _int(value) -> int:
 
 
 def _agreement(tokens: list[int], reference: list[int] | None, length: int) -> float | None:
+    """Fraction of the first ``length`` positions where both have a token and they agree."""
     if reference is None:
         return None
-    a, b = tokens[:length], reference[:length]
-    return sum(x == y for x, y in zip(a, b, strict=False)) / length if length else None
+    n = min(length, len(tokens), len(reference))
+    return sum(x == y for x, y in zip(tokens[:n], reference[:n], strict=True)) / n if n else None
 
 
 def summarize(raw: list[dict], matrix: dict) -> pd.DataFrame:
@@ -137,10 +139,12 @@ def summarize(raw: list[dict], matrix: dict) -> pd.DataFrame:
                         float(r["ttft_s"]),
                         steps,
                         cell.output_tokens,
-                        wanted if generated == wanted else cell.output_tokens,
+                        generated,
                     )
                 )
                 ref = ref_rows.get(_int(r["prompt_index"]))
+                if cell.beam_width > 1 and (generated < wanted or (ref and _int(ref["generated_tokens"]) < wanted)):
+                    ref = None  # a shortened beam search is another search, not a prefix of the full one
                 agree.append(
                     _agreement(
                         json.loads(r["token_ids"]),
@@ -171,10 +175,13 @@ def summarize(raw: list[dict], matrix: dict) -> pd.DataFrame:
     return pd.DataFrame(summary, columns=SUMMARY_COLUMNS)
 
 
-def speedups(summary: pd.DataFrame, scenario: str, metric: str) -> pd.DataFrame:
+def speedups(summary: pd.DataFrame, scenario: str, metric: str, compared: list[str] | None = None) -> pd.DataFrame:
     """Per baseline: best Fiddler policy / baseline on ``metric`` over the cells both have
-    (for TTFT the ratio is inverted, so > 1 always means Fiddler is better)."""
+    (for TTFT the ratio is inverted, so > 1 always means Fiddler is better). Only ``compared``
+    systems count (a sweep's reference system is not a baseline)."""
     measured = summary[(summary.scenario == scenario) & summary[metric].notna()]
+    if compared is not None:
+        measured = measured[measured.system.isin(compared)]
     cell = ["input_tokens", "output_tokens", "beam_width"]
     fiddler = measured[measured.system.str.startswith(FIDDLER_PREFIX)]
     if fiddler.empty:
@@ -226,7 +233,7 @@ def paper_figures() -> pd.DataFrame:
     return pd.read_csv(PAPER_FILE) if PAPER_FILE.exists() else pd.DataFrame()
 
 
-def tables_markdown(summary: pd.DataFrame) -> str:
+def tables_markdown(summary: pd.DataFrame, compared: list[str] | None = None) -> str:
     parts = [
         "# Tables",
         "",
@@ -240,7 +247,7 @@ def tables_markdown(summary: pd.DataFrame) -> str:
         parts += ["", f"## {scenario}: {label}", "", _pivot_markdown(frame, metric)]
         if scenario != "long-prefill":
             parts += ["", f"## {scenario}: decode tokens/s", "", _pivot_markdown(frame, "decode_tokens_per_s")]
-        ratios = speedups(summary, scenario, metric)
+        ratios = speedups(summary, scenario, metric, compared)
         if not ratios.empty:
             parts += [
                 "",
@@ -315,11 +322,8 @@ def render(run_dir: str | Path) -> pd.DataFrame:
     summary = summarize(read_raw(run_dir / "raw.csv"), matrix)
     tmp = run_dir / ".summary.csv.tmp"
     summary.to_csv(tmp, index=False)
-    tmp.replace(run_dir / "summary.csv")
-    text = tables_markdown(summary)
-    tmp = run_dir / ".tables.md.tmp"
-    tmp.write_text(text)
-    tmp.replace(run_dir / "tables.md")
+    tmp.replace(run_dir / "summary.csv")  # atomically, like every result file
+    write_text_atomic(run_dir / "tables.md", tables_markdown(summary, matrix.get("compared")))
     plot(summary, run_dir)
     return summary
 
@@ -357,7 +361,7 @@ def paper_comparison(summary: pd.DataFrame, environment: str, fiddler: str = "fi
         (
             "Fiddler tokens/s at 512 output tokens",
             paper["fiddler_512"],
-            ours[ours.output_tokens == ours.output_tokens.max()].e2e_tokens_per_s.mean(),
+            ours[ours.output_tokens == 512].e2e_tokens_per_s.mean(),  # NaN on a grid without 512
         ),
     ]
     for baseline in ("layer-streaming", "expert-lru"):

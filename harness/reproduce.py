@@ -78,7 +78,7 @@ SIMULATED_SYSTEMS = (
 def simulated_reproduction(out_root: Path = RESULTS / "simulated") -> list[Path]:
     import pandas as pd
 
-    from fiddler.files import write_json_atomic
+    from fiddler.files import write_json_atomic, write_text_atomic
     from harness.cli import write_csv_atomic
     from harness.report import PAPER_V1, SUMMARY_COLUMNS, comparison_markdown, paper_comparison, plot, tables_markdown
     from harness.simulate import SimulationSpec, load_profile, simulate
@@ -111,7 +111,7 @@ def simulated_reproduction(out_root: Path = RESULTS / "simulated") -> list[Path]
             text += "\n## Against the paper's published v1 figures\n\n" + comparison_markdown(
                 paper_comparison(summary, hardware), hardware
             )
-        (out / "tables.md").write_text(text)
+        write_text_atomic(out / "tables.md", text)
         plot(summary, out)
         written.append(out / "tables.md")
     return written

@@ -16,6 +16,7 @@ generation it would have run; one that cannot do a scenario (beam search) gets
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -159,11 +160,13 @@ def run_sweep(spec: SweepSpec) -> Path:
     bank = PromptBank(spec, config, checkpoint)
     plan = runs(list(spec.cells))
     systems = list(dict.fromkeys([*spec.systems, *([spec.reference] if spec.reference else [])]))
+    _check_resumable(spec)
     write_json_atomic(spec.out / "env.json", environment(spec.device, spec.settings() | {"prompts": bank.describe()}))
     write_json_atomic(
         spec.out / "matrix.json",
         {
             "systems": systems,
+            "compared": list(spec.systems),
             "reference": spec.reference,
             "runs": [dataclasses.asdict(r) for r in plan],
             "prompts_per_cell": spec.prompts_per_cell,
@@ -194,7 +197,8 @@ def run_sweep(spec: SweepSpec) -> Path:
             seed=spec.seed,
             device=spec.device,
             dtype=spec.dtype,
-            gpu_memory_gb=spec.gpu_memory_gb,
+            # the reference is a correctness yardstick, not a compared system: it runs uncapped
+            gpu_memory_gb=None if name == spec.reference and name not in spec.systems else spec.gpu_memory_gb,
             cpu_threads=spec.cpu_threads,
             beam_width=max(r.beam_width for r in plan),
             calibration=spec.calibration,
@@ -208,8 +212,13 @@ def run_sweep(spec: SweepSpec) -> Path:
             _write_raw(raw_path, rows)
             continue
         try:
-            warm_up = GenerationSettings(max_new_tokens=min(2, plan[0].output_tokens))
-            system.generate(bank.prompts(plan[0].scenario, plan[0].input_tokens)[0], warm_up)
+            # Warm up every batch size, largest first: the engine then keeps one cache and one
+            # recorded graph per batch size, and no measured step pays for either.
+            for width in sorted({r.beam_width for r in plan}, reverse=True):
+                first = next(r for r in plan if r.beam_width == width)
+                warm_up = GenerationSettings(max_new_tokens=min(2, first.output_tokens), beam_width=width)
+                with contextlib.suppress(Unsupported):  # its rows will say so
+                    system.generate(bank.prompts(first.scenario, first.input_tokens)[0], warm_up)
             limits: dict[Run, int] = {}
             for run, index in todo:
                 prompt = bank.prompts(run.scenario, run.input_tokens)[index]
@@ -223,6 +232,21 @@ def run_sweep(spec: SweepSpec) -> Path:
                 torch.cuda.empty_cache()
     render(spec.out)
     return spec.out
+
+
+def _check_resumable(spec: SweepSpec) -> None:
+    """A folder resumes only the sweep that started it: same model, budget, cells, data..."""
+    env = spec.out / "env.json"
+    if not env.exists() or not (spec.out / "raw.csv").exists():
+        return
+    saved = json.loads(env.read_text()).get("settings", {})
+    current = json.loads(json.dumps(spec.settings(), default=str))
+    differ = sorted(k for k in current if k != "out" and saved.get(k) != current[k])
+    if differ:
+        raise ValueError(
+            f"{spec.out} holds a sweep with other settings ({', '.join(differ)}); resume it with the same ones, "
+            "or give another --out"
+        )
 
 
 def _row_key(system: str, run: Run, index: int) -> dict:

@@ -213,8 +213,9 @@ class _Simulator:
             hits += layer_hits
             rows += sum(routed.values())
             h2d += layer_h2d
-        if system == "layer-streaming":  # the first layer's copy is not hidden behind compute
-            total += state["layer_bytes"] / (self.hw.h2d_pinned_gb_per_s * GB)
+        if system == "layer-streaming" and not state.get("streamed"):  # the very first layer's copy
+            total += state["layer_bytes"] / (self.hw.h2d_pinned_gb_per_s * GB)  # is not hidden; later
+            state["streamed"] = True  # passes find it prefetched during the previous pass's last layer
         return total, hits, rows, h2d
 
     def moe_layer(self, system: str, layer: int, routed: dict[int, int], state: dict) -> tuple[float, int, int]:
@@ -226,21 +227,23 @@ class _Simulator:
             hits = sum(routed[e] for e in plan.gpu)
             copied = len(plan.copy) + ((self.blocks - plan.split.cpu_blocks) / self.blocks if plan.split else 0)
             return plan.predicted_s, hits, int(copied * self.expert_bytes)
-        if system == "expert-lru":
+        if system == "expert-lru":  # as baselines.expert_lru: hits first, then misses in order
             cache: collections.OrderedDict = state["lru"][layer]
-            time = hits = misses = 0
-            for expert, n in sorted(routed.items()):
-                if expert in cache:
-                    cache.move_to_end(expert)
-                    hits += n
-                else:
-                    if len(cache) >= state["slots"]:
-                        cache.popitem(last=False)
-                    cache[expert] = True
-                    misses += 1
-                    time += m.copy
-                time += m.gpu(n)
-            return time, hits, misses * self.expert_bytes
+            needed = sorted(routed)
+            hit_experts = [e for e in needed if e in cache]
+            time = sum(m.gpu(routed[e]) for e in hit_experts)
+            for expert in hit_experts:
+                cache.move_to_end(expert)
+            pending = {e for e in needed if e not in cache}
+            for expert in sorted(pending):
+                if len(cache) >= state["slots"]:  # evict the least recent expert this layer no longer needs
+                    victim = next(e for e in cache if e not in pending)
+                    del cache[victim]
+                cache[expert] = True
+                pending.discard(expert)
+                time += m.copy + m.gpu(routed[expert])
+            misses = len(needed) - len(hit_experts)
+            return time, sum(routed[e] for e in hit_experts), misses * self.expert_bytes
         if system == "layer-streaming":  # compute only; forward() overlaps it with the copy
             return sum(m.gpu(n) for n in routed.values()), sum(routed.values()), state["layer_bytes"]
         if system == "accelerate-offload":
@@ -305,7 +308,7 @@ def simulate(spec: SimulationSpec) -> list[dict]:
                 "device": f"simulated:{spec.hardware}",
                 "gpu_memory_gb": spec.gpu_memory_gb,
                 "source": "simulated",
-                "prompts": spec.samples,
+                "prompts": None,  # sampled steps, not prompts: see steps_measured
             }
             if refusal:
                 rows += [
@@ -320,7 +323,7 @@ def simulate(spec: SimulationSpec) -> list[dict]:
                 ]
                 continue
             sampler = RoutingSampler(spec.config, spec.routing, spec.seed)
-            ttft, _, _, _ = sim.forward(
+            ttft, prefill_hits, prefill_rows, prefill_h2d = sim.forward(
                 system, sampler.step(run.input_tokens), run.input_tokens, run.input_tokens, state
             )
             steps, hit_rows, all_rows, decode_h2d = [], 0, 0, 0
@@ -332,8 +335,13 @@ def simulate(spec: SimulationSpec) -> list[dict]:
                 steps.append(seconds)
                 hit_rows, all_rows, decode_h2d = hit_rows + hits, all_rows + routed, decode_h2d + h2d
             step = statistics.mean(steps)
+            step_h2d = decode_h2d / spec.samples
+            step_hits, step_rows = hit_rows / spec.samples, all_rows / spec.samples
+            tracks_hits = system != "layer-streaming"  # it streams every expert: no cache to hit
             for cell in run.cells:
                 decode = step * (cell.output_tokens - 1)
+                steps_after = cell.output_tokens - 1
+                rows_total = prefill_rows + step_rows * steps_after
                 rows.append(
                     base
                     | {
@@ -343,8 +351,12 @@ def simulate(spec: SimulationSpec) -> list[dict]:
                         "ttft_s": ttft,
                         "decode_tokens_per_s": 1 / step if cell.output_tokens > 1 else None,
                         "e2e_tokens_per_s": cell.output_tokens / (ttft + decode),
-                        "gpu_hit_rate": hit_rows / all_rows if all_rows else None,
-                        "h2d_bytes_per_token": decode_h2d / spec.samples / max(run.beam_width, 1),
+                        # as a measured run: the whole generation (prefill and decode)
+                        "gpu_hit_rate": (prefill_hits + step_hits * steps_after) / rows_total
+                        if tracks_hits and rows_total
+                        else None,
+                        "h2d_bytes_per_token": (prefill_h2d + step_h2d * steps_after)
+                        / (cell.input_tokens + cell.output_tokens),
                         "peak_gpu_memory_gb": state.get("peak_gb", spec.gpu_memory_gb),
                         "status": "ok",
                         "steps_measured": spec.samples,

@@ -195,3 +195,40 @@ def test_command_line(tmp_path, capsys):
     assert main(["report", str(out)]) == 0
     assert main(["run", "--systems", "deepspeed", "--scenario", "single-batch", "--model", "mixtral-tiny"]) == 2
     assert "unknown systems" in capsys.readouterr().err
+
+
+def test_report_arithmetic_edge_cases():
+    from harness.report import _agreement
+
+    assert _agreement([1, 2, 3, 4], [1, 2, 9], 4) == pytest.approx(2 / 3)  # only positions both have
+    assert _agreement([1, 2], [], 2) is None and _agreement([1], None, 1) is None
+    # a time-limited run of 10 of 16 tokens: its 8-token cell is exact (derived), 16 is extrapolated
+    steps = [0.1] * 9
+    assert cell_metrics(0.5, steps, 8, 10).status == "derived"
+    assert cell_metrics(0.5, steps, 16, 10).status == "extrapolated"
+
+
+def test_resuming_with_other_settings_is_refused(sweep):
+    import dataclasses as dc
+
+    spec_ = SweepSpec(
+        systems=("expert-lru", "fiddler-paper"),
+        cells=tuple(cells("single-batch", inputs=(16, 32), outputs=(3, 6))),
+        model="mixtral-tiny",
+        out=sweep,
+        device="cpu",
+        dtype=torch.float32,
+        gpu_memory_gb=0.0175,
+        prompts_per_cell=2,
+        reference="cpu-only",
+    )
+    with pytest.raises(ValueError, match=r"other settings .*gpu_memory_gb"):
+        run_sweep(dc.replace(spec_, gpu_memory_gb=0.02))
+
+
+def test_the_reference_is_not_a_baseline_and_runs_uncapped(sweep):
+    matrix = json.loads((sweep / "matrix.json").read_text())
+    assert matrix["compared"] == ["expert-lru", "fiddler-paper"] and matrix["reference"] == "cpu-only"
+    tables = (sweep / "tables.md").read_text()
+    speedup_rows = tables.split("over each baseline")[1].split("##")[0]
+    assert "expert-lru" in speedup_rows and "cpu-only" not in speedup_rows
