@@ -2,7 +2,7 @@
 PYTHON ?= python3
 TORCH_CPU_PIN := torch==2.13.0
 
-.PHONY: help install test lint format demo reproduce reproduce-quick simulate bench
+.PHONY: help install test lint format demo reproduce reproduce-quick simulate llama-cpp bench
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed -e 's/:.*## /\t/'
@@ -33,6 +33,9 @@ reproduce-quick:  ## a few-minute subset of `reproduce`
 
 simulate:  ## the simulated reproduction on the paper's machines only (seconds)
 	$(PYTHON) -m harness.reproduce --simulated-only
+
+llama-cpp:  ## build llama.cpp (llama-server, llama-bench) into third_party/ from PyPI's llama-cpp-python sdist; CUDA=1 for GPU
+	PYTHON=$(PYTHON) bash tools/build_llama_cpp.sh
 
 bench:  ## pytest-benchmark: every system's decode on a small model; JSON under results/benchmarks/
 	mkdir -p results/benchmarks

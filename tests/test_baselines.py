@@ -51,7 +51,10 @@ BUDGETS = {  # each system offloads under its budget (where it can offload at al
 }
 
 
-@pytest.mark.parametrize("name", sorted(SYSTEMS))
+EXTERNAL = {"llama-cpp", "llama-cpp-cpu-moe"}  # programs of their own: tests/test_llama_cpp.py
+
+
+@pytest.mark.parametrize("name", sorted(set(SYSTEMS) - EXTERNAL))
 def test_every_system_matches_the_reference(name, reference):
     greedy, beams = reference
     system = load_system(name, options(BUDGETS.get(name)))

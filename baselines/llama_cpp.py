@@ -1,0 +1,279 @@
+"""``llama-cpp`` and ``llama-cpp-cpu-moe``: llama.cpp, the tool most users would pick instead,
+run through its own server program on the run's model.
+
+Contract:
+- The model (a preset with seeded random weights, or a checkpoint) is exported as a
+  checkpoint (``fiddler.export``), converted to GGUF with llama.cpp's own converter
+  (``convert_hf_to_gguf.py``, bf16, or f32 for float32 runs) and cached under
+  ``$FIDDLER_CACHE/gguf`` (default ``~/.cache/fiddler``), keyed by model, layers, seed and dtype.
+- llama.cpp is found in ``$FIDDLER_LLAMA_CPP`` (a llama.cpp tree with ``build/bin``), else in
+  ``third_party/llama.cpp`` (``make llama-cpp`` builds it there), else ``llama-server`` on
+  PATH; without it the system refuses, saying how to get it.
+- The GPU budget maps to llama.cpp's knobs as a capable user would set them: all layers on
+  the GPU (``-ngl 99``) with the routed experts of the first ``--n-cpu-moe N`` layers kept in
+  host memory, N chosen so the GPU holds about as many experts as Fiddler's placement does
+  (``llama-cpp``); or every expert in host memory (``-ot exps=CPU``, ``llama-cpp-cpu-moe``).
+- Generation: one ``/completion`` request per prompt with the prompt's token ids, greedy,
+  EOS ignored, streamed; the project's clock reads the time at every streamed token (TTFT is
+  the first), and the server returns the token ids, so agreement with the reference is exact.
+  Beam search and sampling are unsupported.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import itertools
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import torch
+
+from baselines.base import SystemOptions, SystemRefused, Unsupported, device_peak_memory, register, require_greedy
+from fiddler.config import ModelConfig
+from fiddler.export import export_checkpoint
+from fiddler.generate import GenerationResult, GenerationSettings
+from fiddler.placement import plan_placement
+from fiddler.timing import Clock
+from fiddler.tokenizer import mistral_v1_path
+from fiddler.weights import open_weights
+
+REPO = Path(__file__).resolve().parent.parent
+TREE_ENV = "FIDDLER_LLAMA_CPP"
+DEFAULT_TREE = REPO / "third_party" / "llama.cpp"
+CACHE = Path(os.environ.get("FIDDLER_CACHE", Path.home() / ".cache" / "fiddler")) / "gguf"
+SERVER_START_TIMEOUT_S = 600.0  # loading a large GGUF into memory takes a while
+ALL_LAYERS_ON_GPU = 99  # llama.cpp's idiom for "every layer"
+
+
+def llama_tree() -> Path | None:
+    for candidate in (os.environ.get(TREE_ENV), DEFAULT_TREE):
+        if candidate and (Path(candidate) / "convert_hf_to_gguf.py").exists():
+            return Path(candidate)
+    return None
+
+
+def find_program(name: str) -> Path | None:
+    tree = llama_tree()
+    if tree is not None and (tree / "build" / "bin" / name).exists():
+        return tree / "build" / "bin" / name
+    found = shutil.which(name)
+    return Path(found) if found else None
+
+
+def gguf_type(dtype: torch.dtype) -> str:
+    return {torch.bfloat16: "bf16", torch.float32: "f32", torch.float16: "f16"}[dtype]
+
+
+def convert_to_gguf(options: SystemOptions, tree: Path) -> Path:
+    """The run's model as a GGUF file (cached; built atomically)."""
+    cfg = options.config
+    if options.checkpoint:
+        source_key = "ckpt-" + hashlib.sha1(str(options.checkpoint.resolve()).encode()).hexdigest()[:12]
+    else:
+        source_key = f"seed{options.seed}"
+    generator = torch.device(options.device).type
+    path = CACHE / f"{cfg.name}-{source_key}-{generator}-{gguf_type(options.dtype)}.gguf"
+    if path.exists():
+        return path
+    CACHE.mkdir(parents=True, exist_ok=True)
+    source = open_weights(cfg, options.checkpoint, options.seed, generator_device=generator)
+    tokenizer = options.checkpoint / "tokenizer.model" if options.checkpoint else mistral_v1_path()
+    if tokenizer is None or not tokenizer.exists():
+        raise SystemRefused("llama.cpp's converter needs a tokenizer.model (install mistral-common for presets)")
+    with tempfile.TemporaryDirectory(dir=CACHE) as work:
+        checkpoint = export_checkpoint(source, Path(work) / "checkpoint", options.dtype, tokenizer)
+        tmp = Path(work) / "model.gguf"
+        command = [
+            sys.executable,
+            str(tree / "convert_hf_to_gguf.py"),
+            str(checkpoint),
+            "--outtype",
+            gguf_type(options.dtype),
+            "--outfile",
+            str(tmp),
+        ]
+        env = {**os.environ, "PYTHONPATH": str(tree / "gguf-py")}
+        done = subprocess.run(command, env=env, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"llama.cpp's converter failed: {done.stderr[-800:]}")
+        os.replace(tmp, path)
+    return path
+
+
+def n_cpu_moe_for(options: SystemOptions) -> int:
+    """Layers whose experts stay in host memory, so the GPU holds about as many experts as
+    Fiddler's placement under the same budget (whole layers: llama.cpp moves experts by layer)."""
+    cfg: ModelConfig = options.config
+    if options.gpu_memory_gb is None:
+        return 0
+    placement = plan_placement(cfg, options.gpu_memory_gb, options.dtype, options.max_seq_len, options.beam_width)
+    return cfg.num_layers - min(cfg.num_layers, placement.num_resident // cfg.num_experts)
+
+
+def parse_stream(lines) -> list[dict]:
+    """The events of a llama-server streamed completion (``data: {...}`` lines)."""
+    events = []
+    for raw in lines:
+        line = raw.decode() if isinstance(raw, bytes) else raw
+        line = line.strip()
+        if line.startswith("data: ") and line != "data: [DONE]":
+            events.append(json.loads(line[len("data: ") :]))
+    return events
+
+
+def _free_port() -> int:
+    with contextlib.closing(socket.socket()) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LlamaServer:
+    """One llama-server process on a free local port, for the life of a system."""
+
+    def __init__(self, program: Path, gguf: Path, args: list[str], context: int, threads: int):
+        self.port = _free_port()
+        command = [
+            str(program),
+            "-m",
+            str(gguf),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "-c",
+            str(context),
+            "-t",
+            str(threads),
+            "-np",
+            "1",
+            *args,
+        ]
+        self.log = tempfile.TemporaryFile()  # noqa: SIM115 - open for the server's whole life, closed in close()
+        self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT)
+        self.command = command
+        self._wait_ready()
+
+    def _wait_ready(self) -> None:
+        clock = Clock("cpu")
+        start = clock.now()
+        while clock.now() - start < SERVER_START_TIMEOUT_S:
+            if self.process.poll() is not None:
+                self.log.seek(0)
+                raise RuntimeError(f"llama-server exited: {self.log.read()[-800:].decode(errors='replace')}")
+            health = f"http://127.0.0.1:{self.port}/health"
+            with (
+                contextlib.suppress(urllib.error.URLError, ConnectionError, TimeoutError),
+                urllib.request.urlopen(health, timeout=1) as response,
+            ):
+                if response.status == 200:
+                    return
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.process.wait(timeout=0.2)
+        self.close()
+        raise RuntimeError(f"llama-server did not start within {SERVER_START_TIMEOUT_S} s")
+
+    def stream(self, payload: dict):
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{self.port}/completion",
+            data=json.dumps(payload).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        return urllib.request.urlopen(request, timeout=SERVER_START_TIMEOUT_S)
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+        self.log.close()
+
+
+class LlamaCpp:
+    name = "llama-cpp"
+
+    def __init__(self, options: SystemOptions, experts_on_cpu: bool):
+        self.options = options
+        tree, program = llama_tree(), find_program("llama-server")
+        if tree is None or program is None:
+            raise SystemRefused(
+                f"llama.cpp not found: run 'make llama-cpp' (CUDA=1 for a GPU build) or set ${TREE_ENV} to a "
+                "llama.cpp tree with build/bin/llama-server"
+            )
+        self.gguf = convert_to_gguf(options, tree)
+        on_gpu = torch.device(options.device).type == "cuda"
+        if experts_on_cpu:
+            placement_args, self.n_cpu_moe = ["-ot", "exps=CPU"], options.config.num_layers
+        else:
+            self.n_cpu_moe = n_cpu_moe_for(options)
+            placement_args = ["--n-cpu-moe", str(self.n_cpu_moe)] if self.n_cpu_moe else []
+        args = ["-ngl", str(ALL_LAYERS_ON_GPU if on_gpu else 0), *placement_args, "--no-warmup"]
+        threads = options.cpu_threads or os.cpu_count() or 1
+        self.server = LlamaServer(program, self.gguf, args, options.max_seq_len, threads)
+
+    def generate(self, prompt_ids: list[int], settings: GenerationSettings) -> GenerationResult:
+        require_greedy(self.name, settings, beams=False)
+        if not settings.ignore_eos:
+            raise Unsupported("llama-cpp runs here with EOS ignored only (benchmark setting)")
+        payload = {
+            "prompt": prompt_ids,
+            "n_predict": settings.max_new_tokens,
+            "temperature": 0.0,
+            "top_k": 1,
+            "ignore_eos": True,
+            "stream": True,
+            "return_tokens": True,
+            "cache_prompt": False,
+        }
+        clock = Clock(self.options.device)
+        start = clock.now()
+        times, tokens, timings = [], [], {}
+        with self.server.stream(payload) as response:
+            for raw in response:
+                for event in parse_stream([raw]):
+                    if event.get("tokens"):
+                        tokens += event["tokens"]
+                        times.append(clock.now())
+                    timings = event.get("timings", timings)
+        if not times:
+            raise RuntimeError("llama-server returned no tokens")
+        steps = [b - a for a, b in itertools.pairwise(times)]
+        return GenerationResult(
+            len(prompt_ids),
+            tokens,
+            times[0] - start,
+            steps,
+            {
+                "executor": "llama.cpp",
+                "n_cpu_moe": self.n_cpu_moe,
+                "server_timings": timings,
+                "command": " ".join(self.server.command[:1] + self.server.command[3:]),
+            },
+        )
+
+    def peak_gpu_memory(self) -> dict[str, float | None]:
+        # llama.cpp allocates in its own process: only the device's total in use says anything
+        return device_peak_memory(self.options.device) | {"peak_allocated_gb": None}
+
+    def close(self) -> None:
+        self.server.close()
+
+
+@register("llama-cpp")
+def llama_cpp(options: SystemOptions) -> LlamaCpp:
+    return LlamaCpp(options, experts_on_cpu=False)
+
+
+@register("llama-cpp-cpu-moe")
+def llama_cpp_cpu_moe(options: SystemOptions) -> LlamaCpp:
+    return LlamaCpp(options, experts_on_cpu=True)

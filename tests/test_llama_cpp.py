@@ -1,0 +1,81 @@
+"""llama.cpp as a compared system: GGUF conversion round trip, the budget -> --n-cpu-moe
+mapping, parsing of the server's stream, and (where llama.cpp is built) greedy tokens equal to
+the reference's. Needs llama.cpp's tree (``make llama-cpp`` or ``$FIDDLER_LLAMA_CPP``); without
+it the tests that need it skip, saying so."""
+
+import sys
+
+import pytest
+import torch
+from conftest import PROMPT
+
+from baselines import SystemOptions, load_system
+from baselines.llama_cpp import convert_to_gguf, find_program, llama_tree, n_cpu_moe_for, parse_stream
+from fiddler.config import ModelConfig
+from fiddler.engine import Engine
+from fiddler.generate import GenerationSettings, generate
+from fiddler.weights import EMBED, RandomWeights, expert_name, load
+
+TINY = ModelConfig.preset("mixtral-tiny")
+NO_TREE = "llama.cpp not built here: run 'make llama-cpp' or set $FIDDLER_LLAMA_CPP"
+
+
+def options(**kw) -> SystemOptions:
+    return SystemOptions(config=TINY, max_seq_len=64, device="cpu", dtype=torch.float32, seed=5, **kw)
+
+
+def test_budget_to_n_cpu_moe():
+    mixtral = ModelConfig.preset("mixtral-8x7b")
+    at = lambda gb: n_cpu_moe_for(SystemOptions(config=mixtral, max_seq_len=768, gpu_memory_gb=gb))  # noqa: E731
+    assert at(None) == 0
+    assert at(24.0) == 32 - 56 // 8  # Fiddler keeps 56 experts: 7 layers' worth stay on the GPU
+    assert at(48.0) == 32 - 124 // 8
+    assert at(200.0) == 0
+
+
+def test_parse_stream():
+    lines = [
+        b'data: {"content": "a", "tokens": [5], "stop": false}\n',
+        b"\n",
+        b'data: {"content": "", "tokens": [], "stop": true, "timings": {"predicted_n": 1}}\n',
+        b"data: [DONE]\n",
+    ]
+    events = parse_stream(lines)
+    assert [e["tokens"] for e in events] == [[5], []] and events[-1]["timings"]["predicted_n"] == 1
+
+
+def test_gguf_round_trip(tmp_path, monkeypatch):
+    tree = llama_tree()
+    if tree is None:
+        pytest.skip(NO_TREE)
+    monkeypatch.setattr("baselines.llama_cpp.CACHE", tmp_path)
+    sys.path.insert(0, str(tree / "gguf-py"))
+    from gguf import GGUFReader
+
+    path = convert_to_gguf(options(), tree)
+    reader = GGUFReader(str(path))
+    tensors = {t.name: torch.from_numpy(t.data.copy()) for t in reader.tensors}
+    source = RandomWeights(TINY, seed=5)
+    assert torch.equal(
+        tensors["token_embd.weight"].reshape(TINY.vocab_size, -1), load(source, EMBED, "cpu", torch.float32)
+    )
+    gate = tensors["blk.1.ffn_gate_exps.weight"].reshape(TINY.num_experts, TINY.intermediate_size, -1)
+    assert torch.equal(gate[2], load(source, expert_name(1, 2, "w1"), "cpu", torch.float32))
+    down = tensors["blk.0.ffn_down_exps.weight"].reshape(TINY.num_experts, TINY.hidden_size, -1)
+    assert torch.equal(down[3], load(source, expert_name(0, 3, "w2"), "cpu", torch.float32))
+
+
+@pytest.mark.parametrize("name", ["llama-cpp", "llama-cpp-cpu-moe"])
+def test_greedy_tokens_agree_with_the_reference(name, tmp_path, monkeypatch):
+    if llama_tree() is None or find_program("llama-server") is None:
+        pytest.skip(NO_TREE + " (with llama-server)")
+    monkeypatch.setattr("baselines.llama_cpp.CACHE", tmp_path)
+    system = load_system(name, options())
+    settings = GenerationSettings(max_new_tokens=12)
+    try:
+        result = system.generate(PROMPT, settings)
+    finally:
+        system.close()
+    reference = Engine.resident(RandomWeights(TINY, seed=5), "cpu", torch.float32, 64)
+    assert result.token_ids == generate(reference, PROMPT, settings).token_ids
+    assert result.ttft_s > 0 and len(result.step_times_s) == settings.max_new_tokens - 1
