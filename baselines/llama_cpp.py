@@ -43,7 +43,7 @@ from fiddler.export import export_checkpoint
 from fiddler.generate import GenerationResult, GenerationSettings
 from fiddler.placement import plan_placement
 from fiddler.timing import Clock
-from fiddler.tokenizer import mistral_v1_path
+from fiddler.tokenizer import preset_tokenizer_file
 from fiddler.weights import open_weights
 
 REPO = Path(__file__).resolve().parent.parent
@@ -86,9 +86,11 @@ def convert_to_gguf(options: SystemOptions, tree: Path) -> Path:
         return path
     CACHE.mkdir(parents=True, exist_ok=True)
     source = open_weights(cfg, options.checkpoint, options.seed, generator_device=generator)
-    tokenizer = options.checkpoint / "tokenizer.model" if options.checkpoint else mistral_v1_path()
+    tokenizer = options.checkpoint / "tokenizer.model" if options.checkpoint else preset_tokenizer_file()
     if tokenizer is None or not tokenizer.exists():
-        raise SystemRefused("llama.cpp's converter needs a tokenizer.model (install mistral-common for presets)")
+        raise SystemRefused(
+            "llama.cpp's converter needs a tokenizer.model: install mistral-common, or set $FIDDLER_TOKENIZER"
+        )
     with tempfile.TemporaryDirectory(dir=CACHE) as work:
         checkpoint = export_checkpoint(source, Path(work) / "checkpoint", options.dtype, tokenizer)
         tmp = Path(work) / "model.gguf"

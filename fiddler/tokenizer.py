@@ -85,6 +85,12 @@ def mistral_v1_path() -> Path | None:
     return path if path.exists() else None
 
 
+def preset_tokenizer_file() -> Path | None:
+    """The Mixtral vocabulary file for presets: ``$FIDDLER_TOKENIZER``, else mistral-common's."""
+    candidates = [Path(os.environ[ENV_VAR]) if os.environ.get(ENV_VAR) else None, mistral_v1_path()]
+    return next((path for path in candidates if path is not None and path.exists()), None)
+
+
 def find_tokenizer(checkpoint: Path | None, explicit: str | None = None) -> Tokenizer | None:
     if explicit:
         return open_tokenizer(Path(explicit))
@@ -93,8 +99,5 @@ def find_tokenizer(checkpoint: Path | None, explicit: str | None = None) -> Toke
             if (checkpoint / name).exists():
                 return open_tokenizer(checkpoint / name)
         return None
-    candidates = [Path(os.environ[ENV_VAR]) if os.environ.get(ENV_VAR) else None, mistral_v1_path()]
-    for path in candidates:
-        if path is not None and path.exists():
-            return open_tokenizer(path)
-    return None
+    path = preset_tokenizer_file()
+    return open_tokenizer(path) if path is not None else None

@@ -77,14 +77,17 @@ def _first_turn(entry: object) -> tuple[str | None, str]:
 
 def _load_entries(source: str) -> list[object]:
     path = Path(source)
-    import datasets
-
+    try:
+        import datasets
+    except ImportError:  # e.g. a GPU host's image without it: local files are plain JSON anyway
+        datasets = None
     if not path.exists():
-        if source.endswith(".json") or "/" not in source:
+        if source.endswith(".json") or "/" not in source or datasets is None:
             raise FileNotFoundError(f"prompt file {source} does not exist")
         return list(datasets.load_dataset(source, split="train"))  # a hub data set (online machines)
     try:
-        return list(datasets.load_dataset("json", data_files=str(path), split="train"))
+        if datasets is not None:
+            return list(datasets.load_dataset("json", data_files=str(path), split="train"))
     except Exception as err:  # datasets raises several types on irregular rows; the file is read plainly
         log.info("datasets could not parse %s (%s); reading it with json", path, type(err).__name__)
     try:
