@@ -10,8 +10,13 @@
 #                  policy at 24 GB (hybrid decode with the chosen CPU kernel)
 #   baselines      issue 4: every system on one prompt at 24 GB (resumable)
 #   quick          issue 5: make reproduce-quick (measured cells for issue 7's validation)
+#   llama          issue 9: CUDA build of llama.cpp (~5 min), then llama-cpp vs Fiddler and the
+#                  baselines on Mixtral-8x7B truncated to 8 layers, 14 of 64 experts resident
+# The GPU host lacks mistral-common and network: carry .carry/ (tokenizer.model from
+# mistral-common, llama.cpp-src.tar.gz from `bash tools/build_llama_cpp.sh --pack`).
 set -u
 export PYTHONPATH="$PWD" PYTHONUNBUFFERED=1
+[ -f .carry/tokenizer.model ] && export FIDDLER_TOKENIZER="$PWD/.carry/tokenizer.model"
 OUT="${OUT:-/tmp/campaign}"
 mkdir -p "$OUT"
 stage() {
@@ -32,6 +37,17 @@ for name in "$@"; do
       [ -f "$OUT/orchestration/calibration.json" ] && calibration=(--calibration "$OUT/orchestration/calibration.json")
       stage baselines python3 experiments/baselines_gpu.py --out "$OUT/baselines" --gpu-memory-gb 24 "${calibration[@]}" ;;
     quick) stage quick python3 -m harness.reproduce --quick ;;
+    llama)
+      if [ ! -f third_party/llama.cpp/convert_hf_to_gguf.py ] && [ -f .carry/llama.cpp-src.tar.gz ]; then
+        mkdir -p third_party && tar -xzf .carry/llama.cpp-src.tar.gz -C third_party
+      fi
+      stage llama-build env CUDA=1 bash tools/build_llama_cpp.sh
+      # 8 layers keep Mixtral-8x7B's expert sizes; the budget keeps 14 of 64 experts (56/256)
+      budget=$(python3 -c "from fiddler.config import ModelConfig; from fiddler.placement import budget_breakdown; import torch; c=ModelConfig.preset('mixtral-8x7b').with_layers(8); b=budget_breakdown(c,0,torch.bfloat16,2048+32,1,2); print((b.dense+b.kv_cache+b.staging+b.workspace+14.5*b.expert)/1e9)")
+      stage llama python3 -m harness run --systems llama-cpp,llama-cpp-cpu-moe,fiddler-paper,fiddler-hybrid,expert-lru,cpu-only \
+        --scenario single-batch --inputs 32,128,512,2048 --outputs 32 --model mixtral-8x7b --layers 8 \
+        --gpu-memory-gb "$budget" --prompts-per-cell 2 --dataset random --reference cpu-only \
+        --out "$OUT/llama-8layers" ;;
     *) echo "unknown stage $name" | tee -a "$OUT/campaign.log" ;;
   esac
 done
