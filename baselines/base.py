@@ -20,7 +20,8 @@ from typing import Protocol
 import torch
 
 from fiddler.config import ModelConfig
-from fiddler.generate import GenerationResult, GenerationSettings
+from fiddler.engine import Engine
+from fiddler.generate import GenerationResult, GenerationSettings, generate
 from fiddler.placement import GB, budget_breakdown
 
 
@@ -112,3 +113,21 @@ def require_whole_model_fits(name: str, options: SystemOptions) -> None:
         raise SystemRefused(
             f"{name} needs {needed / GB:.3g} GB for {options.config.name}; the budget is {options.gpu_memory_gb:g} GB"
         )
+
+
+class EngineBacked:
+    """A system that is this project's engine with some expert executor: subclasses build
+    ``self.engine``; generation, memory records and closing are the engine's."""
+
+    name = "engine"
+    options: SystemOptions
+    engine: Engine
+
+    def generate(self, prompt_ids: list[int], settings: GenerationSettings) -> GenerationResult:
+        return generate(self.engine, prompt_ids, settings)
+
+    def peak_gpu_memory(self) -> dict[str, float | None]:
+        return device_peak_memory(self.options.device)
+
+    def close(self) -> None:
+        self.engine.close()

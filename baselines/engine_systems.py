@@ -8,13 +8,13 @@ CUDA graph) and refuses when the model, its KV cache and workspace exceed the bu
 
 from __future__ import annotations
 
-from baselines.base import SystemOptions, SystemRefused, device_peak_memory, register, require_whole_model_fits
+from baselines.base import EngineBacked, SystemOptions, SystemRefused, register, require_whole_model_fits
 from fiddler.build import RESIDENT, EngineOptions, build_engine
 from fiddler.generate import GenerationResult, GenerationSettings, generate
 from fiddler.planner import POLICIES
 
 
-class EngineSystem:
+class EngineSystem(EngineBacked):
     name = "engine"
 
     def __init__(self, options: SystemOptions, policy: str):
@@ -44,12 +44,6 @@ class EngineSystem:
         result = generate(self.engine, prompt_ids, settings)
         result.stats["engine"] = self.record
         return result
-
-    def peak_gpu_memory(self) -> dict[str, float | None]:
-        return device_peak_memory(self.options.device)
-
-    def close(self) -> None:
-        self.engine.close()
 
 
 def _fiddler(policy: str):

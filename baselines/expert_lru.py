@@ -22,10 +22,9 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 
-from baselines.base import SystemOptions, SystemRefused, device_peak_memory, register
+from baselines.base import EngineBacked, SystemOptions, SystemRefused, register
 from fiddler.engine import Engine
 from fiddler.expert_layout import split_ffn
-from fiddler.generate import GenerationResult, GenerationSettings, generate
 from fiddler.loading import HostWeights, load_dense, load_host_weights
 from fiddler.model import MixtralModel
 from fiddler.moe import Routing, combine
@@ -213,7 +212,7 @@ def lru_slots(options: SystemOptions) -> int:
     return min(b.for_experts // (b.expert * cfg.num_layers), cfg.num_experts)
 
 
-class ExpertLru:
+class ExpertLru(EngineBacked):
     name = "expert-lru"
 
     def __init__(self, options: SystemOptions, prefetch: bool):
@@ -235,15 +234,6 @@ class ExpertLru:
                 self.executor._load(layer, expert, keep=set())
         self.executor.reset_stats()
         self.engine = Engine(MixtralModel(cfg, dense, self.executor, options.max_seq_len), cuda_graphs=False)
-
-    def generate(self, prompt_ids: list[int], settings: GenerationSettings) -> GenerationResult:
-        return generate(self.engine, prompt_ids, settings)
-
-    def peak_gpu_memory(self) -> dict[str, float | None]:
-        return device_peak_memory(self.options.device)
-
-    def close(self) -> None:
-        self.engine.close()
 
 
 @register("expert-lru")

@@ -16,10 +16,9 @@ import dataclasses
 
 import torch
 
-from baselines.base import SystemOptions, SystemRefused, device_peak_memory, register
+from baselines.base import EngineBacked, SystemOptions, SystemRefused, register
 from fiddler.config import ModelConfig
 from fiddler.engine import Engine
-from fiddler.generate import GenerationResult, GenerationSettings, generate
 from fiddler.host_memory import HostArena, nbytes_of
 from fiddler.loading import expert_shapes, load_expert_into
 from fiddler.model import DenseWeights, LayerWeights, MixtralModel
@@ -178,7 +177,7 @@ class _StreamingExperts(ResidentExperts):
 
 
 @register("layer-streaming")
-class LayerStreaming:
+class LayerStreaming(EngineBacked):
     name = "layer-streaming"
 
     def __init__(self, options: SystemOptions):
@@ -206,12 +205,3 @@ class LayerStreaming:
         strategy = "grouped" if grouped_mm_supported(device, options.dtype) else "loop"
         model = StreamingModel(cfg, dense, streamer, options.max_seq_len, strategy)
         self.engine = Engine(model, cuda_graphs=False)
-
-    def generate(self, prompt_ids: list[int], settings: GenerationSettings) -> GenerationResult:
-        return generate(self.engine, prompt_ids, settings)
-
-    def peak_gpu_memory(self) -> dict[str, float | None]:
-        return device_peak_memory(self.options.device)
-
-    def close(self) -> None:
-        self.engine.close()

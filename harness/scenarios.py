@@ -22,7 +22,7 @@ GRIDS = {
     "paper-v1": ((16, 32, 64, 128), (16, 32, 64, 128, 256, 512)),
     "paper-v3": ((32, 64, 128, 256), (64, 128, 256, 512)),
 }
-LONG_PREFILL_INPUTS = (512, 1024, 2048, 4096, 8192)
+LONG_PREFILL_INPUTS = (512, 1024, 2048, 4096, 8192)  # prompt lengths of the authors' scripts
 BEAM_WIDTHS = (4, 8, 16)
 BEAM_INPUT, BEAM_OUTPUT = 32, 64
 SCENARIOS = ("single-batch", "long-prefill", "beam-search")
