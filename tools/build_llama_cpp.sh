@@ -3,9 +3,10 @@
 # distribution, into third_party/llama.cpp (ignored by git; nothing from llama.cpp is committed).
 #   bash tools/build_llama_cpp.sh            CPU build
 #   CUDA=1 bash tools/build_llama_cpp.sh     GPU build (sm_90, for the H100/H200)
-#   bash tools/build_llama_cpp.sh --pack     also write third_party/llama.cpp-src.tar.gz: the
-#                                            tree without models/docs/tests, to carry to a host
-#                                            without network (unpack there into third_party/)
+#   bash tools/build_llama_cpp.sh --pack     also write .carry/llama.cpp-src.tar.gz (ignored by
+#                                            git): the tree without models/docs, to carry to a
+#                                            host without network (experiments/gpu_campaign.sh
+#                                            unpacks it there into third_party/)
 # Targets: llama-server (what baselines/llama_cpp.py runs) and llama-bench.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,8 +23,9 @@ if [ ! -f "$DEST/convert_hf_to_gguf.py" ]; then
   rm -rf "$DEST/models" "$DEST/docs" "$DEST/media"
 fi
 if [ "${1:-}" = "--pack" ]; then
-  tar -czf third_party/llama.cpp-src.tar.gz -C third_party --exclude=llama.cpp/build llama.cpp
-  ls -la third_party/llama.cpp-src.tar.gz
+  mkdir -p .carry
+  tar -czf .carry/llama.cpp-src.tar.gz -C third_party --exclude=llama.cpp/build llama.cpp
+  ls -la .carry/llama.cpp-src.tar.gz
 fi
 flags=(-DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF)
 if [ "${CUDA:-0}" = "1" ]; then
