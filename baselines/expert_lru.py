@@ -233,7 +233,7 @@ class ExpertLru(EngineBacked):
             for expert in range(slots):
                 self.executor._load(layer, expert, keep=set())
         self.executor.reset_stats()
-        self.engine = Engine(MixtralModel(cfg, dense, self.executor, options.max_seq_len), cuda_graphs=False)
+        self.engine = Engine(MixtralModel(cfg, dense, self.executor, options.max_seq_len))  # piecewise graphs on CUDA
 
 
 @register("expert-lru")

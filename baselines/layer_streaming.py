@@ -142,6 +142,8 @@ class _StreamedStack:
 
 
 class StreamingModel(MixtralModel):
+    static_weights = False  # every layer's weights arrive in one of two buffers, by host logic
+
     def __init__(self, config, dense: DenseWeights, streamer: LayerStreamer, max_seq_len: int, strategy: str):
         experts = _StreamingExperts(streamer, strategy)
         super().__init__(config, dense, experts, max_seq_len)

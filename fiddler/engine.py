@@ -14,13 +14,14 @@ from __future__ import annotations
 import logging
 
 import torch
+import torch.nn.functional as F
 
 from fiddler.config import ModelConfig
 from fiddler.cost_model import LatencyModel
 from fiddler.cpu_experts import CpuExpertKernel
 from fiddler.loading import load_dense, load_expert_stack, load_host_weights
 from fiddler.model import KVCache, MixtralModel
-from fiddler.moe import ResidentExperts
+from fiddler.moe import ResidentExperts, Routing
 from fiddler.orchestrator import FiddlerExecutor
 from fiddler.placement import Placement
 from fiddler.weights import WeightSource
@@ -61,12 +62,75 @@ class DecodeGraph:
         return self.logits.clone()  # the next replay overwrites the static output
 
 
+class PiecewiseDecode:
+    """One decode step for a fixed batch size when the experts cannot be recorded (they read
+    the routing on the host): everything else is recorded as CUDA graphs, one per layer (the
+    previous layer's expert output added, then attention and routing) and one for the head,
+    replayed around the executor's eager calls. Static buffers carry values between them.
+    With ``record`` false the same segments run eagerly (how CPU tests check the plumbing)."""
+
+    def __init__(self, model: MixtralModel, cache: KVCache, tokens: torch.Tensor, position: int, record: bool):
+        self.model, self.cache, self.record = model, cache, record
+        device, layers = model.device, model.config.num_layers
+        self.tokens = tokens.detach().clone().view(-1, 1)
+        self.positions = torch.tensor([position], device=device, dtype=torch.long)
+        rows, hidden = self.tokens.numel(), model.config.hidden_size
+        self.moe_out = [torch.zeros(rows, hidden, device=device, dtype=model.dtype) for _ in range(layers)]
+        self.outputs: list = [None] * (layers + 1)
+        self.graphs: list[torch.cuda.CUDAGraph] = []
+        self.first_logits = self.step()  # eager: warms every kernel up, and is this step's result
+        if record:
+            pool = torch.cuda.graph_pool_handle()
+            for index in range(layers + 1):
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    self.outputs[index] = self._segment(index)
+                self.graphs.append(graph)
+
+    def _segment(self, index: int):
+        model = self.model
+        if index == 0:
+            x = F.embedding(self.tokens, model.dense.embed)
+        else:
+            previous = self.outputs[index - 1][0]
+            x = previous + self.moe_out[index - 1].view_as(previous)
+        if index == model.config.num_layers:
+            return (model.head(x),)
+        span = model.attention_span(self.positions, self.cache, None)  # the whole cache, masked
+        x, hidden, routing = model.before_experts(index, x, self.positions, span, self.cache)
+        return x, hidden, routing.experts, routing.weights
+
+    def step(self) -> torch.Tensor:
+        layers = self.model.config.num_layers
+        for index in range(layers + 1):
+            if self.graphs:
+                self.graphs[index].replay()
+            else:
+                self.outputs[index] = self._segment(index)
+            if index < layers:
+                _, hidden, experts, weights = self.outputs[index]
+                self.moe_out[index].copy_(self.model.experts(index, hidden, Routing(experts, weights)))
+        return self.outputs[layers][0].clone()
+
+    def run(self, tokens: torch.Tensor, position: int) -> torch.Tensor:
+        self.tokens.copy_(tokens.view(-1, 1))
+        self.positions.fill_(position)
+        return self.step()
+
+
 class Engine:
-    def __init__(self, model: MixtralModel, cuda_graphs: bool = True):
+    def __init__(self, model: MixtralModel, cuda_graphs: bool = True, piecewise: bool | None = None):
+        """``cuda_graphs``: record decode steps where the executor allows (whole steps), or else
+        (``piecewise``, default on CUDA for models with static weights) everything but the
+        experts. ``piecewise=True`` on the CPU runs the same segments eagerly."""
         self.model = model
         self.config: ModelConfig = model.config
         self.device = model.device
         self.use_graphs = cuda_graphs and self.device.type == "cuda" and model.experts.capturable
+        if piecewise is None:
+            piecewise = cuda_graphs and self.device.type == "cuda" and model.static_weights
+        self.piecewise = piecewise and not self.use_graphs and model.static_weights
+        self._pieces: dict[int, PiecewiseDecode] = {}
         self.cache: KVCache | None = None  # the rows of _full_cache this generation uses
         self._full_cache: KVCache | None = None
         self.length = 0  # filled cache positions
@@ -104,6 +168,7 @@ class Engine:
         cpu_kernel: CpuExpertKernel,
         staging_slots: int = 2,
         layer_timing: bool = False,
+        piecewise: bool | None = None,
     ) -> Engine:
         """Dense weights and the placement's experts on ``device``; every expert also in
         page-locked host memory, where the CPU path reads it and copies start from."""
@@ -118,12 +183,13 @@ class Engine:
             source.config, device, host, resident, placement, latency, policy, cpu_kernel, staging_slots, layer_timing
         )
         model = MixtralModel(source.config, dense, executor, max_seq_len=max_seq_len)
-        return cls(model, cuda_graphs=False)
+        return cls(model, piecewise=piecewise)
 
     def set_executor(self, executor) -> None:
         """Swap the MoE executor (e.g. wrap it); recorded graphs belong to the old one."""
         self.model.experts = executor
         self._graphs.clear()
+        self._pieces.clear()
         self.use_graphs = self.use_graphs and executor.capturable
 
     # ---- one generation ----------------------------------------------------------------
@@ -140,6 +206,7 @@ class Engine:
         # use its first rows, so recorded graphs stay valid across generations of any length.
         if self._full_cache is None or self._full_cache.batch < batch:
             self._graphs.clear()  # graphs point at the old cache
+            self._pieces.clear()
             self.cache = self._full_cache = None
             self._full_cache = KVCache.allocate(self.config, batch, limit, self.device, self.model.dtype)
         full = self._full_cache
@@ -179,8 +246,26 @@ class Engine:
             logits = self._decode_graph(tokens, position)
             if logits is not None:
                 return logits
+        if self.piecewise and self._graph_failure is None:
+            logits = self._decode_piecewise(tokens, position)
+            if logits is not None:
+                return logits
         positions = torch.tensor([position], device=self.device)
         return self.model.forward(tokens.view(-1, 1), positions, self.cache, kv_len=position + 1)
+
+    def _decode_piecewise(self, tokens: torch.Tensor, position: int) -> torch.Tensor | None:
+        batch = tokens.shape[0]
+        pieces = self._pieces.get(batch)
+        if pieces is None:
+            try:
+                pieces = PiecewiseDecode(self.model, self.cache, tokens, position, self.device.type == "cuda")
+            except RuntimeError as err:  # an op that cannot be recorded: decode eagerly from now on
+                self._graph_failure = str(err).splitlines()[0]
+                log.warning("piecewise CUDA graph capture failed, decoding eagerly: %s", self._graph_failure)
+                return None
+            self._pieces[batch] = pieces
+            return pieces.first_logits
+        return pieces.run(tokens, position)
 
     def _decode_graph(self, tokens: torch.Tensor, position: int) -> torch.Tensor | None:
         batch = tokens.shape[0]
@@ -198,12 +283,15 @@ class Engine:
     def close(self) -> None:
         """Release the executor's threads and host memory; the engine is unusable afterwards."""
         self._graphs.clear()
+        self._pieces.clear()
         self.cache = self._full_cache = None
         self.model.experts.close()
 
     def stats(self) -> dict[str, object]:
         return {
-            "cuda_graphs": self.use_graphs and self._graph_failure is None,
+            "cuda_graphs": ("whole step" if self.use_graphs else "piecewise" if self.piecewise else False)
+            if self._graph_failure is None
+            else False,
             "cuda_graph_failure": self._graph_failure,
             **self.model.experts.stats(),
         }

@@ -114,6 +114,8 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 class MixtralModel:
     """Mixtral forward over dense weights on one device and an expert executor."""
 
+    static_weights = True  # layer_weights() returns the same tensors every call (graphs may record them)
+
     def __init__(self, config: ModelConfig, dense: DenseWeights, experts: ExpertExecutor, max_seq_len: int):
         self.config = config
         self.dense = dense
@@ -197,9 +199,19 @@ class MixtralModel:
         weights = weights / weights.sum(dim=-1, keepdim=True)
         return Routing(experts=experts, weights=weights)
 
-    def moe(self, layer: int, w: LayerWeights, x: torch.Tensor) -> torch.Tensor:
-        hidden = x.reshape(-1, x.shape[-1])
-        return self.experts(layer, hidden, self.route(w, hidden)).view_as(x)
+    def before_experts(
+        self, layer: int, x: torch.Tensor, positions: torch.Tensor, span, cache: KVCache
+    ) -> tuple[torch.Tensor, torch.Tensor, Routing]:
+        """Attention with its residual, then the MoE norm and routing: (x, hidden [N, D], routing)."""
+        cfg, w = self.config, self.layer_weights(layer)
+        x = x + self.attention(layer, w, rms_norm(x, w.attn_norm, cfg.rms_norm_eps), positions, span, cache)
+        hidden = rms_norm(x, w.moe_norm, cfg.rms_norm_eps).reshape(-1, x.shape[-1])
+        return x, hidden, self.route(w, hidden)
+
+    def head(self, x: torch.Tensor, last_only: bool = True) -> torch.Tensor:
+        if last_only:
+            x = x[:, -1]
+        return F.linear(rms_norm(x, self.dense.norm, self.config.rms_norm_eps), self.dense.lm_head).float()
 
     def forward(
         self,
@@ -212,14 +224,9 @@ class MixtralModel:
         """tokens: [B, T] int64, positions: [T] int64 on the model's device; ``kv_len``, when
         known on the host, is the number of filled cache positions after this call.
         Returns float32 logits [B, V] for the last position (or [B, T, V])."""
-        cfg = self.config
         x = F.embedding(tokens, self.dense.embed)
         span = self.attention_span(positions, cache, kv_len)
-        for layer in range(cfg.num_layers):
-            w = self.layer_weights(layer)
-            x = x + self.attention(layer, w, rms_norm(x, w.attn_norm, cfg.rms_norm_eps), positions, span, cache)
-            x = x + self.moe(layer, w, rms_norm(x, w.moe_norm, cfg.rms_norm_eps))
-        if last_only:
-            x = x[:, -1]
-        x = rms_norm(x, self.dense.norm, cfg.rms_norm_eps)
-        return F.linear(x, self.dense.lm_head).float()
+        for layer in range(self.config.num_layers):
+            x, hidden, routing = self.before_experts(layer, x, positions, span, cache)
+            x = x + self.experts(layer, hidden, routing).view_as(x)
+        return self.head(x, last_only)
