@@ -31,7 +31,6 @@ ignore keys they do not know, and ``version`` changes only when a key changes me
 from __future__ import annotations
 
 import datetime
-import json
 import math
 import statistics
 import threading
@@ -42,7 +41,7 @@ import torch
 from fiddler.config import ModelConfig
 from fiddler.cpu_experts import AUTO, available_kernels, make_kernel, set_cpu_threads
 from fiddler.expert_layout import split_blocks, split_ffn, split_shapes, to_split_layout
-from fiddler.files import write_json_atomic
+from fiddler.files import read_json, write_json_atomic
 from fiddler.host_memory import HostArena, nbytes_of
 from fiddler.loading import expert_shapes, load_expert_into
 from fiddler.machine import machine_identity
@@ -306,12 +305,11 @@ def save_calibration(calibration: dict[str, object], path: str | Path) -> None:
 
 def load_calibration(path: str | Path) -> dict[str, object]:
     path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise FileNotFoundError(f"calibration file {path} does not exist; make one with 'fiddler calibrate'") from None
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON ({err}); run 'fiddler calibrate' again") from None
+    data = read_json(
+        path,
+        f"calibration file {path} does not exist; make one with 'fiddler calibrate'",
+        "run 'fiddler calibrate' again",
+    )
     if not isinstance(data, dict) or data.get("schema") != SCHEMA:
         raise ValueError(f"{path} is not a fiddler calibration file (schema {SCHEMA!r})")
     if data.get("version") != VERSION:

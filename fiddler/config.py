@@ -11,10 +11,10 @@ file describes something this engine cannot run. ``resolve_model`` turns what a 
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any
 
+from fiddler.files import read_json
 from fiddler.presets import PRESETS
 
 SUPPORTED_ARCHITECTURES = ("MixtralForCausalLM",)
@@ -129,12 +129,9 @@ class ModelConfig:
     @classmethod
     def from_file(cls, path: str | Path) -> ModelConfig:
         path = Path(path)
-        try:
-            raw = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise FileNotFoundError(f"no config.json at {path}: is this a Hugging Face checkpoint directory?") from None
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path} is not valid JSON ({err}); fix or replace the file") from None
+        raw = read_json(
+            path, f"no config.json at {path}: is this a Hugging Face checkpoint directory?", "fix or replace the file"
+        )
         if not isinstance(raw, dict):
             raise ValueError(f"{path} must hold a JSON object")
         return cls.from_dict(raw, name=path.parent.name)

@@ -13,12 +13,12 @@ GPU's free memory less ``FREE_MEMORY_MARGIN``.
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 import torch
 
 from fiddler.config import ModelConfig
+from fiddler.files import read_json
 
 GB = 1e9
 # Left out of an automatic budget: the CUDA context and allocator fragmentation, which torch's
@@ -161,11 +161,10 @@ def budget_from_free_memory(device: torch.device) -> float:
 def load_popularity(path: str | Path) -> list[list[float]]:
     """The ``counts`` of a ``fiddler profile`` JSON file."""
     path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-        counts = data["counts"]
-    except FileNotFoundError:
-        raise FileNotFoundError(f"popularity file {path} does not exist; make one with 'fiddler profile'") from None
-    except (json.JSONDecodeError, KeyError, TypeError):
-        raise ValueError(f"{path} is not a 'fiddler profile' output (no 'counts' table)") from None
+    data = read_json(
+        path, f"popularity file {path} does not exist; make one with 'fiddler profile'", "run 'fiddler profile' again"
+    )
+    counts = data.get("counts") if isinstance(data, dict) else None
+    if not isinstance(counts, list):
+        raise ValueError(f"{path} is not a 'fiddler profile' output (no 'counts' table)")
     return [[float(c) for c in row] for row in counts]

@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import logging
-import sys
 from pathlib import Path
 
 import pandas as pd
 import torch
 
 from baselines import SYSTEMS
+from fiddler.cli import run_command
 from fiddler.config import resolve_model
 from fiddler.engine import parse_dtype
 from fiddler.files import write_json_atomic, write_text_atomic
@@ -196,10 +195,4 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
-    args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    return run_command(build_parser(), argv)
