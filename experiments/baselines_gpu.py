@@ -12,7 +12,6 @@ token where the system counts them, refusals with their reason. Resumable: syste
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import sys
 from pathlib import Path
@@ -24,14 +23,8 @@ from fiddler.config import resolve_model
 from fiddler.files import write_json_atomic
 from fiddler.generate import GenerationSettings
 from fiddler.machine import machine_identity
+from fiddler.streams import release_cached_memory
 from fiddler.timing import Clock
-
-
-def free() -> None:
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
 
 
 def measure(name: str, options: SystemOptions, prompt: list[int], args) -> dict:
@@ -104,7 +97,7 @@ def main() -> int:
         print(json.dumps({k: v for k, v in row.items() if k not in ("stats", "token_ids")}), flush=True)
         record["rows"].append(row)
         write_json_atomic(out, record)
-        free()
+        release_cached_memory()
     return 0
 
 

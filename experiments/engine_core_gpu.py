@@ -16,10 +16,7 @@ finished. Usage: ``python experiments/engine_core_gpu.py --out $OUT [--model mix
 from __future__ import annotations
 
 import argparse
-import gc
 import json
-import os
-import platform
 import statistics
 import sys
 from pathlib import Path
@@ -32,44 +29,15 @@ from fiddler.files import write_json_atomic
 from fiddler.generate import GenerationSettings, generate
 from fiddler.hf_reference import build_transformers_model
 from fiddler.loading import load_host_weights
+from fiddler.machine import machine_identity
+from fiddler.streams import release_cached_memory
 from fiddler.timing import Clock
 from fiddler.weights import RandomWeights
 
 
-def environment(device: torch.device) -> dict:
-    import transformers
-
-    env = {
-        "python": sys.version.split()[0],
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "cpu": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-    }
-    try:
-        cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
-        env["cpu_model"] = next(line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name"))
-        env["cpu_flags"] = sorted(
-            flag
-            for flag in next(line for line in cpuinfo if line.startswith("flags")).split(":", 1)[1].split()
-            if flag.startswith(("avx512", "amx"))
-        )
-        env["mem_total_gb"] = int(Path("/proc/meminfo").read_text().split()[1]) * 1024 / 1e9
-        env["thp"] = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text().strip()
-    except (OSError, StopIteration):
-        pass
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        env.update(gpu=props.name, gpu_memory_gb=props.total_memory / 1e9, cuda=torch.version.cuda)
-    return env
-
-
 def release() -> None:
-    gc.collect()
+    release_cached_memory()
     if torch.cuda.is_available():
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
 
 
@@ -235,7 +203,7 @@ def main() -> int:
         "prompt_tokens": len(prompt),
         "prompt": "BOS + seeded random token ids",
         "new_tokens": args.new_tokens,
-        "env": environment(device),
+        "env": machine_identity(device),
     }
     write_json_atomic(path, record)
     if device.type == "cuda" and not args.skip_host:

@@ -12,7 +12,6 @@ random inputs (no routing chaos). Writes ``<out>/gpu_numerics.json``.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import sys
 from pathlib import Path
@@ -25,6 +24,7 @@ from fiddler.files import write_json_atomic
 from fiddler.hf_reference import build_transformers_model
 from fiddler.loading import load_expert_stack
 from fiddler.moe import ResidentExperts, Routing
+from fiddler.streams import release_cached_memory
 from fiddler.weights import RandomWeights
 
 
@@ -39,12 +39,6 @@ def summary(value: torch.Tensor, truth: torch.Tensor) -> dict:
         "rel_err_max": float(err.max()),
         "argmax_agreement": float((value.argmax(-1) == truth.argmax(-1)).float().mean()),
     }
-
-
-def free() -> None:
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def kernel_check(config, seed: int, device: str) -> list[dict]:
@@ -79,14 +73,14 @@ def model_check(config, seed: int, device: str, sequence: list[int]) -> dict:
         model = build_transformers_model(source, device, torch.float32)
         truth = model(ids).logits[0].float().cpu()
         del model
-        free()
+        release_cached_memory()
         results = {}
         model = build_transformers_model(source, device, torch.bfloat16)
         for impl in ("eager", "grouped_mm"):
             model.set_experts_implementation(impl)
             results[f"transformers-{impl}"] = summary(model(ids).logits[0].float().cpu(), truth)
         del model
-        free()
+        release_cached_memory()
         engine = Engine.resident(source, device, torch.bfloat16, max_seq_len=len(sequence))
         for strategy in ("grouped", "loop"):
             engine.model.experts.strategy = strategy
@@ -95,14 +89,14 @@ def model_check(config, seed: int, device: str, sequence: list[int]) -> dict:
             logits = engine.model.forward(ids, positions, engine.cache, kv_len=len(sequence), last_only=False)
             results[f"engine-{strategy}"] = summary(logits[0].cpu(), truth)
         del engine
-        free()
+        release_cached_memory()
         engine32 = Engine.resident(source, device, torch.float32, max_seq_len=len(sequence))
         engine32.begin(1, len(sequence))
         positions = torch.arange(len(sequence), device=device)
         logits = engine32.model.forward(ids, positions, engine32.cache, kv_len=len(sequence), last_only=False)
         results[f"engine-float32-{engine32.model.experts.strategy}"] = summary(logits[0].cpu(), truth)
         del engine32
-        free()
+        release_cached_memory()
     return results
 
 
@@ -126,7 +120,7 @@ def main() -> int:
         ).tolist(),
     ]
     record: dict = {"model": args.model, "seq_len": args.seq_len, "kernel": kernel_check(config, args.seed, device)}
-    free()
+    release_cached_memory()
     for row in record["kernel"]:
         print("kernel", row, flush=True)
     record["models"] = {}

@@ -15,7 +15,6 @@ Usage: ``python experiments/orchestration_gpu.py --out $OUT``.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import statistics
 import sys
@@ -31,6 +30,7 @@ from fiddler.files import write_json_atomic
 from fiddler.generate import GenerationSettings, generate
 from fiddler.machine import machine_identity
 from fiddler.planner import POLICIES
+from fiddler.streams import release_cached_memory
 from fiddler.weights import RandomWeights
 
 COUNTED = (
@@ -46,13 +46,6 @@ COUNTED = (
     "d2h_bytes",
     "predicted_s",
 )
-
-
-def free() -> None:
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
 
 
 def teacher_forced(engine: Engine, sequence: list[int]) -> torch.Tensor:
@@ -76,12 +69,12 @@ def correctness(args, calibration_path: Path) -> dict:
     source = RandomWeights(config, seed=args.seed, generator_device=args.device)
     sequence = [1, *torch.randint(3, config.vocab_size, (63,), generator=torch.Generator().manual_seed(1)).tolist()]
     truth = teacher_forced(Engine.resident(source, args.device, torch.float32, len(sequence)), sequence)
-    free()
+    release_cached_memory()
     result = {"layers": args.check_layers, "positions": len(sequence)}
     result["resident-bf16"] = error(
         teacher_forced(Engine.resident(source, args.device, torch.bfloat16, len(sequence)), sequence), truth
     )
-    free()
+    release_cached_memory()
     expert_gb = config.expert_params * 2 / 1e9
     budget = config.dense_params * 2 / 1e9 + (2 + args.check_resident) * expert_gb + 0.05
     engine, record = build_engine(
@@ -303,14 +296,14 @@ def main() -> int:
             ),
             flush=True,
         )
-        free()
+        release_cached_memory()
     if args.diagnose:
         record["diagnose"] = diagnose(args, calibration_path)
         write_json_atomic(out / "diagnose.json", record)
         return 0
     record["correctness"] = correctness(args, calibration_path)
     write_json_atomic(path, record)
-    free()
+    release_cached_memory()
     record["speed"] = speed(args, calibration_path)
     write_json_atomic(path, record)
     return 0

@@ -43,6 +43,8 @@ def machine_identity(device: torch.device | str = "cpu") -> dict[str, object]:
         "cpu_cores": os.cpu_count(),
         **_cpuinfo(),
     }
+    with contextlib.suppress(OSError):
+        identity["transparent_hugepages"] = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text().strip()
     with contextlib.suppress(OSError, ValueError, IndexError):
         identity["ram_gb"] = int(Path("/proc/meminfo").read_text().split()[1]) * 1024 / 1e9
     try:

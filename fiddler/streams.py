@@ -2,12 +2,14 @@
 
 Contract: executors and calibration order their work with these helpers only, so the same
 code path runs on a GPU (asynchronous copies on a side stream, ordered by events) and in CPU
-tests (everything synchronous, every helper a no-op).
+tests (everything synchronous, every helper a no-op). ``release_cached_memory`` returns what
+a closed system left in torch's caches before the next one loads.
 """
 
 from __future__ import annotations
 
 import contextlib
+import gc
 from collections.abc import Iterator
 
 import torch
@@ -45,3 +47,11 @@ def host_wait(event: torch.cuda.Event | None) -> None:
     """Block the calling host thread until ``event`` has happened."""
     if event is not None:
         event.synchronize()
+
+
+def release_cached_memory() -> None:
+    """Collect unreachable objects and hand torch's cached GPU memory back to the device."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()

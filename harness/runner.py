@@ -30,6 +30,7 @@ from baselines import SystemOptions, SystemRefused, Unsupported, load_system
 from fiddler.config import ModelConfig, resolve_model
 from fiddler.files import write_json_atomic
 from fiddler.generate import GenerationSettings
+from fiddler.streams import release_cached_memory
 from fiddler.timing import Clock
 from fiddler.tokenizer import find_tokenizer
 from harness import prompts as prompt_sources
@@ -228,8 +229,7 @@ def run_sweep(spec: SweepSpec) -> Path:
                 progress.step(name, run, index)
         finally:
             system.close()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+            release_cached_memory()
     render(spec.out)
     return spec.out
 
