@@ -12,6 +12,7 @@
 #   quick          issue 5: make reproduce-quick (measured cells for issue 7's validation)
 #   llama          issue 9: CUDA build of llama.cpp (~5 min), then llama-cpp vs Fiddler and the
 #                  baselines on Mixtral-8x7B truncated to 8 layers, 14 of 64 experts resident
+# The tree there has no .git: pass FIDDLER_GIT_COMMIT=<sha> so run records name the commit.
 # The GPU host lacks mistral-common and network: carry .carry/ (tokenizer.model from
 # mistral-common, llama.cpp-src.tar.gz from `bash tools/build_llama_cpp.sh --pack`).
 set -u
@@ -23,9 +24,16 @@ stage() {
   local name="$1"; shift
   echo "=== $name: $*" | tee -a "$OUT/campaign.log"
   local start=$SECONDS
+  ( while sleep 60; do pack; done ) &  # a call cut short by its time limit keeps what was written
+  local packer=$!
   if "$@" >>"$OUT/$name.log" 2>&1; then status=ok; else status="failed ($?)"; fi
+  kill "$packer" 2>/dev/null; wait "$packer" 2>/dev/null
   echo "=== $name: $status after $((SECONDS - start)) s" | tee -a "$OUT/campaign.log"
   tail -5 "$OUT/$name.log"
+  pack
+}
+pack() {
+  tar -czf "$OUT/.campaign.tar.gz" -C "$OUT" --exclude='*.tar.gz' . 2>/dev/null; mv "$OUT/.campaign.tar.gz" "$OUT/campaign.tar.gz"
 }
 for name in "$@"; do
   case "$name" in
@@ -36,7 +44,7 @@ for name in "$@"; do
       calibration=()  # reuse the orchestration stage's calibration when it ran in this machine
       [ -f "$OUT/orchestration/calibration.json" ] && calibration=(--calibration "$OUT/orchestration/calibration.json")
       stage baselines python3 experiments/baselines_gpu.py --out "$OUT/baselines" --gpu-memory-gb 24 "${calibration[@]}" ;;
-    quick) stage quick python3 -m harness.reproduce --quick ;;
+    quick) stage quick python3 -m harness.reproduce --quick --results "$OUT/runs" ;;
     llama)
       if [ ! -f third_party/llama.cpp/convert_hf_to_gguf.py ] && [ -f .carry/llama.cpp-src.tar.gz ]; then
         mkdir -p third_party && tar -xzf .carry/llama.cpp-src.tar.gz -C third_party
@@ -51,5 +59,4 @@ for name in "$@"; do
     *) echo "unknown stage $name" | tee -a "$OUT/campaign.log" ;;
   esac
 done
-cp -r results/20*_gpu_* "$OUT/" 2>/dev/null
-tar -czf "$OUT/campaign.tar.gz" -C "$OUT" --exclude=campaign.tar.gz . && ls -la "$OUT"
+pack && ls -la "$OUT"

@@ -25,6 +25,7 @@ import torch
 from fiddler.build import EngineOptions, build_engine
 from fiddler.calibrate import DEFAULT_TOKEN_COUNTS, calibrate, save_calibration
 from fiddler.config import resolve_model
+from fiddler.cpu_experts import AUTO
 from fiddler.engine import Engine
 from fiddler.files import write_json_atomic
 from fiddler.generate import GenerationSettings, generate
@@ -132,14 +133,13 @@ def speed(args, calibration_path: Path) -> dict:
     result = {"build": record, "policies": {}}
     executor = engine.model.experts
     long = GenerationSettings(max_new_tokens=args.new_tokens)
-    first = GenerationSettings(max_new_tokens=1)
     for policy in args.policies.split(","):
         executor.policy = policy
         generate(engine, prompt, GenerationSettings(max_new_tokens=3))  # warm-up
         runs = [generate(engine, prompt, long) for _ in range(args.repeats)]
-        single = generate(engine, prompt, first)
         decode_tokens = args.new_tokens - 1
-        per_token = {k: (runs[-1].stats[k] - single.stats[k]) / decode_tokens for k in COUNTED}
+        decoded = runs[-1].decode_counters()
+        per_token = {k: decoded[k] / decode_tokens for k in COUNTED}
         row = {
             "ttft_s": statistics.median(r.ttft_s for r in runs),
             "decode_tokens_per_s": statistics.median(r.decode_tokens_per_s for r in runs),
@@ -269,6 +269,9 @@ def main() -> int:
     parser.add_argument("--check-resident", type=int, default=5)
     parser.add_argument("--check-repeats", type=int, default=3)
     parser.add_argument("--calibration", type=Path, help="reuse a calibration instead of measuring")
+    parser.add_argument(
+        "--cpu-kernel", default=AUTO, help=f"CPU expert kernel to calibrate ({AUTO}: measure all, keep the fastest)"
+    )
     parser.add_argument("--device", default="cuda", help="cpu runs a functional smoke test")
     parser.add_argument("--diagnose", action="store_true", help="only the hybrid time breakdown")
     parser.add_argument("--threads", default="16,12,8", help="CPU thread counts for the diagnosis sweep")
@@ -283,7 +286,7 @@ def main() -> int:
     if args.calibration is None:
         config, _ = resolve_model(args.model, args.layers)
         cal = calibrate(
-            config, args.device, torch.bfloat16, args.cpu_threads, "torch", DEFAULT_TOKEN_COUNTS, 5, args.seed
+            config, args.device, torch.bfloat16, args.cpu_threads, args.cpu_kernel, DEFAULT_TOKEN_COUNTS, 5, args.seed
         )
         save_calibration(cal, calibration_path)
         print(

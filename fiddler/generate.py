@@ -57,6 +57,16 @@ class GenerationResult:
     step_times_s: list[float]  # one per decode step after the first token
     stats: dict[str, object]
     text: str | None = None
+    stats_after_prefill: dict[str, object] | None = None  # the engine's counters at the first token
+
+    def decode_counters(self) -> dict[str, float]:
+        """The engine's numeric counters accrued after the first token (decode only)."""
+        before = self.stats_after_prefill or {}
+        return {
+            k: v - before.get(k, 0)
+            for k, v in self.stats.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and isinstance(before.get(k, 0), (int, float))
+        }
 
     @property
     def decode_s(self) -> float:
@@ -95,8 +105,10 @@ def generate(engine: Engine, prompt_ids: list[int], settings: GenerationSettings
     engine.begin(settings.beam_width, len(prompt_ids) + settings.max_new_tokens)
     prompt = torch.tensor(prompt_ids, dtype=torch.long)
     run = _beam_search if settings.beam_width > 1 else _sample
-    result = run(engine, prompt, settings)
+    timer = _Timer(engine)
+    result = run(engine, prompt, settings, timer)
     result.stats.update(engine.stats())
+    result.stats_after_prefill = timer.stats_after_prefill
     return result
 
 
@@ -109,11 +121,14 @@ class _Timer:
         self.last = self.start
         self.ttft: float | None = None
         self.steps: list[float] = []
+        self.engine = engine
+        self.stats_after_prefill: dict[str, object] | None = None
 
     def lap(self) -> None:
         now = self.clock.now()
         if self.ttft is None:
             self.ttft = now - self.start
+            self.stats_after_prefill = self.engine.stats()  # after the clock: not in any time
         else:
             self.steps.append(now - self.last)
         self.last = now
@@ -123,10 +138,9 @@ def _eos_ids(engine: Engine) -> list[int]:
     return [t for t in engine.config.eos_token_ids if 0 <= t < engine.config.vocab_size]
 
 
-def _sample(engine: Engine, prompt: torch.Tensor, settings: GenerationSettings) -> GenerationResult:
+def _sample(engine: Engine, prompt: torch.Tensor, settings: GenerationSettings, timer: _Timer) -> GenerationResult:
     eos = _eos_ids(engine)
     generator = torch.Generator().manual_seed(settings.seed)
-    timer = _Timer(engine)
     logits = engine.prefill(prompt)
     tokens: list[int] = []
     while True:
@@ -161,12 +175,11 @@ class _Hypothesis:
     tokens: list[int]
 
 
-def _beam_search(engine: Engine, prompt: torch.Tensor, settings: GenerationSettings) -> GenerationResult:
+def _beam_search(engine: Engine, prompt: torch.Tensor, settings: GenerationSettings, timer: _Timer) -> GenerationResult:
     width, vocab = settings.beam_width, engine.config.vocab_size
     eos = _eos_ids(engine)
     stops_at_eos = not settings.ignore_eos and bool(eos)
     candidates_per_step = max(2, 1 + len(eos)) * width
-    timer = _Timer(engine)
     logits = engine.prefill(prompt).expand(width, vocab)
     engine.expand(width)
     # Only beam 0 is live at first, so the identical beams do not all pick the same token.

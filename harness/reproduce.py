@@ -121,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a few-minute subset")
     parser.add_argument("--simulated-only", action="store_true", help="only the simulated reproduction")
+    parser.add_argument("--results", type=Path, default=RESULTS, help=f"folder for the run folders (default {RESULTS})")
     args = parser.parse_args(argv)
     if args.simulated_only:
         for path in simulated_reproduction():
@@ -146,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
             systems=systems,
             cells=tuple(cell_list),
             model=model,
-            out=RESULTS / f"{stamp}_{'gpu' if gpu else 'cpu'}_{model}_{part}",
+            out=args.results / f"{stamp}_{'gpu' if gpu else 'cpu'}_{model}_{part}",
             device="cuda" if gpu else "cpu",
             dtype=torch.bfloat16 if gpu else torch.float32,
             gpu_memory_gb=GPU_BUDGET_GB if gpu else cpu_budget_gb(config, longest),

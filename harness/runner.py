@@ -229,6 +229,9 @@ def run_sweep(spec: SweepSpec) -> Path:
                 progress.step(name, run, index)
         finally:
             system.close()
+            # no reference may outlive close(): the next system's load and its peak-memory
+            # record must not see this one's weights
+            del system
             release_cached_memory()
     render(spec.out)
     return spec.out

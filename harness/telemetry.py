@@ -10,6 +10,7 @@ model, cores, ISA flags, RAM, library versions, git commit) beside the run's set
 from __future__ import annotations
 
 import contextlib
+import os
 import statistics
 import subprocess
 import threading
@@ -92,7 +93,8 @@ def git_commit() -> dict[str, object]:
     try:
         return {"git_commit": git("rev-parse", "HEAD"), "git_dirty": bool(git("status", "--porcelain"))}
     except (OSError, subprocess.CalledProcessError):
-        return {"git_commit": None}
+        # a copy of the tree without .git (the GPU host's): the launcher may state the commit
+        return {"git_commit": os.environ.get("FIDDLER_GIT_COMMIT"), "git_dirty": None}
 
 
 def _gpu_details() -> dict[str, object]:

@@ -232,3 +232,24 @@ def test_the_reference_is_not_a_baseline_and_runs_uncapped(sweep):
     tables = (sweep / "tables.md").read_text()
     speedup_rows = tables.split("over each baseline")[1].split("##")[0]
     assert "expert-lru" in speedup_rows and "cpu-only" not in speedup_rows
+
+
+def test_each_system_is_released_before_the_next_loads(tmp_path, monkeypatch):
+    """The GPU host measured 47 GB 'peak' under a 24 GB budget when a closed system stayed
+    referenced while the next one loaded; every closed system must be unreachable by then."""
+    import weakref
+
+    from harness import runner
+
+    loaded: list[weakref.ref] = []
+    original = runner.load_system
+
+    def tracking(name, options):
+        assert all(ref() is None for ref in loaded), "a closed system is still alive"
+        system = original(name, options)
+        loaded.append(weakref.ref(system))
+        return system
+
+    monkeypatch.setattr(runner, "load_system", tracking)
+    run_sweep(spec(tmp_path, systems=("expert-lru", "fiddler-paper")))
+    assert len(loaded) == 3  # the reference and both systems

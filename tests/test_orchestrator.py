@@ -122,6 +122,11 @@ def test_counters_match_the_plans(policy):
     routing_ids = (len(PROMPT) + 5) * CONFIG.num_experts_per_token * CONFIG.num_layers * 8  # int64 ids read
     assert stats["d2h_bytes"] == cpu_rows * row_bytes + routing_ids
     assert stats["layers"] == CONFIG.num_layers * 6
+    decode = result.decode_counters()  # five decode steps of one token, K routed rows per layer
+    assert decode["layers"] == CONFIG.num_layers * 5
+    rows = sum(decode[f"rows_{path}"] for path in ("gpu", "cpu", "copied", "split"))
+    assert rows == 5 * CONFIG.num_layers * CONFIG.num_experts_per_token
+    assert all(decode[f"rows_{path}"] >= 0 for path in ("gpu", "cpu", "copied", "split"))
     engine.close()
 
 
