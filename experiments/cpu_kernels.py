@@ -5,7 +5,11 @@ Paths, on full-size experts in bf16 rotated through a set larger than the last-l
 - ``torch-plain``: ``F.linear`` with w1|w3 fused [2F, D] and w2 [D, F];
 - ``onednn-packed``: torch's oneDNN linear with weights packed ahead (``torch.utils.mkldnn``);
 - ``torch-compile``: ``torch.compile`` of the plain expert;
-- ``native``: fiddler/csrc/expert_bf16.cpp (AVX512-BF16), where the CPU has it.
+- ``native``: fiddler/csrc/expert_bf16.cpp (AVX512-BF16 dot products, 1-16 tokens), where the CPU has it;
+- ``amx``: the same module's AMX tile path, where the CPU has AMX.
+Beside them, the host's memory read bandwidth per thread count (the native module reading a
+2 GB buffer once with 512-bit loads, and torch's ``sum`` over it): the denominator of issue
+6's target.
 For each thread count asked for, and (``--with-copies``, on a GPU host) while host->device copies
 stream on a side stream, as the hybrid policy runs it. Writes ``<out>/cpu_kernels.json``.
 Usage: ``python experiments/cpu_kernels.py --out $OUT [--threads 16,12] [--with-copies]``.
@@ -28,7 +32,7 @@ from fiddler.expert_layout import split_blocks, split_ffn, to_split_layout
 from fiddler.files import write_json_atomic
 from fiddler.machine import machine_identity
 from fiddler.moe import expert_ffn
-from fiddler.native import native_expert_module, native_unavailable_reason
+from fiddler.native import amx_unavailable_reason, native_expert_module, native_unavailable_reason
 from fiddler.timing import Clock
 
 COLD_BYTES = 2_000_000_000
@@ -80,7 +84,29 @@ def paths(block: int, experts) -> dict:
     if native_expert_module() is not None:
         native = make_kernel("avx512-bf16")
         found["native"] = lambda x, e: native(x, e["w13b"], e["w2b"])
+    if amx_unavailable_reason() is None:
+        amx = make_kernel("amx-bf16")
+        found["amx"] = lambda x, e: amx(x, e["w13b"], e["w2b"])
     return found
+
+
+def read_bandwidth(repeats: int) -> dict[str, float]:
+    """GB/s reading a buffer larger than the last-level cache once, median of ``repeats``."""
+    clock = Clock("cpu")
+    buffer = torch.ones(COLD_BYTES // 2, dtype=torch.bfloat16)
+    readers = {"torch-sum": lambda: buffer.sum()}
+    if native_expert_module() is not None:
+        readers["native-read"] = lambda: native_expert_module().read_all(buffer)
+    result = {}
+    for name, read in readers.items():
+        read()
+        samples = []
+        for _ in range(repeats):
+            start = clock.now()
+            read()
+            samples.append(clock.now() - start)
+        result[name] = buffer.nbytes / statistics.median(samples) / 1e9
+    return result
 
 
 def measure(fn, experts, tokens: int, hidden: int, repeats: int) -> float:
@@ -115,8 +141,13 @@ def main() -> int:
         candidates = {k: v for k, v in candidates.items() if k in args.paths.split(",")}
     rows = []
     conditions = ["alone"] + (["beside-copies"] if args.with_copies and torch.cuda.is_available() else [])
+    bandwidth = {}
     for threads in map(int, args.threads.split(",")):
         set_cpu_threads(threads)
+        bandwidth[threads] = read_bandwidth(args.repeats)
+        print(
+            f"memory read, threads={threads}: " + ", ".join(f"{k} {v:.1f} GB/s" for k, v in bandwidth[threads].items())
+        )
         for condition in conditions:
             copier = _Copier(experts) if condition == "beside-copies" else None
             for name, fn in candidates.items():
@@ -150,6 +181,8 @@ def main() -> int:
             "model": config.name,
             "expert_bytes": expert_bytes,
             "native": native_unavailable_reason() or "available",
+            "amx": amx_unavailable_reason() or "available",
+            "memory_read_gb_per_s": bandwidth,
             "rows": rows,
         },
     )

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import torch
 
-from fiddler.calibrate import QUICK_TOKEN_COUNTS, calibrate, calibration_matches, load_calibration
+from fiddler.calibrate import QUICK_TOKEN_COUNTS, calibrate, calibration_matches, kernel_tiers, load_calibration
 from fiddler.config import ModelConfig
 from fiddler.cost_model import LatencyModel
-from fiddler.cpu_experts import AUTO, CpuExpertKernel, make_kernel, set_cpu_threads
+from fiddler.cpu_experts import AUTO, CpuExpertKernel, set_cpu_threads, tiered_kernel
 from fiddler.engine import Engine
 from fiddler.placement import budget_from_free_memory, load_popularity, plan_placement
 from fiddler.planner import POLICIES
@@ -116,7 +116,8 @@ def _latency_model(
                 f"calibration {options.calibration} was measured for another expert shape ({mismatch}); "
                 "run 'fiddler calibrate' for this model"
             )
-        if options.cpu_kernel not in (AUTO, calibration["cpu_kernel"]):
+        measured = [name for _, name in kernel_tiers(calibration)]
+        if options.cpu_kernel != AUTO and measured != [options.cpu_kernel]:
             raise ValueError(
                 f"calibration {options.calibration} was measured with the {calibration['cpu_kernel']} CPU kernel; "
                 f"run 'fiddler calibrate --cpu-kernel {options.cpu_kernel}' to use that one"
@@ -135,7 +136,7 @@ def _latency_model(
             options.seed,
         )
         source = {"file": None, "quick": True}
-    max_tokens = calibration.get("cpu_kernel_max_tokens")
-    kernel = make_kernel(calibration["cpu_kernel"], max_tokens)
-    source.update(copy_gb_per_s=calibration["copy_gb_per_s"], cpu_kernel=kernel.name, cpu_kernel_max_tokens=max_tokens)
+    tiers = kernel_tiers(calibration)
+    kernel = tiered_kernel(tiers)
+    source.update(copy_gb_per_s=calibration["copy_gb_per_s"], cpu_kernel=kernel.name, cpu_kernel_tiers=tiers)
     return LatencyModel.from_calibration(calibration), kernel, source

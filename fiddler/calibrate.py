@@ -7,9 +7,13 @@ schema ``fiddler-calibration`` version 1 (``save_calibration`` writes it atomica
 - ``schema``, ``version``; ``machine``: ``fiddler.machine.machine_identity``; ``created``.
 - ``model``: ``hidden_size``, ``intermediate_size``, ``dtype``, ``expert_bytes``; latencies
   depend on the expert's shape, so a file only serves models of that shape.
-- ``device`` (the accelerator, or ``cpu`` standing in), ``cpu_threads``, ``cpu_kernel`` (the
-  chosen kernel), ``cpu_kernel_max_tokens`` (it serves up to that many tokens, torch beyond),
-  ``cpu_kernel_curves_s`` (every kernel's CPU curve as measured),
+- ``device`` (the accelerator, or ``cpu`` standing in), ``cpu_threads``,
+  ``cpu_kernel_tiers`` (``[[max_tokens, kernel], ...]``, the last with ``null``: for each range
+  of token counts the kernel that measured fastest there), ``cpu_kernel`` (their combined
+  name), ``cpu_kernel_curves_s`` (every kernel's CPU curve as measured, ``null`` beyond what
+  a kernel computes itself). Files from before the tiers carry ``cpu_kernel`` and
+  ``cpu_kernel_max_tokens`` (that kernel up to that many tokens, torch beyond) instead;
+  ``kernel_tiers`` reads both.
   ``split_blocks`` (experts are measured in the split layout of ``fiddler.expert_layout``).
 - ``token_counts``: n values of the curves below (seconds, medians):
   ``cpu_expert_s`` one expert on the CPU for n tokens, weights not in cache;
@@ -39,7 +43,7 @@ from pathlib import Path
 import torch
 
 from fiddler.config import ModelConfig
-from fiddler.cpu_experts import AUTO, available_kernels, make_kernel, set_cpu_threads
+from fiddler.cpu_experts import AUTO, available_kernels, kernel_limit, make_kernel, set_cpu_threads, tiered_kernel
 from fiddler.expert_layout import split_blocks, split_ffn, split_shapes, to_split_layout
 from fiddler.files import read_json, write_json_atomic
 from fiddler.host_memory import HostArena, nbytes_of
@@ -116,7 +120,7 @@ def calibrate(
     seed: int = 0,
 ) -> dict[str, object]:
     """``cpu_kernel`` ``auto`` measures every kernel that runs here and keeps, for each token
-    count, the faster one (``cpu_kernel_max_tokens``: the native kernel up to that count)."""
+    count, the fastest (``cpu_kernel_tiers``)."""
     device = torch.device(device)
     threads = set_cpu_threads(cpu_threads)
     cold = _ColdExperts(config, dtype, seed, device)
@@ -128,22 +132,20 @@ def calibrate(
     candidates = available_kernels() if cpu_kernel == AUTO and native_dtype else [cpu_kernel]
     if candidates == [AUTO]:
         candidates = ["torch"]
-    curves: dict[str, list[float]] = {}
+    curves: dict[str, list[float | None]] = {}
     for name in candidates:
-        candidate = make_kernel(name)
-        curve = []
+        candidate, limit = make_kernel(name), kernel_limit(name)
+        curve: list[float | None] = []
         for n in token_counts:
+            if limit is not None and n > limit:  # beyond it the kernel hands over to torch's
+                curve.append(None)
+                continue
             x = torch.randn(n, hidden, generator=generator).to(dtype)
             curve.append(_median_time(host_clock, lambda x=x, k=candidate: k(x, *cold.next()), repeats))
         curves[name] = curve
-    kernel_name, max_tokens = _choose_kernel(curves, token_counts)
-    kernel = make_kernel(kernel_name, max_tokens)
-    cpu_s = [
-        min(curves[kernel_name][i], curves["torch"][i])
-        if "torch" in curves and token_counts[i] > max_tokens
-        else curves[kernel_name][i]
-        for i in range(len(token_counts))
-    ]
+    tiers = choose_tiers(curves, token_counts)
+    kernel = tiered_kernel(tiers)
+    cpu_s = [_fastest(curves, i)[1] for i in range(len(token_counts))]
 
     slot13, slot2 = (torch.empty_like(w, device=device) for w in cold.sets[1][0])
 
@@ -185,7 +187,7 @@ def calibrate(
         "device": device.type,
         "cpu_threads": threads,
         "cpu_kernel": kernel.name,
-        "cpu_kernel_max_tokens": max_tokens,
+        "cpu_kernel_tiers": tiers,
         "cpu_kernel_curves_s": curves,
         "split_blocks": cold.blocks,
         "token_counts": list(token_counts),
@@ -201,18 +203,33 @@ def calibrate(
     }
 
 
-def _choose_kernel(curves: dict[str, list[float]], token_counts: tuple[int, ...]) -> tuple[str, int]:
-    """The native kernel for the token counts, from the smallest up, where it beats torch's."""
-    native = next((name for name in curves if name != "torch"), None)
-    if native is None or "torch" not in curves:
-        name = next(iter(curves))
-        return name, max(token_counts)
-    max_tokens = 0
-    for n, mine, theirs in zip(token_counts, curves[native], curves["torch"], strict=True):
-        if mine >= theirs:
-            break
-        max_tokens = n
-    return (native, max_tokens) if max_tokens else ("torch", 0)
+def _fastest(curves: dict[str, list[float | None]], i: int) -> tuple[str, float]:
+    timed = [(name, curve[i]) for name, curve in curves.items() if curve[i] is not None]
+    return min(timed, key=lambda item: item[1])
+
+
+def choose_tiers(curves: dict[str, list[float | None]], token_counts: tuple[int, ...]) -> list[list]:
+    """At each measured token count the fastest kernel; a run of counts with the same winner is
+    one tier reaching up to the last of them, and the last tier takes any count beyond."""
+    tiers: list[list] = []
+    for i, n in enumerate(token_counts):
+        name = _fastest(curves, i)[0]
+        if tiers and tiers[-1][1] == name:
+            tiers[-1][0] = n
+        else:
+            tiers.append([n, name])
+    tiers[-1][0] = None
+    return tiers
+
+
+def kernel_tiers(calibration: dict[str, object]) -> list[list]:
+    """The calibration's kernel tiers; files from before tiers name one kernel up to a count."""
+    if "cpu_kernel_tiers" in calibration:
+        return calibration["cpu_kernel_tiers"]
+    name, max_tokens = calibration["cpu_kernel"], calibration.get("cpu_kernel_max_tokens")
+    if name == "torch" or max_tokens is None:
+        return [[None, name]]
+    return [[max_tokens, name], [None, "torch"]] if max_tokens else [[None, "torch"]]
 
 
 def _measure_concurrency(device, kernel, cold, slot13, slot2, repeats) -> dict[str, object]:

@@ -204,7 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--out", type=Path, required=True, help="JSON file to write")
     cal.add_argument("--cpu-threads", type=int)
     cal.add_argument(
-        "--cpu-kernel", default="auto", help="auto (measure every kernel, keep the faster), torch, avx512-bf16"
+        "--cpu-kernel",
+        default="auto",
+        help="auto (measure all, keep the fastest per token count), torch, avx512-bf16, amx-bf16",
     )
     cal.add_argument("--repeats", type=int, default=5)
     cal.add_argument("--quick", action="store_true", help="fewer token counts")

@@ -39,8 +39,8 @@ AUTO = "auto"  # let calibration choose
 
 class NativeExpertKernel:
     """fiddler/csrc/expert_bf16.cpp: AVX512-BF16 dot products for both projections, every
-    weight read once, in address order, for up to 16 tokens. More tokens, or another dtype,
-    go to the torch path (oneDNN's AMX kernels serve them well)."""
+    weight read once, in address order, for up to 16 tokens (compute-bound from about four).
+    More tokens, or another dtype, go to the torch path."""
 
     name = "avx512-bf16"
 
@@ -60,18 +60,70 @@ class NativeExpertKernel:
         return self.module.expert(x.contiguous(), w13b, w2b)
 
 
-KERNELS: dict[str, type] = {"torch": TorchExpertKernel, "avx512-bf16": NativeExpertKernel}
+class AmxExpertKernel:
+    """The same module's AMX tile path: weights read once per pass of up to 64 tokens, tiles
+    of 16 weight rows against 16 tokens, so compute stays far below the memory's pace. Another
+    dtype goes to the torch path."""
+
+    name = "amx-bf16"
+
+    def __init__(self, max_tokens: int | None = None):
+        from fiddler.native import amx_unavailable_reason, native_expert_module
+
+        reason = amx_unavailable_reason()
+        if reason is not None:
+            raise ValueError(f"the {self.name} CPU expert kernel is unavailable: {reason}")
+        self.module = native_expert_module()
+        self.max_tokens = max_tokens  # None: any count
+        self.fallback = TorchExpertKernel()
+
+    def __call__(self, x: torch.Tensor, w13b: torch.Tensor, w2b: torch.Tensor) -> torch.Tensor:
+        if x.dtype != torch.bfloat16 or (self.max_tokens is not None and x.shape[0] > self.max_tokens):
+            return self.fallback(x, w13b, w2b)
+        return self.module.expert_amx(x.contiguous(), w13b, w2b)
+
+
+class TieredExpertKernel:
+    """A kernel per range of token counts, as calibration chose them: ``tiers`` is
+    ``[(max_tokens, kernel), ...]`` in increasing order, the last with ``None`` (any count)."""
+
+    def __init__(self, tiers: list[tuple[int | None, CpuExpertKernel]]):
+        if not tiers or tiers[-1][0] is not None:
+            raise ValueError("the last kernel tier must take any token count (max_tokens None)")
+        self.tiers = tiers
+        self.name = "+".join(k.name if m is None else f"{k.name}<={m}" for m, k in tiers)
+
+    def __call__(self, x: torch.Tensor, w13b: torch.Tensor, w2b: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0]
+        kernel = next(k for m, k in self.tiers if m is None or n <= m)
+        return kernel(x, w13b, w2b)
+
+
+KERNELS: dict[str, type] = {"torch": TorchExpertKernel, "avx512-bf16": NativeExpertKernel, "amx-bf16": AmxExpertKernel}
 
 
 def make_kernel(name: str, max_tokens: int | None = None) -> CpuExpertKernel:
-    """A kernel by name; ``max_tokens`` (from calibration) bounds what the native kernel serves."""
+    """A kernel by name; ``max_tokens`` bounds what a native kernel serves (torch beyond)."""
     if name not in KERNELS:
         raise ValueError(f"unknown CPU expert kernel {name!r}; choose one of {sorted(KERNELS)} or {AUTO}")
     return KERNELS[name](max_tokens) if name != "torch" else KERNELS[name]()
 
 
+def tiered_kernel(tiers: list[list]) -> CpuExpertKernel:
+    """The kernel a calibration's ``cpu_kernel_tiers`` ([[max_tokens or None, name], ...]) describe."""
+    if len(tiers) == 1:
+        return make_kernel(tiers[0][1])
+    return TieredExpertKernel([(m, make_kernel(name)) for m, name in tiers])
+
+
+def kernel_limit(name: str) -> int | None:
+    """The most tokens kernel ``name`` computes itself (None: any), where it runs here."""
+    return make_kernel(name).max_tokens if name == NativeExpertKernel.name else None
+
+
 def available_kernels() -> list[str]:
-    """Kernels that run on this machine (the native one only where it builds)."""
+    """Kernels that run on this machine (the native ones only where they build and the CPU has
+    their instructions)."""
     names = []
     for name in KERNELS:
         try:

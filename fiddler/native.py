@@ -1,6 +1,8 @@
 """The native CPU expert kernel (fiddler/csrc/expert_bf16.cpp), built on first use.
 
-Contract: ``native_expert_module()`` returns the compiled extension, or ``None`` with the
+Contract: ``native_expert_module()`` returns the compiled extension (``expert``: AVX512-BF16, up
+to ``max_tokens`` tokens; ``expert_amx``: AMX tiles, any count, where ``amx_unavailable_reason()``
+is None), or ``None`` with the
 reason in ``native_unavailable_reason()`` when this CPU lacks AVX512-BF16, there is no
 compiler, or the build fails; callers then use the pure-torch path. The build goes through
 torch's extension loader (ninja, the host compiler, OpenMP so it uses torch's intra-op
@@ -17,7 +19,20 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "csrc" / "expert_bf16.cpp"
 REQUIRED_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16")
-COMPILE_FLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma"]
+# AMX flags let the compiler accept the tile intrinsics; it emits them only where they are written,
+# and expert_amx is called only where the CPU has AMX (amx_unavailable_reason() is None).
+COMPILE_FLAGS = [
+    "-O3",
+    "-fopenmp",
+    "-mavx512f",
+    "-mavx512bw",
+    "-mavx512vl",
+    "-mavx512bf16",
+    "-mfma",
+    "-mamx-tile",
+    "-mamx-bf16",
+]
+AMX_FLAGS = ("amx_tile", "amx_bf16")
 _reason: list[str] = []
 
 
@@ -56,3 +71,16 @@ def native_expert_module():
 def native_unavailable_reason() -> str | None:
     native_expert_module()
     return _reason[-1] if _reason else None
+
+
+def amx_unavailable_reason() -> str | None:
+    """None when the AMX path of the native module can run here, else why not."""
+    module = native_expert_module()
+    if module is None:
+        return native_unavailable_reason()
+    missing = [flag for flag in AMX_FLAGS if flag not in cpu_flags()]
+    if missing:
+        return f"this CPU lacks {', '.join(missing)}"
+    if not module.amx_permitted():
+        return "the operating system refused this process the AMX tile state (arch_prctl)"
+    return None

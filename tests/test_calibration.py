@@ -20,7 +20,7 @@ def test_calibration_schema(tiny_calibration, tmp_path):
     c = tiny_calibration
     assert c["schema"] == SCHEMA and c["version"] == 1 and c["device"] == "cpu"
     assert c["model"]["hidden_size"] == TINY.hidden_size and c["cpu_kernel"] == "torch"  # float32: torch only
-    assert set(c["cpu_kernel_curves_s"]) == {"torch"}
+    assert set(c["cpu_kernel_curves_s"]) == {"torch"} and c["cpu_kernel_tiers"] == [[None, "torch"]]
     for key in ("cpu_expert_s", "gpu_expert_s", "act_d2h_s", "act_h2d_s", "cpu_weight_gb_per_s"):
         assert len(c[key]) == 3 and all(v > 0 for v in c[key]), key
     assert c["copy_expert_s"] > 0 and c["concurrent"]["measured"] is False
@@ -31,6 +31,28 @@ def test_calibration_schema(tiny_calibration, tmp_path):
     assert not list(tmp_path.glob("*.tmp"))
     model = LatencyModel.from_calibration(load_calibration(path))
     assert model.cpu(4) == c["cpu_expert_s"][1]
+
+
+def test_bf16_calibration_measures_every_kernel_here_and_builds_its_choice(tmp_path):
+    from fiddler.cpu_experts import available_kernels
+
+    c = calibrate(TINY, "cpu", torch.bfloat16, token_counts=(1, 4, 32), repeats=2)
+    assert set(c["cpu_kernel_curves_s"]) == set(available_kernels())
+    if "avx512-bf16" in c["cpu_kernel_curves_s"]:  # it computes at most 16 tokens itself
+        assert c["cpu_kernel_curves_s"]["avx512-bf16"][2] is None
+    tiers = c["cpu_kernel_tiers"]
+    assert tiers[-1][0] is None and all(name in c["cpu_kernel_curves_s"] for _, name in tiers)
+    fastest = [min(v[i] for v in c["cpu_kernel_curves_s"].values() if v[i] is not None) for i in range(3)]
+    assert c["cpu_expert_s"] == fastest
+    path = tmp_path / "cal.json"
+    save_calibration(c, path)
+    engine, record = build_engine(
+        EngineOptions(
+            TINY, 64, device="cpu", dtype=torch.bfloat16, gpu_memory_gb=0.2, policy="hybrid", calibration=path
+        )
+    )
+    assert record["calibration"]["cpu_kernel"] == c["cpu_kernel"] == engine.model.experts.cpu_kernel.name
+    engine.close()
 
 
 def test_calibration_must_fit_the_model(tiny_calibration, tmp_path):

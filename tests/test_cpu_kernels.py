@@ -1,13 +1,14 @@
-"""CPU expert kernels: the native AVX512-BF16 kernel against a float64 reference on random
-inputs (where this CPU can build it), the torch fallback, and calibration's choice."""
+"""CPU expert kernels: the native AVX512-BF16 and AMX kernels against a float64 reference on
+random inputs (where this CPU can build and run them), the torch fallback, and calibration's
+choice of a kernel per range of token counts."""
 
 import pytest
 import torch
 
-from fiddler.calibrate import _choose_kernel
-from fiddler.cpu_experts import make_kernel
+from fiddler.calibrate import choose_tiers, kernel_tiers
+from fiddler.cpu_experts import TieredExpertKernel, make_kernel, tiered_kernel
 from fiddler.expert_layout import split_ffn, to_split_layout
-from fiddler.native import native_expert_module, native_unavailable_reason
+from fiddler.native import amx_unavailable_reason, native_expert_module, native_unavailable_reason
 
 BF16_TOL = 0.01  # relative L2 error; bf16 operands with float32 accumulation land near 0.003
 
@@ -25,15 +26,23 @@ def relative_error(value: torch.Tensor, truth: torch.Tensor) -> float:
     return float((value.double() - truth).norm() / truth.norm())
 
 
-@pytest.mark.parametrize("kernel_name", ["torch", "avx512-bf16"])
-@pytest.mark.parametrize(("d", "f", "blocks"), [(64, 128, 16), (512, 1792, 16), (96, 192, 12)])
+def skip_unless_runs(kernel_name: str) -> None:
+    reason = {"torch": None, "avx512-bf16": native_unavailable_reason, "amx-bf16": amx_unavailable_reason}[kernel_name]
+    if reason is not None and reason() is not None:
+        pytest.skip(f"{kernel_name} unavailable here: {reason()}")
+
+
+@pytest.mark.parametrize("kernel_name", ["torch", "avx512-bf16", "amx-bf16"])
+# shapes with tails: hidden and block widths that are not multiples of a tile (16 rows x 32)
+@pytest.mark.parametrize(("d", "f", "blocks"), [(64, 128, 16), (512, 1792, 16), (96, 192, 12), (100, 200, 10)])
 def test_kernels_match_float64(kernel_name, d, f, blocks):
-    if kernel_name != "torch" and native_expert_module() is None:
-        pytest.skip(f"native kernel unavailable here: {native_unavailable_reason()}")
+    skip_unless_runs(kernel_name)
     kernel = make_kernel(kernel_name)
     w13b, w2b = random_expert(d, f, blocks, seed=d + f)
     g = f // blocks
-    for tokens in (1, 2, 3, 7, 16, 20):  # 20: beyond the native kernel, served by torch
+    # 20: beyond the AVX512 kernel (torch serves it); 33, 64, 70: two to five AMX token tiles,
+    # 70 in two passes over the weights
+    for tokens in (1, 2, 3, 7, 16, 20, 33, 64, 70):
         x = torch.randn(tokens, d, generator=torch.Generator().manual_seed(tokens)).bfloat16()
         truth = split_ffn(x.double(), w13b.double(), w2b.double())
         assert relative_error(kernel(x, w13b, w2b), truth) < BF16_TOL, tokens
@@ -54,8 +63,39 @@ def test_native_kernel_bound_and_bad_input():
         native_expert_module().expert(torch.randn(1, 64), w13b, w2b)
 
 
-def test_calibration_keeps_the_native_kernel_only_where_it_is_faster():
+def test_calibration_picks_the_fastest_kernel_per_range_of_token_counts():
     counts = (1, 2, 4, 8)
-    assert _choose_kernel({"torch": [4, 3, 3, 3], "avx512-bf16": [2, 2.5, 3.5, 2]}, counts) == ("avx512-bf16", 2)
-    assert _choose_kernel({"torch": [1, 1, 1, 1], "avx512-bf16": [2, 2, 2, 2]}, counts) == ("torch", 0)
-    assert _choose_kernel({"torch": [1, 1, 1, 1]}, counts) == ("torch", 8)
+    curves = {"torch": [4, 3, 3, 3], "avx512-bf16": [2, 2.5, 3.5, None], "amx-bf16": [2.5, 2.4, 2, 2.9]}
+    assert choose_tiers(curves, counts) == [[1, "avx512-bf16"], [None, "amx-bf16"]]
+    assert choose_tiers({"torch": [1, 1, 1, 1], "avx512-bf16": [2, 2, 2, None]}, counts) == [[None, "torch"]]
+    assert choose_tiers({"torch": [3, 3, 1, 1], "avx512-bf16": [2, 2, 2, None]}, counts) == [
+        [2, "avx512-bf16"],
+        [None, "torch"],
+    ]
+    # files from before the tiers: one kernel up to a count, torch beyond
+    assert kernel_tiers({"cpu_kernel": "avx512-bf16", "cpu_kernel_max_tokens": 4}) == [
+        [4, "avx512-bf16"],
+        [None, "torch"],
+    ]
+    assert kernel_tiers({"cpu_kernel": "torch", "cpu_kernel_max_tokens": 0}) == [[None, "torch"]]
+
+
+def test_tiered_kernel_dispatches_by_token_count():
+    calls = []
+
+    class Recording:
+        def __init__(self, name):
+            self.name = name
+
+        def __call__(self, x, w13b, w2b):
+            calls.append((self.name, x.shape[0]))
+            return x
+
+    kernel = TieredExpertKernel([(2, Recording("a")), (8, Recording("b")), (None, Recording("c"))])
+    assert kernel.name == "a<=2+b<=8+c"
+    for n in (1, 2, 3, 8, 9, 100):
+        kernel(torch.zeros(n, 4), None, None)
+    assert calls == [("a", 1), ("a", 2), ("b", 3), ("b", 8), ("c", 9), ("c", 100)]
+    assert tiered_kernel([[None, "torch"]]).name == "torch"
+    with pytest.raises(ValueError, match="any token count"):
+        TieredExpertKernel([(2, Recording("a"))])

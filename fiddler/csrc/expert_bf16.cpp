@@ -10,10 +10,20 @@
 //   h[t, bG + j] = bf16(silu(gate) * up)                       (gate, up from y1)
 //   y[t, d] = sum_b dot(h[t, bG : bG + G], w2b[b, d, :])       (rows d split across threads;
 //                                                               each thread walks b in order)
+//
+// Two paths compute this. `expert`: AVX512-BF16 dot products, for 1-16 tokens; memory-bound at
+// one or two tokens, compute-bound in VDPBF16PS from about four. `expert_amx`: AMX tiles
+// (TDPBF16PS), any token count in passes of up to 64; the weights are the A operand, read
+// straight from the split layout (16 rows x 32 columns per tile), and the tokens the B
+// operand, packed once per call into the pair-interleaved (VNNI) form the instruction needs.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <vector>
@@ -130,20 +140,233 @@ torch::Tensor dispatch(const torch::Tensor& x, const torch::Tensor& w13b, const 
   }
 }
 
-torch::Tensor expert(torch::Tensor x, torch::Tensor w13b, torch::Tensor w2b) {
+
+// ---------------------------------------------------------------------------------------------
+// AMX path.
+
+constexpr int kTile = 16;          // rows of a tile, and tokens of a B tile
+constexpr int kTileK = 32;         // bf16 elements of a tile row (64 bytes)
+constexpr int kTileElems = kTile * kTileK;
+constexpr int kMaxTokenTiles = 4;  // C tiles 0-3 hold up to 64 tokens per pass over the weights
+constexpr int kAmxPassTokens = kTile * kMaxTokenTiles;
+// GCC's tile intrinsics paste the tile number into the instruction: literals, not constants.
+#define TILE_A 4
+#define TILE_B 5
+constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;  // Linux: ask to use AMX state
+
+struct alignas(64) TileConfig {
+  uint8_t palette = 1;
+  uint8_t start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+bool amx_permitted() {
+  static const bool permitted = syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+  return permitted;
+}
+
+void configure_tiles() {
+  TileConfig config;
+  for (int t = 0; t <= TILE_B; ++t) {
+    config.rows[t] = kTile;
+    config.colsb[t] = kTileK * sizeof(uint16_t);
+  }
+  _tile_loadconfig(&config);
+}
+
+inline int64_t chunks_of(int64_t len) { return (len + kTileK - 1) / kTileK; }
+
+// Tokens as B tiles: dst[c][p][t][e] = src[t, c*32 + 2p + e] for token tile (t0 .. t0+15), zero
+// beyond `tokens` and `len`; one tile per 32-element chunk c of the row.
+void pack_tokens(const uint16_t* src, int64_t src_stride, int tokens, int64_t len, uint16_t* dst) {
+  const int64_t chunks = chunks_of(len);
+  std::memset(dst, 0, sizeof(uint16_t) * kTileElems * chunks);
+  for (int t = 0; t < tokens; ++t)
+    for (int64_t k = 0; k < len; ++k) {
+      const int64_t c = k / kTileK, p = (k % kTileK) / 2, e = k % 2;
+      dst[c * kTileElems + p * kTileK + t * 2 + e] = src[t * src_stride + k];
+    }
+}
+
+// A tile of weights: rows r..r+15, columns c*32..c*32+31 of a [*, len] row-major matrix; a tile
+// that would run past `rows_left` or `len` goes through a zero-padded copy.
+inline void load_weights(const uint16_t* w, int64_t len, int64_t r, int64_t c, int64_t rows_left, uint16_t* scratch) {
+  const int64_t k0 = c * kTileK, cols = std::min<int64_t>(kTileK, len - k0);
+  if (rows_left >= kTile && cols == kTileK) {
+    _tile_loadd(TILE_A, w + r * len + k0, len * sizeof(uint16_t));
+    return;
+  }
+  std::memset(scratch, 0, sizeof(uint16_t) * kTileElems);
+  for (int64_t i = 0; i < std::min<int64_t>(kTile, rows_left); ++i)
+    std::memcpy(scratch + i * kTileK, w + (r + i) * len + k0, sizeof(uint16_t) * cols);
+  _tile_loadd(TILE_A, scratch, kTileK * sizeof(uint16_t));
+}
+
+template <int TC>
+inline void store_tokens(float* out, int64_t out_stride, int tokens, int64_t r, int64_t rows) {
+  alignas(64) float c[kTile * kTile];
+  for (int j = 0; j < TC; ++j) {
+    switch (j) {  // tile numbers must be constants
+      case 0: _tile_stored(0, c, kTile * sizeof(float)); break;
+      case 1: _tile_stored(1, c, kTile * sizeof(float)); break;
+      case 2: _tile_stored(2, c, kTile * sizeof(float)); break;
+      default: _tile_stored(3, c, kTile * sizeof(float)); break;
+    }
+    for (int t = j * kTile; t < std::min(tokens, (j + 1) * kTile); ++t)
+      for (int64_t i = 0; i < rows; ++i) out[t * out_stride + r + i] = c[i * kTile + (t - j * kTile)];
+  }
+}
+
+// out[t, r] = sum_s tokens_s[t, :] . w_s[r, :] for rows [g0*16, min(g1*16, rows)), with TC token
+// tiles; segment s's weights start at w + s*seg_stride, its packed tokens at
+// packed + s*TC*chunks*kTileElems (token tile j at + j*chunks*kTileElems).
+template <int TC>
+void amx_rows(const uint16_t* packed, int tokens, const uint16_t* w, int64_t segments, int64_t seg_stride,
+              int64_t len, int64_t rows, float* out, int64_t out_stride, int64_t g0, int64_t g1) {
+  const int64_t chunks = chunks_of(len), tile_stride = kTileK * sizeof(uint16_t);
+  alignas(64) uint16_t scratch[kTileElems];
+  configure_tiles();
+  for (int64_t g = g0; g < g1; ++g) {
+    const int64_t r = g * kTile, rows_left = rows - r;
+    _tile_zero(0);
+    if constexpr (TC > 1) _tile_zero(1);
+    if constexpr (TC > 2) _tile_zero(2);
+    if constexpr (TC > 3) _tile_zero(3);
+    for (int64_t s = 0; s < segments; ++s) {
+      const uint16_t* b = packed + s * TC * chunks * kTileElems;
+      for (int64_t c = 0; c < chunks; ++c) {
+        load_weights(w + s * seg_stride, len, r, c, rows_left, scratch);
+        _tile_loadd(TILE_B, b + c * kTileElems, tile_stride);
+        _tile_dpbf16ps(0, TILE_A, TILE_B);
+        if constexpr (TC > 1) {
+          _tile_loadd(TILE_B, b + (chunks + c) * kTileElems, tile_stride);
+          _tile_dpbf16ps(1, TILE_A, TILE_B);
+        }
+        if constexpr (TC > 2) {
+          _tile_loadd(TILE_B, b + (2 * chunks + c) * kTileElems, tile_stride);
+          _tile_dpbf16ps(2, TILE_A, TILE_B);
+        }
+        if constexpr (TC > 3) {
+          _tile_loadd(TILE_B, b + (3 * chunks + c) * kTileElems, tile_stride);
+          _tile_dpbf16ps(3, TILE_A, TILE_B);
+        }
+      }
+    }
+    store_tokens<TC>(out, out_stride, tokens, r, std::min<int64_t>(kTile, rows_left));
+  }
+  _tile_release();
+}
+
+// `segments` segments of tokens [n, segments*len] (row stride src_stride) packed as amx_rows reads them.
+std::vector<uint16_t> pack_segments(const uint16_t* src, int64_t src_stride, int n, int64_t segments, int64_t len) {
+  const int tiles = (n + kTile - 1) / kTile;
+  const int64_t chunks = chunks_of(len);
+  std::vector<uint16_t> packed(static_cast<size_t>(segments * tiles * chunks * kTileElems));
+  at::parallel_for(0, segments * tiles, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t s = i / tiles, j = i % tiles;
+      pack_tokens(src + j * kTile * src_stride + s * len, src_stride, std::min<int>(kTile, n - j * kTile), len,
+                  packed.data() + i * chunks * kTileElems);
+    }
+  });
+  return packed;
+}
+
+template <int TC>
+void amx_matmul(const uint16_t* packed, int n, const uint16_t* w, int64_t segments, int64_t seg_stride, int64_t len,
+                int64_t rows, float* out, int64_t out_stride) {
+  at::parallel_for(0, (rows + kTile - 1) / kTile, 1, [&](int64_t g0, int64_t g1) {
+    amx_rows<TC>(packed, n, w, segments, seg_stride, len, rows, out, out_stride, g0, g1);
+  });
+}
+
+void amx_dispatch(const uint16_t* packed, int n, const uint16_t* w, int64_t segments, int64_t seg_stride, int64_t len,
+                  int64_t rows, float* out, int64_t out_stride) {
+  switch ((n + kTile - 1) / kTile) {
+    case 1: return amx_matmul<1>(packed, n, w, segments, seg_stride, len, rows, out, out_stride);
+    case 2: return amx_matmul<2>(packed, n, w, segments, seg_stride, len, rows, out, out_stride);
+    case 3: return amx_matmul<3>(packed, n, w, segments, seg_stride, len, rows, out, out_stride);
+    default: return amx_matmul<4>(packed, n, w, segments, seg_stride, len, rows, out, out_stride);
+  }
+}
+
+// One pass over the weights for n <= 64 tokens.
+void amx_pass(const uint16_t* xp, int n, int64_t d, const uint16_t* w13p, int64_t rows, const uint16_t* w2p,
+              int64_t blocks, int64_t g, float* yp) {
+  const int64_t f = blocks * g;
+  std::vector<float> y1(static_cast<size_t>(n) * rows);
+  amx_dispatch(pack_segments(xp, d, n, 1, d).data(), n, w13p, 1, 0, d, rows, y1.data(), rows);
+
+  std::vector<uint16_t> h(static_cast<size_t>(n) * f);
+  at::parallel_for(0, f, 256, [&](int64_t f0, int64_t f1) {
+    for (int t = 0; t < n; ++t)
+      for (int64_t i = f0; i < f1; ++i) {
+        const int64_t b = i / g, j = i % g;
+        const float gate = y1[t * rows + 2 * b * g + j], up = y1[t * rows + 2 * b * g + g + j];
+        h[t * f + i] = to_bf16(gate / (1.0f + std::exp(-gate)) * up);
+      }
+  });
+  amx_dispatch(pack_segments(h.data(), f, n, blocks, g).data(), n, w2p, blocks, d * g, g, d, yp, d);
+}
+
+void check_expert_args(const torch::Tensor& x, const torch::Tensor& w13b, const torch::Tensor& w2b) {
   TORCH_CHECK(x.scalar_type() == torch::kBFloat16 && w13b.scalar_type() == torch::kBFloat16 &&
                   w2b.scalar_type() == torch::kBFloat16,
               "bf16 tensors expected");
   TORCH_CHECK(x.is_contiguous() && w13b.is_contiguous() && w2b.is_contiguous(), "contiguous tensors expected");
   TORCH_CHECK(w2b.dim() == 3 && x.size(1) == w13b.size(1) && x.size(1) == w2b.size(1), "hidden size mismatch");
   TORCH_CHECK(w13b.size(0) == 2 * w2b.size(0) * w2b.size(2), "w13b rows must be twice the blocks' rows");
-  TORCH_CHECK(x.size(0) >= 1 && x.size(0) <= kMaxTokens, "1 to ", kMaxTokens, " tokens");
+  TORCH_CHECK(x.size(0) >= 1, "at least one token");
+}
+
+torch::Tensor expert_amx(torch::Tensor x, torch::Tensor w13b, torch::Tensor w2b) {
+  check_expert_args(x, w13b, w2b);
+  TORCH_CHECK(amx_permitted(), "the kernel may not use AMX state here (arch_prctl refused)");
+  const int64_t n = x.size(0), d = x.size(1);
+  auto y = torch::empty({n, d}, x.options().dtype(torch::kFloat32));
+  const auto* xp = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
+  const auto* w13p = reinterpret_cast<const uint16_t*>(w13b.data_ptr<at::BFloat16>());
+  const auto* w2p = reinterpret_cast<const uint16_t*>(w2b.data_ptr<at::BFloat16>());
+  for (int64_t t0 = 0; t0 < n; t0 += kAmxPassTokens) {  // more tokens: another pass over the weights
+    const int tokens = static_cast<int>(std::min<int64_t>(kAmxPassTokens, n - t0));
+    amx_pass(xp + t0 * d, tokens, d, w13p, w13b.size(0), w2p, w2b.size(0), w2b.size(2), y.data_ptr<float>() + t0 * d);
+  }
+  return y.to(torch::kBFloat16);
+}
+
+torch::Tensor expert(torch::Tensor x, torch::Tensor w13b, torch::Tensor w2b) {
+  check_expert_args(x, w13b, w2b);
+  TORCH_CHECK(x.size(0) <= kMaxTokens, "1 to ", kMaxTokens, " tokens");
   return dispatch(x, w13b, w2b);
+}
+
+// Reads every byte of `buffer` once with 512-bit loads on torch's threads: the machine's memory
+// read bandwidth as a kernel that does nothing else sees it. Returns a value that depends on
+// every byte so the reads cannot be left out.
+int64_t read_all(const torch::Tensor& buffer) {
+  TORCH_CHECK(buffer.is_contiguous(), "contiguous buffer expected");
+  const auto* bytes = static_cast<const uint8_t*>(buffer.data_ptr());
+  const int64_t vectors = buffer.nbytes() / 64;
+  std::vector<int64_t> partial(at::get_num_threads() * 8, 0);  // a cache line apart per thread
+  at::parallel_for(0, vectors, 4096, [&](int64_t v0, int64_t v1) {
+    __m512i acc = _mm512_setzero_si512();
+    for (int64_t v = v0; v < v1; ++v) acc = _mm512_xor_si512(acc, _mm512_loadu_si512(bytes + v * 64));
+    partial[at::get_thread_num() * 8] ^= _mm512_reduce_or_epi64(acc);
+  });
+  int64_t result = 0;
+  for (int64_t value : partial) result ^= value;
+  return result;
 }
 
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("expert", &expert, "one expert (split layout, bf16) for up to 16 tokens");
+  m.def("expert", &expert, "one expert (split layout, bf16) for up to 16 tokens, AVX512-BF16");
+  m.def("expert_amx", &expert_amx, "one expert (split layout, bf16) for any token count, AMX tiles");
+  m.def("amx_permitted", &amx_permitted, "whether this process may use AMX state");
+  m.def("read_all", &read_all, "read a buffer once (memory read bandwidth)");
   m.attr("max_tokens") = kMaxTokens;
+  m.attr("amx_pass_tokens") = kAmxPassTokens;
 }
