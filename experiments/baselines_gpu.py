@@ -50,6 +50,7 @@ def measure(name: str, options: SystemOptions, prompt: list[int], args) -> dict:
             decode_steps_measured=len(result.step_times_s),
             h2d_bytes_per_token=stats["h2d_bytes"] / (len(prompt) + new_tokens) if "h2d_bytes" in stats else None,
             stats={k: v for k, v in stats.items() if k != "engine"},
+            engine=stats.get("engine"),  # the build record: placement, calibration used or measured
             token_ids=result.token_ids,
             **system.peak_gpu_memory(),
         )

@@ -135,7 +135,8 @@ def _latency_model(
             QUICK_CALIBRATION_REPEATS,
             options.seed,
         )
-        source = {"file": None, "quick": True}
+        # nothing else keeps a quick calibration: the run record carries it (without the machine)
+        source = {"file": None, "quick": True, "measured": {k: v for k, v in calibration.items() if k != "machine"}}
     tiers = kernel_tiers(calibration)
     kernel = tiered_kernel(tiers)
     source.update(copy_gb_per_s=calibration["copy_gb_per_s"], cpu_kernel=kernel.name, cpu_kernel_tiers=tiers)

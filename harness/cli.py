@@ -9,6 +9,9 @@
   [--grid ...] [--gpu-memory-gb G] [--routing uniform|FILE] --out DIR``: predicted cells, same
   summary.csv columns (``source`` simulated), tables and plots.
 - ``report DIR``: re-renders summary, tables and plots from DIR's raw rows.
+- ``validate DIR --hardware <profile> --calibration FILE [--out DIR2]``: the simulator on DIR's
+  measured cells with the run's calibration; writes validation.csv and validation.md (into DIR
+  unless ``--out``).
 
 A user error prints one ``error:`` line and exits with status 2.
 """
@@ -146,6 +149,17 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_validate(args: argparse.Namespace) -> int:
+    from harness.validate import validate, validation_markdown
+
+    rows = validate(args.dir, args.hardware, args.calibration, args.samples)
+    out = Path(args.out or args.dir)
+    write_csv_atomic(rows, out / "validation.csv")
+    write_text_atomic(out / "validation.md", validation_markdown(rows, args.dir, args.hardware, args.calibration))
+    print(out / "validation.md")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m harness", description="Fiddler reproduction harness")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -191,6 +205,13 @@ def build_parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="re-render a run folder's summary, tables and plots")
     report.add_argument("dir")
     report.set_defaults(func=cmd_report)
+    check = sub.add_parser("validate", help="predicted against measured on a run folder's own cells")
+    check.add_argument("dir")
+    check.add_argument("--hardware", required=True, help="the measured machine's profile (e.g. h200-host) or a file")
+    check.add_argument("--calibration", required=True, type=Path, help="the calibration file the run used")
+    check.add_argument("--samples", type=int, default=8, help="decode steps sampled per cell")
+    check.add_argument("--out", help="folder for validation.csv/.md (default: the run folder)")
+    check.set_defaults(func=cmd_validate)
     return parser
 
 

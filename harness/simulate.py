@@ -90,6 +90,20 @@ def load_profile(name_or_path: str) -> tuple[dict, Hardware]:
     return data, Hardware(**{k: float(data["hardware"][k]) for k in HARDWARE_FIELDS})
 
 
+def profile_with_calibration(name_or_path: str, calibration_path: str | Path) -> tuple[dict, Hardware]:
+    """A measured machine's profile with a run's own calibration in place of the profile's
+    measured latencies: the hardware section stays, every calibrated key comes from the file."""
+    from fiddler.calibrate import load_calibration
+
+    data, hw = load_profile(name_or_path)
+    merged = load_calibration(calibration_path) | {
+        "hardware": data["hardware"],
+        "profile": {"measured": True, "hardware_from": name_or_path, "calibration": str(calibration_path)},
+    }
+    validate_profile(merged, f"{name_or_path} with {calibration_path}")
+    return merged, hw
+
+
 def validate_profile(data: dict, where: str) -> None:
     """A profile is a calibration (schema fiddler-calibration) with a complete hardware section,
     and, unless measured, the assumptions it rests on."""
@@ -167,6 +181,7 @@ class SimulationSpec:
     routing: str = "uniform"
     samples: int = 8
     seed: int = 0
+    calibration: str | None = None  # a run's calibration file, replacing the profile's latencies
 
 
 class _Simulator:
@@ -292,7 +307,10 @@ class _Simulator:
 
 
 def simulate(spec: SimulationSpec) -> list[dict]:
-    calibration, hw = load_profile(spec.hardware)
+    if spec.calibration:
+        calibration, hw = profile_with_calibration(spec.hardware, spec.calibration)
+    else:
+        calibration, hw = load_profile(spec.hardware)
     sim = _Simulator(spec, calibration, hw)
     rows = []
     for system in spec.systems:

@@ -253,3 +253,43 @@ def test_each_system_is_released_before_the_next_loads(tmp_path, monkeypatch):
     monkeypatch.setattr(runner, "load_system", tracking)
     run_sweep(spec(tmp_path, systems=("expert-lru", "fiddler-paper")))
     assert len(loaded) == 3  # the reference and both systems
+
+
+def test_validation_sets_the_simulator_against_the_measured_cells(sweep, tmp_path):
+    from fiddler.calibrate import calibrate, save_calibration
+    from fiddler.config import ModelConfig
+    from harness.cli import main
+    from harness.validate import METRICS, TOLERANCE, validate
+
+    calibration = tmp_path / "cal.json"
+    save_calibration(
+        calibrate(ModelConfig.preset("mixtral-tiny"), "cpu", torch.float32, token_counts=(1, 4)), calibration
+    )
+    rows = validate(sweep, "h200-host", calibration, samples=2)
+    summary = pd.read_csv(sweep / "summary.csv")
+    assert len(rows) == len(summary) * len(METRICS)
+    checked = rows.dropna(subset=["error"])
+    assert len(checked) == len(rows)  # every system of this sweep is simulated
+    for r in checked.itertuples():
+        assert r.error == pytest.approx(r.predicted / r.measured - 1)
+        assert r.within_tolerance == (abs(r.error) <= TOLERANCE)
+    assert (
+        main(
+            [
+                "validate",
+                str(sweep),
+                "--hardware",
+                "h200-host",
+                "--calibration",
+                str(calibration),
+                "--samples",
+                "2",
+                "--out",
+                str(tmp_path / "v"),
+            ]
+        )
+        == 0
+    )
+    assert "| fiddler-paper |" in (tmp_path / "v" / "validation.md").read_text()
+    with pytest.raises(FileNotFoundError, match="run folder"):
+        validate(tmp_path, "h200-host", calibration)

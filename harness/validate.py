@@ -1,0 +1,102 @@
+"""Predicted against measured: the simulator on a measured run's own cells (issue 7's check).
+
+Contract: ``validate(run_dir, hardware, calibration)`` reads a measured run's ``summary.csv``,
+simulates each of its systems that the simulator models, for the same cells, model and GPU
+budget, on ``hardware`` (the measured machine's profile) with ``calibration`` (the calibration
+file the run used) in place of the profile's latencies, and returns one row per (system,
+cell, metric): measured, predicted, ``error`` = predicted / measured - 1, and whether it lies
+within ``TOLERANCE``. A measured figure that was extrapolated says so (``measured_status``).
+Systems the simulator does not model are listed, not dropped silently.
+``validation_markdown`` renders the rows.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from fiddler.config import resolve_model
+from harness.scenarios import Cell
+from harness.simulate import SIMULATED_SYSTEMS, SimulationSpec, simulate
+
+TOLERANCE = 0.15  # issue 7: decode tokens/s and TTFT within +-15%
+METRICS = ("decode_tokens_per_s", "ttft_s", "e2e_tokens_per_s")
+CELL_KEY = ["system", "scenario", "input_tokens", "output_tokens", "beam_width"]
+MEASURED_STATUSES = ("ok", "derived", "extrapolated")
+
+
+def validate(run_dir: str | Path, hardware: str, calibration: str | Path, samples: int = 8) -> pd.DataFrame:
+    run_dir = Path(run_dir)
+    path = run_dir / "summary.csv"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist: validate a run folder written by 'python -m harness run'")
+    measured = pd.read_csv(path)
+    measured = measured[measured.status.isin(MEASURED_STATUSES)]
+    if measured.empty:
+        raise ValueError(f"{path} has no measured cells")
+    budgets = measured.gpu_memory_gb.dropna().unique()
+    models = measured[["model", "num_layers"]].drop_duplicates()
+    if len(budgets) != 1 or len(models) != 1:
+        raise ValueError(f"{path} mixes budgets or models; validate one sweep at a time")
+    name, layers = models.iloc[0]
+    config, _ = resolve_model(name, int(layers))
+    systems = tuple(s for s in dict.fromkeys(measured.system) if s in SIMULATED_SYSTEMS)
+    cells = tuple(
+        Cell(r.scenario, int(r.input_tokens), int(r.output_tokens), int(r.beam_width))
+        for r in measured[CELL_KEY[1:]].drop_duplicates().itertuples()
+    )
+    spec = SimulationSpec(
+        systems=systems,
+        cells=cells,
+        config=config,
+        hardware=hardware,
+        gpu_memory_gb=float(budgets[0]),
+        samples=samples,
+        calibration=str(calibration),
+    )
+    predicted = pd.DataFrame(simulate(spec))
+    joined = measured.merge(predicted, on=CELL_KEY, suffixes=("_measured", "_predicted"), how="left")
+    rows = []
+    for r in joined.itertuples():
+        simulated = r.system in SIMULATED_SYSTEMS
+        for metric in METRICS:
+            value, guess = getattr(r, f"{metric}_measured"), getattr(r, f"{metric}_predicted", None)
+            error = guess / value - 1 if simulated and pd.notna(value) and pd.notna(guess) and value else None
+            rows.append(
+                {
+                    **{k: getattr(r, k) for k in CELL_KEY},
+                    "metric": metric,
+                    "measured": value,
+                    "predicted": guess if simulated else None,
+                    "error": error,
+                    "within_tolerance": None if error is None else abs(error) <= TOLERANCE,
+                    "measured_status": r.status_measured,
+                    "note": "" if simulated else "not simulated",
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+def validation_markdown(rows: pd.DataFrame, run_dir: str | Path, hardware: str, calibration: str | Path) -> str:
+    lines = [
+        "# Predicted against measured",
+        "",
+        f"Measured: `{run_dir}`. Predicted: `python -m harness validate` on hardware profile `{hardware}` with "
+        f"the run's calibration `{calibration}`. Error = predicted / measured - 1; target within "
+        f"+-{TOLERANCE:.0%} (decode tokens/s and TTFT). `extrapolated`: the measured end-to-end figure was "
+        "itself extrapolated from the steps that fit the run's time limit.",
+        "",
+        "| system | cell (in/out, beams) | metric | measured | predicted | error | within |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows.itertuples():
+        cell = f"{r.input_tokens}/{r.output_tokens}, {r.beam_width}"
+        predicted = "-" if pd.isna(r.predicted) else f"{r.predicted:.3g}"
+        error = "-" if r.error is None or pd.isna(r.error) else f"{r.error:+.0%}"
+        within = r.note or ("yes" if r.within_tolerance else "no")
+        status = "" if r.measured_status in ("ok", "derived") else f" ({r.measured_status})"
+        lines.append(
+            f"| {r.system} | {cell} | {r.metric} | {r.measured:.3g}{status} | {predicted} | {error} | {within} |"
+        )
+    return "\n".join(lines) + "\n"
