@@ -12,6 +12,12 @@
 #   quick          issue 5: make reproduce-quick (measured cells for issue 7's validation)
 #   llama          issue 9: CUDA build of llama.cpp (~5 min), then llama-cpp vs Fiddler and the
 #                  baselines on Mixtral-8x7B truncated to 8 layers, 14 of 64 experts resident
+#   sweep24        issue 8: the paper-v3 single-batch grid at 24 GB, every system, 3 prompts per
+#                  cell, into the tracked run folder $SWEEP_DIR (carried to the host with the
+#                  tree): each call resumes it until $SWEEP_SECONDS (default 480) after the
+#                  script started, and returns it;
+#                  commit what comes back before the next call. Its calibration is measured once
+#                  into the folder and reused, so every piece plans with the same latencies.
 # The tree there has no .git: pass FIDDLER_GIT_COMMIT=<sha> so run records name the commit.
 # The GPU host lacks mistral-common and network: carry .carry/ (tokenizer.model from
 # mistral-common, llama.cpp-src.tar.gz from `bash tools/build_llama_cpp.sh --pack`).
@@ -56,6 +62,18 @@ for name in "$@"; do
         --scenario single-batch --inputs 32,128,512,2048 --outputs 32 --model mixtral-8x7b --layers 8 \
         --gpu-memory-gb "$budget" --prompts-per-cell 2 --dataset random --reference cpu-only \
         --out "$OUT/llama-8layers" ;;
+    sweep24)
+      dir="${SWEEP_DIR:-results/h200-paper-v3-24gb}"
+      mkdir -p "$dir"
+      [ -f "$dir/calibration.json" ] || stage sweep-calibration python3 -m fiddler.cli calibrate \
+        --model mixtral-8x7b --out "$dir/calibration.json"
+      # stop $SWEEP_SECONDS after this script started (the device call's limit is 600 s); SIGINT:
+      # raw.csv, written atomically after every run, keeps every finished run
+      stage sweep24 timeout --signal=INT "$(( ${SWEEP_SECONDS:-480} - SECONDS ))" python3 -m harness run \
+        --systems fiddler-hybrid,fiddler-paper,expert-lru,layer-streaming,cpu-only,fiddler-cpu-experts,fiddler-copy-experts,expert-lru-prefetch,accelerate-offload \
+        --scenario single-batch --grid paper-v3 --model mixtral-8x7b --gpu-memory-gb 24 --prompts-per-cell 3 \
+        --reference '' --run-time-limit 120 --calibration "$dir/calibration.json" --out "$dir"
+      mkdir -p "$OUT/$dir" && cp -r "$dir/." "$OUT/$dir/" ;;
     *) echo "unknown stage $name" | tee -a "$OUT/campaign.log" ;;
   esac
 done

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from baselines import SYSTEMS
+from fiddler.calibrate import DEFAULT_TOKEN_COUNTS, QUICK_TOKEN_COUNTS, calibrate, save_calibration
 from fiddler.config import ModelConfig
 from fiddler.placement import budget_breakdown
 from harness.runner import SweepSpec, run_sweep
@@ -38,13 +39,25 @@ FIDDLER = ("fiddler-paper", "fiddler-hybrid", "fiddler-cpu-experts", "fiddler-co
 STRONG_BASELINES = ("expert-lru", "expert-lru-prefetch", "layer-streaming", "cpu-only")
 EVERY_SYSTEM = (*FIDDLER, *STRONG_BASELINES, "accelerate-offload")
 RUN_TIME_LIMIT_S = 120.0
-QUICK_RUN_TIME_LIMIT_S = 30.0  # reproduce-quick: slow systems measured over what fits, extrapolated
+QUICK_RUN_TIME_LIMIT_S = 20.0  # reproduce-quick: slow systems measured over what fits, extrapolated
+QUICK_PROMPTS_PER_CELL = 2  # reproduce-quick must fit one 10-minute device call with every load
 
 
 def cpu_budget_gb(config: ModelConfig, max_seq_len: int) -> float:
     b = budget_breakdown(config, 0, torch.float32, max_seq_len, 1, staging_experts=2)
     experts = int(RESIDENT_SHARE * config.num_expert_slots)
     return (b.dense + b.kv_cache + b.staging + b.workspace + (experts + 0.5) * b.expert) / 1e9
+
+
+def run_calibration(out: Path, config: ModelConfig, quick: bool) -> Path:
+    """One calibration per run folder, measured before any system loads and kept beside the
+    results: every Fiddler policy of the run plans with the same latencies, and a resumed run
+    with the ones it started with."""
+    path = out / "calibration.json"
+    if not path.exists():
+        counts = QUICK_TOKEN_COUNTS if quick else DEFAULT_TOKEN_COUNTS
+        save_calibration(calibrate(config, "cuda", torch.bfloat16, token_counts=counts), path)
+    return path
 
 
 def plan(gpu: bool, quick: bool) -> list[tuple[str, dict]]:
@@ -143,17 +156,19 @@ def main(argv: list[str] | None = None) -> int:
         config = ModelConfig.preset(model)
         longest = max(c.input_tokens + c.output_tokens for c in cell_list)
         systems = tuple(s for s in settings["systems"] if s in SYSTEMS)
+        out = args.results / f"{stamp}_{'gpu' if gpu else 'cpu'}_{model}_{part}"
         spec = SweepSpec(
             systems=systems,
             cells=tuple(cell_list),
             model=model,
-            out=args.results / f"{stamp}_{'gpu' if gpu else 'cpu'}_{model}_{part}",
+            out=out,
             device="cuda" if gpu else "cpu",
             dtype=torch.bfloat16 if gpu else torch.float32,
             gpu_memory_gb=GPU_BUDGET_GB if gpu else cpu_budget_gb(config, longest),
-            prompts_per_cell=3 if gpu else 2,
+            prompts_per_cell=3 if gpu and not args.quick else QUICK_PROMPTS_PER_CELL,
             reference="transformers-resident" if gpu else "cpu-only",
             run_time_limit_s=(QUICK_RUN_TIME_LIMIT_S if args.quick else RUN_TIME_LIMIT_S) if gpu else None,
+            calibration=run_calibration(out, config, args.quick) if gpu else None,
         )
         print(f"{part}: {run_sweep(spec) / 'tables.md'}")
     for path in simulated_reproduction():
