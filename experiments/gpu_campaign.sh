@@ -12,6 +12,8 @@
 #   quick          issue 5: make reproduce-quick (measured cells for issue 7's validation)
 #   llama          issue 9: CUDA build of llama.cpp (~5 min), then llama-cpp vs Fiddler and the
 #                  baselines on Mixtral-8x7B truncated to 8 layers, 14 of 64 experts resident
+#   llama-build    the build alone: give it to one call and `llama` to the next while the
+#                  machine is still warm (third_party/ survives between calls on one machine)
 #   sweep24        issue 8: the paper-v3 single-batch grid at 24 GB, every system, 3 prompts per
 #                  cell, into the tracked run folder $SWEEP_DIR (carried to the host with the
 #                  tree): each call resumes it until $SWEEP_SECONDS (default 480) after the
@@ -38,8 +40,11 @@ stage() {
   tail -5 "$OUT/$name.log"
   pack
 }
-pack() {
-  tar -czf "$OUT/.campaign.tar.gz" -C "$OUT" --exclude='*.tar.gz' . 2>/dev/null; mv "$OUT/.campaign.tar.gz" "$OUT/campaign.tar.gz"
+pack() {  # into a file of its own, renamed when complete: a packer killed mid-way renames nothing
+  local tmp
+  tmp=$(mktemp "$OUT/.campaign.XXXXXX.tar.gz")
+  tar -czf "$tmp" -C "$OUT" --exclude='*.tar.gz' . 2>/dev/null
+  mv "$tmp" "$OUT/campaign.tar.gz"
 }
 for name in "$@"; do
   case "$name" in
@@ -51,11 +56,13 @@ for name in "$@"; do
       [ -f "$OUT/orchestration/calibration.json" ] && calibration=(--calibration "$OUT/orchestration/calibration.json")
       stage baselines python3 experiments/baselines_gpu.py --out "$OUT/baselines" --gpu-memory-gb 24 "${calibration[@]}" ;;
     quick) stage quick python3 -m harness.reproduce --quick --results "$OUT/runs" ;;
-    llama)
+    llama-build | llama)
       if [ ! -f third_party/llama.cpp/convert_hf_to_gguf.py ] && [ -f .carry/llama.cpp-src.tar.gz ]; then
         mkdir -p third_party && tar -xzf .carry/llama.cpp-src.tar.gz -C third_party
       fi
+      # incremental: a machine still warm from a call that built it rebuilds nothing
       stage llama-build env CUDA=1 bash tools/build_llama_cpp.sh
+      [ "$name" = llama-build ] && continue
       # 8 layers keep Mixtral-8x7B's expert sizes; the budget keeps 14 of 64 experts (56/256)
       budget=$(python3 -c "from fiddler.config import ModelConfig; from fiddler.placement import budget_breakdown; import torch; c=ModelConfig.preset('mixtral-8x7b').with_layers(8); b=budget_breakdown(c,0,torch.bfloat16,2048+32,1,2); print((b.dense+b.kv_cache+b.staging+b.workspace+14.5*b.expert)/1e9)")
       stage llama python3 -m harness run --systems llama-cpp,llama-cpp-cpu-moe,fiddler-paper,fiddler-hybrid,expert-lru,cpu-only \
@@ -67,13 +74,16 @@ for name in "$@"; do
       mkdir -p "$dir"
       [ -f "$dir/calibration.json" ] || stage sweep-calibration python3 -m fiddler.cli calibrate \
         --model mixtral-8x7b --out "$dir/calibration.json"
+      # the sweep works on its copy under $OUT, so the packer returns whatever it finished
+      mkdir -p "$OUT/$dir" && cp -r "$dir/." "$OUT/$dir/"
       # stop $SWEEP_SECONDS after this script started (the device call's limit is 600 s); SIGINT:
       # raw.csv, written atomically after every run, keeps every finished run
-      stage sweep24 timeout --signal=INT "$(( ${SWEEP_SECONDS:-480} - SECONDS ))" python3 -m harness run \
+      left=$(( ${SWEEP_SECONDS:-480} - SECONDS ))
+      if [ "$left" -lt 60 ]; then echo "=== sweep24: only ${left} s left, not started" | tee -a "$OUT/campaign.log"; continue; fi
+      stage sweep24 timeout -k 30 --signal=INT "$left" python3 -m harness run \
         --systems fiddler-hybrid,fiddler-paper,expert-lru,layer-streaming,cpu-only,fiddler-cpu-experts,fiddler-copy-experts,expert-lru-prefetch,accelerate-offload \
         --scenario single-batch --grid paper-v3 --model mixtral-8x7b --gpu-memory-gb 24 --prompts-per-cell 3 \
-        --reference '' --run-time-limit 120 --calibration "$dir/calibration.json" --out "$dir"
-      mkdir -p "$OUT/$dir" && cp -r "$dir/." "$OUT/$dir/" ;;
+        --reference '' --run-time-limit 120 --calibration "$dir/calibration.json" --out "$OUT/$dir" ;;
     *) echo "unknown stage $name" | tee -a "$OUT/campaign.log" ;;
   esac
 done

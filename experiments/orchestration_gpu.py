@@ -138,7 +138,7 @@ def speed(args, calibration_path: Path) -> dict:
         generate(engine, prompt, GenerationSettings(max_new_tokens=3))  # warm-up
         runs = [generate(engine, prompt, long) for _ in range(args.repeats)]
         decode_tokens = args.new_tokens - 1
-        decoded = runs[-1].decode_counters()
+        decoded = runs[-1].decode_counters(COUNTED)
         per_token = {k: decoded[k] / decode_tokens for k in COUNTED}
         row = {
             "ttft_s": statistics.median(r.ttft_s for r in runs),

@@ -116,8 +116,9 @@ def _latency_model(
                 f"calibration {options.calibration} was measured for another expert shape ({mismatch}); "
                 "run 'fiddler calibrate' for this model"
             )
-        measured = [name for _, name in kernel_tiers(calibration)]
-        if options.cpu_kernel != AUTO and measured != [options.cpu_kernel]:
+        chosen = {name for _, name in kernel_tiers(calibration)}
+        # torch is every native kernel's fallback beyond its token limit: not a choice of its own
+        if options.cpu_kernel != AUTO and (chosen - {"torch"} or {"torch"}) != {options.cpu_kernel}:
             raise ValueError(
                 f"calibration {options.calibration} was measured with the {calibration['cpu_kernel']} CPU kernel; "
                 f"run 'fiddler calibrate --cpu-kernel {options.cpu_kernel}' to use that one"

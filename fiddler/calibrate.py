@@ -133,16 +133,23 @@ def calibrate(
     if candidates == [AUTO]:
         candidates = ["torch"]
     curves: dict[str, list[float | None]] = {}
-    for name in candidates:
-        candidate, limit = make_kernel(name), kernel_limit(name)
-        curve: list[float | None] = []
+
+    def measure(name: str, counts: set[int]) -> list[float | None]:
+        kernel, curve = make_kernel(name), []
         for n in token_counts:
-            if limit is not None and n > limit:  # beyond it the kernel hands over to torch's
+            if n not in counts:
                 curve.append(None)
                 continue
             x = torch.randn(n, hidden, generator=generator).to(dtype)
-            curve.append(_median_time(host_clock, lambda x=x, k=candidate: k(x, *cold.next()), repeats))
-        curves[name] = curve
+            curve.append(_median_time(host_clock, lambda x=x, k=kernel: k(x, *cold.next()), repeats))
+        return curve
+
+    for name in candidates:
+        limit = kernel_limit(name)  # beyond it the kernel hands over to torch's
+        curves[name] = measure(name, {n for n in token_counts if limit is None or n <= limit})
+    uncovered = {n for i, n in enumerate(token_counts) if all(c[i] is None for c in curves.values())}
+    if uncovered:  # a kernel asked for by name that stops short: torch's fallback, as it runs
+        curves["torch"] = measure("torch", uncovered)
     tiers = choose_tiers(curves, token_counts)
     kernel = tiered_kernel(tiers)
     cpu_s = [_fastest(curves, i)[1] for i in range(len(token_counts))]

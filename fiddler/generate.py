@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Iterable
 
 import torch
 
@@ -59,14 +60,11 @@ class GenerationResult:
     text: str | None = None
     stats_after_prefill: dict[str, object] | None = None  # the engine's counters at the first token
 
-    def decode_counters(self) -> dict[str, float]:
-        """The engine's numeric counters accrued after the first token (decode only)."""
+    def decode_counters(self, keys: Iterable[str]) -> dict[str, float]:
+        """The engine's counters ``keys`` (running totals such as ``rows_cpu``, not ratios or
+        settings) accrued after the first token: the decode part alone."""
         before = self.stats_after_prefill or {}
-        return {
-            k: v - before.get(k, 0)
-            for k, v in self.stats.items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and isinstance(before.get(k, 0), (int, float))
-        }
+        return {k: self.stats[k] - before.get(k, 0) for k in keys}
 
     @property
     def decode_s(self) -> float:
@@ -128,7 +126,8 @@ class _Timer:
         now = self.clock.now()
         if self.ttft is None:
             self.ttft = now - self.start
-            self.stats_after_prefill = self.engine.stats()  # after the clock: not in any time
+            self.stats_after_prefill = self.engine.stats()
+            now = self.clock.now()  # reading the stats is in no measured time
         else:
             self.steps.append(now - self.last)
         self.last = now

@@ -28,6 +28,7 @@ import torch
 from baselines import SYSTEMS
 from fiddler.calibrate import DEFAULT_TOKEN_COUNTS, QUICK_TOKEN_COUNTS, calibrate, save_calibration
 from fiddler.config import ModelConfig
+from fiddler.files import read_json, write_json_atomic
 from fiddler.placement import budget_breakdown
 from harness.runner import SweepSpec, run_sweep
 from harness.scenarios import cells
@@ -49,14 +50,18 @@ def cpu_budget_gb(config: ModelConfig, max_seq_len: int) -> float:
     return (b.dense + b.kv_cache + b.staging + b.workspace + (experts + 0.5) * b.expert) / 1e9
 
 
-def run_calibration(out: Path, config: ModelConfig, quick: bool) -> Path:
-    """One calibration per run folder, measured before any system loads and kept beside the
-    results: every Fiddler policy of the run plans with the same latencies, and a resumed run
-    with the ones it started with."""
+def run_calibration(out: Path, config: ModelConfig, quick: bool, measured: Path | None) -> Path:
+    """The run folder's calibration, kept beside its results: every Fiddler policy of the run
+    plans with the same latencies, and a resumed run with the ones it started with. A folder
+    without one gets a copy of ``measured`` (this invocation's), else a new measurement."""
     path = out / "calibration.json"
-    if not path.exists():
-        counts = QUICK_TOKEN_COUNTS if quick else DEFAULT_TOKEN_COUNTS
-        save_calibration(calibrate(config, "cuda", torch.bfloat16, token_counts=counts), path)
+    if path.exists():
+        return path
+    if measured is not None:
+        write_json_atomic(path, read_json(measured, f"{measured} vanished", "run again"))
+        return path
+    counts = QUICK_TOKEN_COUNTS if quick else DEFAULT_TOKEN_COUNTS
+    save_calibration(calibrate(config, "cuda", torch.bfloat16, token_counts=counts), path)
     return path
 
 
@@ -148,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
             "numbers need a GPU host (see README).",
             file=sys.stderr,
         )
+    measured: Path | None = None  # one calibration per invocation, copied into each part's folder
     for part, settings in plan(gpu, args.quick):
         cell_list = cells(settings["scenario"], settings.get("grid"), settings.get("inputs"), settings.get("outputs"))
         if not gpu and settings["scenario"] == "long-prefill":
@@ -168,8 +174,9 @@ def main(argv: list[str] | None = None) -> int:
             prompts_per_cell=3 if gpu and not args.quick else QUICK_PROMPTS_PER_CELL,
             reference="transformers-resident" if gpu else "cpu-only",
             run_time_limit_s=(QUICK_RUN_TIME_LIMIT_S if args.quick else RUN_TIME_LIMIT_S) if gpu else None,
-            calibration=run_calibration(out, config, args.quick) if gpu else None,
+            calibration=run_calibration(out, config, args.quick, measured) if gpu else None,
         )
+        measured = spec.calibration or measured
         print(f"{part}: {run_sweep(spec) / 'tables.md'}")
     for path in simulated_reproduction():
         print(f"simulated: {path}")

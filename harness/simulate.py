@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from fiddler.calibrate import calibration_matches
 from fiddler.config import ModelConfig
 from fiddler.cost_model import LatencyModel
 from fiddler.placement import GB, budget_breakdown, check_popularity, plan_placement
@@ -309,6 +310,10 @@ class _Simulator:
 def simulate(spec: SimulationSpec) -> list[dict]:
     if spec.calibration:
         calibration, hw = profile_with_calibration(spec.hardware, spec.calibration)
+        # the shape must match; the simulator itself models bf16 weights whatever the run's dtype
+        mismatch = calibration_matches(calibration, spec.config, getattr(torch, calibration["model"]["dtype"]))
+        if mismatch:
+            raise ValueError(f"{spec.calibration} was measured for another expert shape ({mismatch})")
     else:
         calibration, hw = load_profile(spec.hardware)
     sim = _Simulator(spec, calibration, hw)

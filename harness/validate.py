@@ -94,7 +94,7 @@ def validation_markdown(rows: pd.DataFrame, run_dir: str | Path, hardware: str, 
         cell = f"{r.input_tokens}/{r.output_tokens}, {r.beam_width}"
         predicted = "-" if pd.isna(r.predicted) else f"{r.predicted:.3g}"
         error = "-" if r.error is None or pd.isna(r.error) else f"{r.error:+.0%}"
-        within = r.note or ("yes" if r.within_tolerance else "no")
+        within = r.note or ("-" if r.within_tolerance is None else "yes" if r.within_tolerance else "no")
         status = "" if r.measured_status in ("ok", "derived") else f" ({r.measured_status})"
         lines.append(
             f"| {r.system} | {cell} | {r.metric} | {r.measured:.3g}{status} | {predicted} | {error} | {within} |"

@@ -94,3 +94,24 @@ def test_result_files_are_written_atomically(tmp_path):
         write_json_atomic(path, {"a": Unprintable()})
     assert json.loads(path.read_text()) == {"a": 1}
     assert [p.name for p in path.parent.iterdir()] == ["result.json"]
+
+
+def test_a_kernel_asked_for_by_name_is_kept_and_torch_covers_beyond_its_limit(tmp_path):
+    from fiddler.native import native_unavailable_reason
+
+    if native_unavailable_reason() is not None:
+        pytest.skip(f"native kernel unavailable here: {native_unavailable_reason()}")
+    c = calibrate(TINY, "cpu", torch.bfloat16, cpu_kernel="avx512-bf16", token_counts=(1, 32), repeats=2)
+    assert c["cpu_kernel_tiers"] == [[1, "avx512-bf16"], [None, "torch"]]
+    assert c["cpu_kernel_curves_s"]["torch"][0] is None and c["cpu_kernel_curves_s"]["torch"][1] > 0
+    path = tmp_path / "cal.json"
+    save_calibration(c, path)
+    for wanted, accepted in (("avx512-bf16", True), ("auto", True), ("torch", False), ("amx-bf16", False)):
+        options = EngineOptions(
+            TINY, 64, dtype=torch.bfloat16, gpu_memory_gb=0.2, policy="hybrid", calibration=path, cpu_kernel=wanted
+        )
+        if accepted:
+            build_engine(options)[0].close()
+        else:
+            with pytest.raises(ValueError, match="measured with the"):
+                build_engine(options)

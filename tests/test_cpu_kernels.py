@@ -99,3 +99,28 @@ def test_tiered_kernel_dispatches_by_token_count():
     assert tiered_kernel([[None, "torch"]]).name == "torch"
     with pytest.raises(ValueError, match="any token count"):
         TieredExpertKernel([(2, Recording("a"))])
+
+
+def test_a_compiler_without_amx_still_builds_the_avx512_kernel(monkeypatch):
+    """The first build (with AMX flags) fails as on an old compiler: the module is rebuilt
+    without its AMX path, the AVX512 kernel works, and the AMX kernel says why it cannot run."""
+    from fiddler import native
+
+    if native_unavailable_reason() is not None:
+        pytest.skip(f"native kernel unavailable here: {native_unavailable_reason()}")
+    real_build = native._build
+
+    def old_compiler(name, flags):
+        if "-mamx-tile" in flags:
+            raise RuntimeError("c++: error: unrecognized command-line option '-mamx-tile'")
+        return real_build(name, flags)
+
+    monkeypatch.setattr(native, "_build", old_compiler)
+    module = native.native_expert_module.__wrapped__()
+    assert module is not None and not module.has_amx and not hasattr(module, "expert_amx")
+    w13b, w2b = random_expert(64, 128, 16, seed=1)
+    x = torch.randn(3, 64).bfloat16()
+    truth = split_ffn(x.double(), w13b.double(), w2b.double())
+    assert relative_error(module.expert(x, w13b, w2b), truth) < BF16_TOL
+    monkeypatch.setattr(native, "native_expert_module", lambda: module)
+    assert "without its AMX path" in native.amx_unavailable_reason()

@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 import torch
 
+from fiddler.config import ModelConfig
 from fiddler.tokenizer import find_tokenizer
 from harness import prompts as P
 from harness.report import SUMMARY_COLUMNS, render
@@ -257,7 +258,6 @@ def test_each_system_is_released_before_the_next_loads(tmp_path, monkeypatch):
 
 def test_validation_sets_the_simulator_against_the_measured_cells(sweep, tmp_path):
     from fiddler.calibrate import calibrate, save_calibration
-    from fiddler.config import ModelConfig
     from harness.cli import main
     from harness.validate import METRICS, TOLERANCE, validate
 
@@ -293,3 +293,25 @@ def test_validation_sets_the_simulator_against_the_measured_cells(sweep, tmp_pat
     assert "| fiddler-paper |" in (tmp_path / "v" / "validation.md").read_text()
     with pytest.raises(FileNotFoundError, match="run folder"):
         validate(tmp_path, "h200-host", calibration)
+
+
+def test_each_part_of_reproduce_keeps_the_invocations_calibration(tmp_path):
+    from harness.reproduce import run_calibration
+
+    measured = tmp_path / "first" / "calibration.json"
+    measured.parent.mkdir()
+    measured.write_text(json.dumps({"schema": "fiddler-calibration", "marker": 1}))
+    config = ModelConfig.preset("mixtral-tiny")
+    assert run_calibration(measured.parent, config, True, None) == measured  # kept, not measured again
+    copied = run_calibration(tmp_path / "second", config, True, measured)
+    assert json.loads(copied.read_text())["marker"] == 1
+
+
+def test_validation_refuses_a_calibration_of_another_shape(sweep, tmp_path):
+    from fiddler.calibrate import calibrate, save_calibration
+    from harness.validate import validate
+
+    other = tmp_path / "other.json"
+    save_calibration(calibrate(ModelConfig.preset("mixtral-small"), "cpu", torch.float32, token_counts=(1,)), other)
+    with pytest.raises(ValueError, match="another expert shape"):
+        validate(sweep, "h200-host", other)

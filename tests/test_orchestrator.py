@@ -122,11 +122,12 @@ def test_counters_match_the_plans(policy):
     routing_ids = (len(PROMPT) + 5) * CONFIG.num_experts_per_token * CONFIG.num_layers * 8  # int64 ids read
     assert stats["d2h_bytes"] == cpu_rows * row_bytes + routing_ids
     assert stats["layers"] == CONFIG.num_layers * 6
-    decode = result.decode_counters()  # five decode steps of one token, K routed rows per layer
+    paths = ("gpu", "cpu", "copied", "split")
+    decode = result.decode_counters(["layers", *(f"rows_{p}" for p in paths)])  # 5 steps of 1 token
     assert decode["layers"] == CONFIG.num_layers * 5
-    rows = sum(decode[f"rows_{path}"] for path in ("gpu", "cpu", "copied", "split"))
+    rows = sum(decode[f"rows_{path}"] for path in paths)
     assert rows == 5 * CONFIG.num_layers * CONFIG.num_experts_per_token
-    assert all(decode[f"rows_{path}"] >= 0 for path in ("gpu", "cpu", "copied", "split"))
+    assert all(decode[f"rows_{path}"] >= 0 for path in paths)
     engine.close()
 
 
@@ -187,15 +188,18 @@ def test_cpu_latencies_are_corrected_in_the_run():
     fixed.close()
 
 
-def test_native_cpu_kernel_inside_the_executor():
-    """bf16 end to end with the AVX512-BF16 kernel on the CPU path (where it builds)."""
-    from fiddler.native import native_expert_module, native_unavailable_reason
+@pytest.mark.parametrize("kernel_name", ["avx512-bf16", "amx-bf16"])
+def test_native_cpu_kernel_inside_the_executor(kernel_name):
+    """bf16 end to end with a native kernel on the CPU path, in the executor's worker thread
+    (where it builds and the CPU has its instructions)."""
+    from fiddler.native import amx_unavailable_reason, native_unavailable_reason
 
-    if native_expert_module() is None:
-        pytest.skip(f"native kernel unavailable here: {native_unavailable_reason()}")
+    reason = native_unavailable_reason() if kernel_name == "avx512-bf16" else amx_unavailable_reason()
+    if reason is not None:
+        pytest.skip(f"{kernel_name} unavailable here: {reason}")
     placement = placement_with({(0, 0)})
     engine = Engine.fiddler(
-        SOURCE, "cpu", torch.bfloat16, 128, placement, HOST_LIKE, "cpu-experts", make_kernel("avx512-bf16")
+        SOURCE, "cpu", torch.bfloat16, 128, placement, HOST_LIKE, "cpu-experts", make_kernel(kernel_name)
     )
     reference = Engine.resident(SOURCE, "cpu", torch.bfloat16, 128)
     for e in (engine, reference):
@@ -204,7 +208,7 @@ def test_native_cpu_kernel_inside_the_executor():
     assert float((got - want).norm() / want.norm()) < 0.05
     got, want = engine.decode(torch.tensor([5]))[0], reference.decode(torch.tensor([5]))[0]
     assert float((got - want).norm() / want.norm()) < 0.05
-    assert engine.stats()["cpu_kernel"] == "avx512-bf16" and engine.stats()["experts_cpu"] > 0
+    assert engine.stats()["cpu_kernel"] == kernel_name and engine.stats()["experts_cpu"] > 0
     engine.close()
 
 

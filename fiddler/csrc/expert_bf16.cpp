@@ -141,6 +141,7 @@ torch::Tensor dispatch(const torch::Tensor& x, const torch::Tensor& w13b, const 
 }
 
 
+#ifndef FIDDLER_NO_AMX  // a compiler without AMX support builds the rest (native.py retries so)
 // ---------------------------------------------------------------------------------------------
 // AMX path.
 
@@ -311,16 +312,20 @@ void amx_pass(const uint16_t* xp, int n, int64_t d, const uint16_t* w13p, int64_
   amx_dispatch(pack_segments(h.data(), f, n, blocks, g).data(), n, w2p, blocks, d * g, g, d, yp, d);
 }
 
+#endif  // FIDDLER_NO_AMX
+
 void check_expert_args(const torch::Tensor& x, const torch::Tensor& w13b, const torch::Tensor& w2b) {
   TORCH_CHECK(x.scalar_type() == torch::kBFloat16 && w13b.scalar_type() == torch::kBFloat16 &&
                   w2b.scalar_type() == torch::kBFloat16,
               "bf16 tensors expected");
   TORCH_CHECK(x.is_contiguous() && w13b.is_contiguous() && w2b.is_contiguous(), "contiguous tensors expected");
+  TORCH_CHECK(x.dim() == 2 && w13b.dim() == 2, "x [n, D] and w13b [rows, D] expected");
   TORCH_CHECK(w2b.dim() == 3 && x.size(1) == w13b.size(1) && x.size(1) == w2b.size(1), "hidden size mismatch");
   TORCH_CHECK(w13b.size(0) == 2 * w2b.size(0) * w2b.size(2), "w13b rows must be twice the blocks' rows");
   TORCH_CHECK(x.size(0) >= 1, "at least one token");
 }
 
+#ifndef FIDDLER_NO_AMX
 torch::Tensor expert_amx(torch::Tensor x, torch::Tensor w13b, torch::Tensor w2b) {
   check_expert_args(x, w13b, w2b);
   TORCH_CHECK(amx_permitted(), "the kernel may not use AMX state here (arch_prctl refused)");
@@ -335,6 +340,7 @@ torch::Tensor expert_amx(torch::Tensor x, torch::Tensor w13b, torch::Tensor w2b)
   }
   return y.to(torch::kBFloat16);
 }
+#endif  // FIDDLER_NO_AMX
 
 torch::Tensor expert(torch::Tensor x, torch::Tensor w13b, torch::Tensor w2b) {
   check_expert_args(x, w13b, w2b);
@@ -357,6 +363,7 @@ int64_t read_all(const torch::Tensor& buffer) {
   });
   int64_t result = 0;
   for (int64_t value : partial) result ^= value;
+  for (int64_t b = vectors * 64; b < static_cast<int64_t>(buffer.nbytes()); ++b) result ^= bytes[b];  // the tail
   return result;
 }
 
@@ -364,9 +371,14 @@ int64_t read_all(const torch::Tensor& buffer) {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("expert", &expert, "one expert (split layout, bf16) for up to 16 tokens, AVX512-BF16");
+#ifndef FIDDLER_NO_AMX
   m.def("expert_amx", &expert_amx, "one expert (split layout, bf16) for any token count, AMX tiles");
   m.def("amx_permitted", &amx_permitted, "whether this process may use AMX state");
+  m.attr("has_amx") = true;
+  m.attr("amx_pass_tokens") = kAmxPassTokens;
+#else
+  m.attr("has_amx") = false;
+#endif
   m.def("read_all", &read_all, "read a buffer once (memory read bandwidth)");
   m.attr("max_tokens") = kMaxTokens;
-  m.attr("amx_pass_tokens") = kAmxPassTokens;
 }
