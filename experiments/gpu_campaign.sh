@@ -20,6 +20,8 @@
 #                  script started, and returns it;
 #                  commit what comes back before the next call. Its calibration is measured once
 #                  into the folder and reused, so every piece plans with the same latencies.
+#                  Systems run in order of importance (Fiddler and the strongest baselines
+#                  first), so a sweep cut short across sessions has the main comparison first.
 # The tree there has no .git: pass FIDDLER_GIT_COMMIT=<sha> so run records name the commit.
 # The GPU host lacks mistral-common and network: carry .carry/ (tokenizer.model from
 # mistral-common, llama.cpp-src.tar.gz from `bash tools/build_llama_cpp.sh --pack`).
@@ -81,7 +83,7 @@ for name in "$@"; do
       left=$(( ${SWEEP_SECONDS:-480} - SECONDS ))
       if [ "$left" -lt 60 ]; then echo "=== sweep24: only ${left} s left, not started" | tee -a "$OUT/campaign.log"; continue; fi
       stage sweep24 timeout -k 30 --signal=INT "$left" python3 -m harness run \
-        --systems fiddler-hybrid,fiddler-paper,expert-lru,layer-streaming,cpu-only,fiddler-cpu-experts,fiddler-copy-experts,expert-lru-prefetch,accelerate-offload \
+        --systems fiddler-hybrid,expert-lru,fiddler-paper,layer-streaming,cpu-only,accelerate-offload,expert-lru-prefetch,fiddler-cpu-experts,fiddler-copy-experts \
         --scenario single-batch --grid paper-v3 --model mixtral-8x7b --gpu-memory-gb 24 --prompts-per-cell 3 \
         --reference '' --run-time-limit 120 --calibration "$dir/calibration.json" --out "$OUT/$dir" ;;
     *) echo "unknown stage $name" | tee -a "$OUT/campaign.log" ;;
