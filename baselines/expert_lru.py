@@ -1,13 +1,17 @@
 """``expert-lru`` and ``expert-lru-prefetch``: the Mixtral-offloading approach (Eliseev & Mazur)
 over this project's model.
 
-Contract: non-expert weights live on the GPU; each layer has an LRU cache of ``k`` expert slots
-on the GPU, ``k`` derived from the budget (what is left after the non-expert weights, KV
-cache and workspace, divided evenly over the layers; at least one, else the system refuses).
+Contract: non-expert weights live on the GPU; each layer has an LRU cache of expert slots on
+the GPU. The slots are what the budget holds after the non-expert weights, KV cache and
+workspace, spread over the layers as evenly as they go (counts differ by at most one, the
+first layers taking the extra): Mixtral-offloading's code keeps one count for every layer,
+which at 24 GB for Mixtral-8x7B would leave 24 experts' worth of the budget (8.4 GB) unused,
+and a baseline should use the budget it is given. At least one slot per layer, else the
+system refuses.
 Every expert also lives in page-locked host memory. A routed expert that is cached runs from
 its slot (a hit, and it becomes the most recently used); a missing one is copied on a side
-stream into the least recently used slot of its layer (a miss), at most ``k`` copies ahead of
-the GPU using them, and then runs there. ``expert-lru-prefetch`` adds their speculative
+stream into the least recently used slot of its layer (a miss), at most as many copies ahead
+of the GPU using them as the layer has slots, and then runs there. ``expert-lru-prefetch`` adds their speculative
 prefetch: the next layer's router is applied to this layer's MoE input and the experts it
 picks start copying into the next layer's cache while this layer computes; a prefetched
 expert is an ordinary cache entry, so outputs never change. Counters: hits, misses,
@@ -68,26 +72,28 @@ class LruExperts:
         self,
         host: HostWeights,
         device: torch.device,
-        slots_per_layer: int,
+        slots_per_layer: int | list[int],
         routers: list[torch.Tensor] | None = None,
         top_k: int = 2,
     ):
         self.host, self.device = host, device
         dtype = host.experts[0][0][0].dtype
         w13_shape, w2_shape = host.experts[0][0][0].shape, host.experts[0][0][1].shape
+        if isinstance(slots_per_layer, int):
+            slots_per_layer = [slots_per_layer] * len(host.experts)
         self.caches: list[collections.OrderedDict[int, _Slot]] = []
         self.free_slots: list[list[_Slot]] = []
-        for _ in host.experts:
+        for count in slots_per_layer:
             slots = [
                 _Slot(
                     torch.empty(w13_shape, device=device, dtype=dtype),
                     torch.empty(w2_shape, device=device, dtype=dtype),
                 )
-                for _ in range(slots_per_layer)
+                for _ in range(count)
             ]
             self.free_slots.append(slots)
             self.caches.append(collections.OrderedDict())
-        self.slots_per_layer = slots_per_layer
+        self.slots_per_layer = list(slots_per_layer)
         self.expert_bytes = sum(t.numel() * t.element_size() for t in host.experts[0][0])
         self.routers = routers  # set: speculative prefetch of the next layer
         self.top_k = top_k
@@ -159,7 +165,7 @@ class LruExperts:
         computed: set[int] = set(hits)
         in_flight: collections.deque = collections.deque()
         while pending or in_flight:
-            while pending and len(in_flight) < self.slots_per_layer:
+            while pending and len(in_flight) < self.slots_per_layer[layer]:
                 expert = pending.pop(0)
                 # keep every expert of this layer that is queued but not yet computed
                 in_flight.append(self._load(layer, expert, keep={e for e in needed if e not in computed}))
@@ -182,7 +188,7 @@ class LruExperts:
         """Start copying the experts guessed for ``layer`` (its router applied to the previous
         layer's MoE input) into its cache."""
         cache = self.caches[layer]
-        wanted = [e for e in dict.fromkeys(guessed) if e not in cache][: self.slots_per_layer]
+        wanted = [e for e in dict.fromkeys(guessed) if e not in cache][: self.slots_per_layer[layer]]
         for expert in wanted:
             self._load(layer, expert, keep=set(wanted), prefetch=True)
             self.counters.prefetches += 1
@@ -191,7 +197,10 @@ class LruExperts:
         return {
             "executor": "expert-lru",
             "prefetch": self.routers is not None,
-            "slots_per_layer": self.slots_per_layer,
+            "slots": sum(self.slots_per_layer),
+            "slots_per_layer": f"{min(self.slots_per_layer)}-{max(self.slots_per_layer)}"
+            if min(self.slots_per_layer) != max(self.slots_per_layer)
+            else self.slots_per_layer[0],
             **self.counters.to_json(),
         }
 
@@ -202,14 +211,22 @@ class LruExperts:
         self.host.close()
 
 
-def lru_slots(options: SystemOptions) -> int:
-    """Expert slots per layer that fit the budget beside the non-expert weights."""
+def lru_slots(options: SystemOptions) -> list[int]:
+    """Expert slots of each layer: every slot the budget holds beside the non-expert weights,
+    spread as evenly as they go (the first layers take one more), at most every expert."""
     cfg = options.config
     budget = options.budget_bytes
     if budget is None:
-        return cfg.num_experts
+        return [cfg.num_experts] * cfg.num_layers
     b = budget_breakdown(cfg, budget, options.dtype, options.max_seq_len, options.beam_width, staging_experts=0)
-    return min(b.for_experts // (b.expert * cfg.num_layers), cfg.num_experts)
+    return spread_slots(b.for_experts // b.expert, cfg.num_layers, cfg.num_experts)
+
+
+def spread_slots(total: int, layers: int, per_layer_max: int) -> list[int]:
+    """``total`` slots over ``layers``, counts differing by at most one, capped at ``per_layer_max``."""
+    total = max(0, min(total, layers * per_layer_max))
+    base, extra = divmod(total, layers)
+    return [base + (1 if layer < extra else 0) for layer in range(layers)]
 
 
 class ExpertLru(EngineBacked):
@@ -219,7 +236,7 @@ class ExpertLru(EngineBacked):
         self.options = options
         cfg, device = options.config, torch.device(options.device)
         slots = lru_slots(options)
-        if slots < 1:
+        if min(slots) < 1:
             raise SystemRefused(
                 f"expert-lru needs at least one expert slot per layer; {options.gpu_memory_gb:g} GB leaves none "
                 f"for {cfg.name}"
@@ -230,7 +247,7 @@ class ExpertLru(EngineBacked):
         routers = [layer.router for layer in dense.layers] if prefetch else None
         self.executor = LruExperts(host, device, slots, routers, cfg.num_experts_per_token)
         for layer in range(cfg.num_layers):  # start warm, as their implementation does
-            for expert in range(slots):
+            for expert in range(slots[layer]):
                 self.executor._load(layer, expert, keep=set())
         self.executor.reset_stats()
         self.engine = Engine(MixtralModel(cfg, dense, self.executor, options.max_seq_len))  # piecewise graphs on CUDA

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from baselines.expert_lru import spread_slots
 from fiddler.calibrate import calibration_matches
 from fiddler.config import ModelConfig
 from fiddler.cost_model import LatencyModel
@@ -252,7 +253,7 @@ class _Simulator:
                 cache.move_to_end(expert)
             pending = {e for e in needed if e not in cache}
             for expert in sorted(pending):
-                if len(cache) >= state["slots"]:  # evict the least recent expert this layer no longer needs
+                if len(cache) >= state["slots"][layer]:  # evict the least recent expert this layer no longer needs
                     victim = next(e for e in cache if e not in pending)
                     del cache[victim]
                 cache[expert] = True
@@ -292,11 +293,11 @@ class _Simulator:
             state["resident"] = [set(range(cfg.num_experts))] * cfg.num_layers
             state["peak_gb"] = needed / GB
         elif system == "expert-lru":
-            slots = min(b.for_experts // (b.expert * cfg.num_layers), cfg.num_experts)
-            if slots < 1:
+            slots = spread_slots(b.for_experts // b.expert, cfg.num_layers, cfg.num_experts)  # the baseline's rule
+            if min(slots) < 1:
                 return state, "expert-lru: no expert slot per layer fits"
             state["slots"] = slots
-            state["lru"] = [collections.OrderedDict((e, True) for e in range(slots)) for _ in range(cfg.num_layers)]
+            state["lru"] = [collections.OrderedDict((e, True) for e in range(count)) for count in slots]
         elif system == "layer-streaming":
             needed = 2 * layer_bytes + 2 * cfg.vocab_size * cfg.hidden_size * BF16_BYTES + b.kv_cache + b.workspace
             if needed > budget:

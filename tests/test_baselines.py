@@ -6,7 +6,7 @@ import torch
 from conftest import PROMPT
 
 from baselines import SYSTEMS, SystemOptions, SystemRefused, Unsupported, load_system
-from baselines.expert_lru import LruExperts, lru_slots
+from baselines.expert_lru import LruExperts, lru_slots, spread_slots
 from fiddler.config import ModelConfig
 from fiddler.engine import Engine
 from fiddler.generate import GenerationSettings, generate
@@ -22,11 +22,12 @@ GREEDY = GenerationSettings(max_new_tokens=8)
 BEAMS = GenerationSettings(max_new_tokens=5, beam_width=3)
 
 
-def budget_for_expert_slots(slots_per_layer: int) -> float:
-    """A budget leaving room for exactly this many experts per layer beside the rest."""
+def budget_for_expert_slots(slots_per_layer: int, extra: int = 0) -> float:
+    """A budget leaving room for exactly this many experts per layer (and ``extra`` more in
+    all) beside the rest."""
     b = budget_breakdown(CONFIG, 0, torch.float32, MAX_LEN, 1, 0)
     fixed = b.dense + b.kv_cache + b.workspace
-    return (fixed + slots_per_layer * CONFIG.num_layers * b.expert + b.expert // 2) / 1e9
+    return (fixed + (slots_per_layer * CONFIG.num_layers + extra) * b.expert + b.expert // 2) / 1e9
 
 
 def options(budget_gb: float | None = None, **kw) -> SystemOptions:
@@ -112,10 +113,24 @@ def test_lru_eviction_order_and_hits():
     host.close()
 
 
-def test_budget_to_slots():
-    assert lru_slots(options(budget_for_expert_slots(1))) == 1
-    assert lru_slots(options(budget_for_expert_slots(3))) == 3
-    assert lru_slots(options(None)) == CONFIG.num_experts
+def test_budget_to_slots_uses_the_whole_budget():
+    layers = CONFIG.num_layers
+    assert lru_slots(options(budget_for_expert_slots(1))) == [1] * layers
+    assert lru_slots(options(budget_for_expert_slots(3))) == [3] * layers
+    assert lru_slots(options(budget_for_expert_slots(1, extra=1))) == [2] + [1] * (layers - 1)
+    assert lru_slots(options(None)) == [CONFIG.num_experts] * layers
+    assert spread_slots(56, 32, 8) == [2] * 24 + [1] * 8  # Mixtral-8x7B at 24 GB: 56 slots, not 32
+    assert spread_slots(10_000, 32, 8) == [8] * 32 and spread_slots(5, 32, 8) == [1] * 5 + [0] * 27
+
+
+def test_uneven_slots_keep_the_outputs_and_fill_every_slot(reference):
+    system = load_system("expert-lru", options(budget_for_expert_slots(1, extra=1)))
+    result = system.generate(PROMPT, GREEDY)
+    assert result.token_ids == reference[0]
+    stats = result.stats
+    assert stats["slots"] == CONFIG.num_layers + 1 and stats["slots_per_layer"] == "1-2"
+    assert system.executor.slots_per_layer[0] == 2 and len(system.executor.cached(0)) == 2
+    system.close()
 
 
 @pytest.mark.parametrize(
