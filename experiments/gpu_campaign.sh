@@ -9,6 +9,7 @@
 #   orchestration  issues 3/6: calibration (kernel chosen by measurement), correctness, every
 #                  policy at 24 GB (hybrid decode with the chosen CPU kernel)
 #   baselines      issue 4: every system on one prompt at 24 GB (resumable)
+#   lru            issue 4: expert-lru(-prefetch) again, with the cache spread over the whole budget
 #   quick          issue 5: make reproduce-quick (measured cells for issue 7's validation)
 #   llama          issue 9: CUDA build of llama.cpp (~5 min), then llama-cpp vs Fiddler and the
 #                  baselines on Mixtral-8x7B truncated to 8 layers, 14 of 64 experts resident
@@ -57,6 +58,8 @@ for name in "$@"; do
       calibration=()  # reuse the orchestration stage's calibration when it ran in this machine
       [ -f "$OUT/orchestration/calibration.json" ] && calibration=(--calibration "$OUT/orchestration/calibration.json")
       stage baselines python3 experiments/baselines_gpu.py --out "$OUT/baselines" --gpu-memory-gb 24 "${calibration[@]}" ;;
+    lru) stage lru python3 experiments/baselines_gpu.py --out "$OUT/lru" --gpu-memory-gb 24 \
+           --systems expert-lru,expert-lru-prefetch ;;
     quick) stage quick python3 -m harness.reproduce --quick --results "$OUT/runs" ;;
     llama-build | llama)
       if [ ! -f third_party/llama.cpp/convert_hf_to_gguf.py ] && [ -f .carry/llama.cpp-src.tar.gz ]; then
