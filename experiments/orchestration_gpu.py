@@ -34,6 +34,7 @@ from fiddler.planner import POLICIES
 from fiddler.streams import release_cached_memory
 from fiddler.weights import RandomWeights
 
+LAYER_LOG_SAMPLE = 96  # decode layers kept per policy in the record (three tokens' worth)
 COUNTED = (
     "experts_gpu",
     "experts_cpu",
@@ -161,9 +162,13 @@ def speed(args, calibration_path: Path) -> dict:
             "predicted_ms_mean": 1e3 * statistics.mean(e["predicted_s"] for e in decode_layers),
             "measured_ms_mean": 1e3 * statistics.mean(e["measured_s"] for e in decode_layers),
             "timed_decode_tokens_per_s": timed.decode_tokens_per_s,
+            # where the time goes, layer by layer: plan, predicted, measured, CPU compute and wait
+            "sample": decode_layers[:LAYER_LOG_SAMPLE],
         }
         result["policies"][policy] = row
-        print("speed", policy, {k: v for k, v in row.items() if k != "token_ids"}, flush=True)
+        shown = {k: v for k, v in row.items() if k != "token_ids"}
+        shown["layer_timing_decode"] = {k: v for k, v in row["layer_timing_decode"].items() if k != "sample"}
+        print("speed", policy, shown, flush=True)
     if torch.cuda.is_available():
         result["peak_gpu_gb"] = torch.cuda.max_memory_allocated() / 1e9
         free_bytes, total_bytes = torch.cuda.mem_get_info()
