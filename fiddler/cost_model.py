@@ -7,8 +7,8 @@ extrapolation beyond the largest from its last two points; the smallest measurem
 it), ``cpu_part(n, share)`` for a share of an expert on the CPU (interpolated over the
 calibration's measured shares when it has them, else proportional), ``copy`` for one
 expert's weights, and the slowdowns of the CPU and copy paths when both run at once.
-``with_cpu_factor(f)`` is the same model with every CPU time scaled by f (the executor's
-in-run correction).
+``with_cpu_factor(f, s)`` is the same model with every CPU time scaled by f and, when given,
+the CPU's slowdown beside copies set to s (the executor's in-run corrections).
 """
 
 from __future__ import annotations
@@ -64,8 +64,10 @@ class LatencyModel:
             **_share_curve(calibration),
         )
 
-    def with_cpu_factor(self, factor: float) -> LatencyModel:
-        return dataclasses.replace(self, cpu_expert_s=[t * factor for t in self.cpu_expert_s])
+    def with_cpu_factor(self, factor: float, cpu_slowdown: float | None = None) -> LatencyModel:
+        """Every CPU time scaled by ``factor``; the CPU's slowdown beside copies replaced when given."""
+        slowdown = self.cpu_slowdown if cpu_slowdown is None else cpu_slowdown
+        return dataclasses.replace(self, cpu_expert_s=[t * factor for t in self.cpu_expert_s], cpu_slowdown=slowdown)
 
     def cpu_part(self, n: int, share: float) -> float:
         """A share (0..1] of one expert's blocks on the CPU for n tokens."""

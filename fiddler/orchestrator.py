@@ -11,8 +11,10 @@ landed; the CPU results come back in one transfer. An expert the plan divides ru
 blocks on the CPU and the rest after a copy of only those blocks; the two partial outputs
 are added. Every expert is kept in the split layout of ``fiddler.expert_layout``. Outputs are
 identical, up to summation order, to running every expert in one place. The CPU latencies the
-planner uses are corrected during the run by the measured ratio of CPU compute time to its
-prediction (``cpu_factor``; calibration runs alone, a run has the GPU and copies beside it).
+planner uses are corrected during the run by what the CPU worker measures: ``cpu_factor``
+scales the CPU curve from jobs that ran with no copies beside them, ``cpu_slowdown`` replaces
+the calibrated slowdown beside copies from jobs that had copies (calibration runs alone and
+briefly; a run has the GPU, its own threads and copies beside it).
 
 ``stats()`` counts what ran where and what crossed PCIe: ``h2d_bytes`` = copied expert
 weights + CPU results, ``d2h_bytes`` = activations sent to the CPU + the routing ids read on
@@ -42,11 +44,12 @@ from fiddler.streams import host_wait, new_stream, on_stream, record, wait
 from fiddler.timing import Clock
 
 PLAN_CACHE_SIZE = 4096  # distinct routing patterns remembered; decode repeats a few
-# In-run correction of the CPU latencies: an exponential average of measured / predicted CPU
+# In-run correction of the CPU latencies: exponential averages of measured / predicted CPU
 # compute, applied in steps so that cached plans stay valid between steps.
 CPU_FACTOR_SMOOTHING = 0.2
 CPU_FACTOR_STEP = 0.05
 CPU_FACTOR_BOUNDS = (0.25, 4.0)
+CPU_SLOWDOWN_BOUNDS = (1.0, 4.0)  # copies never speed the CPU up
 
 
 @dataclasses.dataclass
@@ -118,7 +121,8 @@ class FiddlerExecutor:
         self._plans: dict[tuple, LayerPlan] = {}
         self.adapt_cpu = adapt_cpu
         self.cpu_factor = 1.0
-        self._models: dict[float, LatencyModel] = {}
+        self.cpu_slowdown = latency.cpu_slowdown
+        self._models: dict[tuple[float, float], LatencyModel] = {}
         self.layer_timing = layer_timing
         self.layer_log: list[dict[str, object]] = []
         self.counters = ExpertCounters()
@@ -126,14 +130,19 @@ class FiddlerExecutor:
     # ---- the executor interface ---------------------------------------------------------
 
     @property
-    def planning_factor(self) -> float:
-        return round(round(self.cpu_factor / CPU_FACTOR_STEP) * CPU_FACTOR_STEP, 6)
+    def planning_factor(self) -> tuple[float, float]:
+        """The in-run corrections in steps: (CPU curve scale, CPU slowdown beside copies)."""
+
+        def step(value: float) -> float:
+            return round(round(value / CPU_FACTOR_STEP) * CPU_FACTOR_STEP, 6)
+
+        return step(self.cpu_factor), step(self.cpu_slowdown)
 
     def planning_model(self) -> LatencyModel:
-        factor = self.planning_factor
-        model = self._models.get(factor)
+        factors = self.planning_factor
+        model = self._models.get(factors)
         if model is None:
-            model = self._models[factor] = self.latency.with_cpu_factor(factor)
+            model = self._models[factors] = self.latency.with_cpu_factor(*factors)
         return model
 
     def plan(self, layer: int, tokens: dict[int, int]) -> LayerPlan:
@@ -148,17 +157,22 @@ class FiddlerExecutor:
         return plan
 
     def _learn_cpu_factor(self, plan: LayerPlan, tokens: dict[int, int], seconds: float) -> None:
-        """Fold one measured CPU job into the in-run correction of the CPU latencies."""
+        """Fold one measured CPU job into the in-run corrections: a job with no copies beside
+        it corrects the CPU curve, one with copies the slowdown beside them (as a ratio to the
+        corrected curve), so that neither hides an error in the other."""
         model = self.latency
-        predicted = sum(model.cpu(tokens[e]) for e in plan.cpu)
+        alone = sum(model.cpu(tokens[e]) for e in plan.cpu)
         if plan.split:
-            predicted += model.cpu_part(tokens[plan.split.expert], plan.split.cpu_fraction)
-        if plan.copy or plan.split:  # both paths were busy
-            predicted *= model.cpu_slowdown
-        if predicted <= 0 or not self.adapt_cpu:
+            alone += model.cpu_part(tokens[plan.split.expert], plan.split.cpu_fraction)
+        if alone <= 0 or not self.adapt_cpu:
             return
-        factor = (1 - CPU_FACTOR_SMOOTHING) * self.cpu_factor + CPU_FACTOR_SMOOTHING * seconds / predicted
-        self.cpu_factor = min(max(factor, CPU_FACTOR_BOUNDS[0]), CPU_FACTOR_BOUNDS[1])
+        if plan.copy or plan.split:  # both paths were busy
+            ratio = seconds / (alone * self.cpu_factor)
+            slowdown = (1 - CPU_FACTOR_SMOOTHING) * self.cpu_slowdown + CPU_FACTOR_SMOOTHING * ratio
+            self.cpu_slowdown = min(max(slowdown, CPU_SLOWDOWN_BOUNDS[0]), CPU_SLOWDOWN_BOUNDS[1])
+        else:
+            factor = (1 - CPU_FACTOR_SMOOTHING) * self.cpu_factor + CPU_FACTOR_SMOOTHING * seconds / alone
+            self.cpu_factor = min(max(factor, CPU_FACTOR_BOUNDS[0]), CPU_FACTOR_BOUNDS[1])
 
     def __call__(self, layer: int, hidden: torch.Tensor, routing: Routing) -> torch.Tensor:
         clock = Clock(self.device) if self.layer_timing else None
@@ -232,7 +246,8 @@ class FiddlerExecutor:
                     "measured_s": measured,
                     "cpu_compute_s": cpu_job.result() if cpu_job else 0.0,
                     "cpu_wait_s": waited,
-                    "cpu_factor": planned_factor,
+                    "cpu_factor": planned_factor[0],
+                    "cpu_slowdown": planned_factor[1],
                 }
             )
         return combine(outputs.view(num_tokens, top_k, -1), routing, hidden.dtype)
@@ -246,6 +261,7 @@ class FiddlerExecutor:
             "staging_slots": len(self.slots),
             "split_blocks": self.blocks,
             "cpu_factor": self.cpu_factor,
+            "cpu_slowdown": self.cpu_slowdown,
             **self.counters.to_json(),
         }
 

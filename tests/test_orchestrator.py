@@ -88,7 +88,7 @@ def replay_plans(engine, policy, latency, slots):
     expected["copied_blocks"] = 0
     for entry in executor.layer_log:
         resident = executor.resident_by_layer[entry["layer"]]
-        model = latency.with_cpu_factor(entry["cpu_factor"])  # the in-run correction it planned with
+        model = latency.with_cpu_factor(entry["cpu_factor"], entry["cpu_slowdown"])  # the corrections it planned with
         plan = plan_layer(entry["tokens"], resident, policy, model, slots, executor.blocks)
         split = (plan.split.expert, plan.split.cpu_blocks, plan.split.blocks) if plan.split else None
         assert (plan.gpu, plan.cpu, plan.copy, split) == (entry["gpu"], entry["cpu"], entry["copy"], entry["split"])
@@ -181,11 +181,27 @@ def test_cpu_latencies_are_corrected_in_the_run():
     adapting = fiddler_engine(placement, "cpu-experts")
     stats = generate(adapting, PROMPT, GenerationSettings(max_new_tokens=4)).stats
     assert stats["cpu_factor"] < 0.5
+    assert stats["cpu_slowdown"] == HOST_LIKE.cpu_slowdown  # no job had copies beside it
     fixed = Engine.fiddler(SOURCE, "cpu", torch.float32, 128, placement, HOST_LIKE, "cpu-experts", make_kernel("torch"))
     fixed.model.experts.adapt_cpu = False
     assert generate(fixed, PROMPT, GenerationSettings(max_new_tokens=4)).stats["cpu_factor"] == 1.0
     adapting.close()
     fixed.close()
+
+
+def test_jobs_beside_copies_correct_the_slowdown_not_the_curve():
+    """Under hybrid, CPU jobs run beside copies: their (tiny) times correct the slowdown
+    beside copies, down to its floor of 1, and leave the CPU curve's own scale alone."""
+    engine = fiddler_engine(placement_with(set()), "hybrid", timing=True)
+    executor = engine.model.experts
+    generate(engine, PROMPT, GenerationSettings(max_new_tokens=4))
+    beside = [e for e in executor.layer_log if (e["cpu"] or e["split"]) and (e["copy"] or e["split"])]
+    alone = [e for e in executor.layer_log if (e["cpu"] or e["split"]) and not (e["copy"] or e["split"])]
+    assert beside, "the host-like model should make hybrid run both paths"
+    assert executor.cpu_slowdown == 1.0
+    if not alone:
+        assert executor.cpu_factor == 1.0
+    engine.close()
 
 
 @pytest.mark.parametrize("kernel_name", ["avx512-bf16", "amx-bf16"])
