@@ -15,14 +15,13 @@
 #                  baselines on Mixtral-8x7B truncated to 8 layers, 14 of 64 experts resident
 #   llama-build    the build alone: give it to one call and `llama` to the next while the
 #                  machine is still warm (third_party/ survives between calls on one machine)
-#   sweep24        issue 8: the paper-v3 single-batch grid at 24 GB, every system, 3 prompts per
-#                  cell, into the tracked run folder $SWEEP_DIR (carried to the host with the
-#                  tree): each call resumes it until $SWEEP_SECONDS (default 480) after the
-#                  script started, and returns it;
-#                  commit what comes back before the next call. Its calibration is measured once
-#                  into the folder and reused, so every piece plans with the same latencies.
-#                  Systems run in order of importance (Fiddler and the strongest baselines
-#                  first), so a sweep cut short across sessions has the main comparison first.
+#   sweep24        issue 8: the paper-v3 single-batch grid at 24 GB, every system (in order of
+#                  importance, so a sweep cut short has the main comparison first), 3 prompts
+#                  per cell, into results/h200-paper-v3-24gb/ (see sweep() below: each call
+#                  resumes it; commit what comes back before the next call)
+#   sweep48        the same grid at 48 GB: Fiddler's policies and the two strongest baselines
+#   prefill24      long-prefill TTFT (512-8192 tokens) at 24 GB: Fiddler, layer-streaming, expert-lru
+#   beam24         beam search (widths 4, 8, 16) at 24 GB: Fiddler and the strongest baselines
 # The tree there has no .git: pass FIDDLER_GIT_COMMIT=<sha> so run records name the commit.
 # The GPU host lacks mistral-common and network: carry .carry/ (tokenizer.model from
 # mistral-common, llama.cpp-src.tar.gz from `bash tools/build_llama_cpp.sh --pack`).
@@ -49,6 +48,27 @@ pack() {  # into a file of its own, renamed when complete: a packer killed mid-w
   tar -czf "$tmp" -C "$OUT" --exclude='*.tar.gz' . 2>/dev/null
   mv "$tmp" "$OUT/campaign.tar.gz"
 }
+# sweep NAME DIR HARNESS-ARGS...: resume the tracked run folder DIR (carried here with the tree)
+# until $SWEEP_SECONDS after this script started (the device call's limit is 600 s). The run
+# works on its copy under $OUT, so the packer returns whatever it finished; SIGINT stops it
+# between runs' atomic writes of raw.csv. DIR's calibration is measured once and reused, so
+# every piece plans with the same latencies.
+sweep() {
+  local name="$1" dir="$2"
+  shift 2
+  mkdir -p "$dir"
+  [ -f "$dir/calibration.json" ] || stage "$name-calibration" python3 -m fiddler.cli calibrate \
+    --model mixtral-8x7b --out "$dir/calibration.json"
+  mkdir -p "$OUT/$dir" && cp -r "$dir/." "$OUT/$dir/"
+  local left=$(( ${SWEEP_SECONDS:-480} - SECONDS ))
+  if [ "$left" -lt 60 ]; then
+    echo "=== $name: only ${left} s left, not started" | tee -a "$OUT/campaign.log"
+    return
+  fi
+  stage "$name" timeout -k 30 --signal=INT "$left" python3 -m harness run --model mixtral-8x7b \
+    --prompts-per-cell 3 --reference '' --run-time-limit 120 --calibration "$dir/calibration.json" \
+    --out "$OUT/$dir" "$@"
+}
 for name in "$@"; do
   case "$name" in
     kernels) stage kernels python3 experiments/cpu_kernels.py --out "$OUT/kernels" --threads 16,12 --with-copies ;;
@@ -74,21 +94,14 @@ for name in "$@"; do
         --scenario single-batch --inputs 32,128,512,2048 --outputs 32 --model mixtral-8x7b --layers 8 \
         --gpu-memory-gb "$budget" --prompts-per-cell 2 --dataset random --reference cpu-only \
         --out "$OUT/llama-8layers" ;;
-    sweep24)
-      dir="${SWEEP_DIR:-results/h200-paper-v3-24gb}"
-      mkdir -p "$dir"
-      [ -f "$dir/calibration.json" ] || stage sweep-calibration python3 -m fiddler.cli calibrate \
-        --model mixtral-8x7b --out "$dir/calibration.json"
-      # the sweep works on its copy under $OUT, so the packer returns whatever it finished
-      mkdir -p "$OUT/$dir" && cp -r "$dir/." "$OUT/$dir/"
-      # stop $SWEEP_SECONDS after this script started (the device call's limit is 600 s); SIGINT:
-      # raw.csv, written atomically after every run, keeps every finished run
-      left=$(( ${SWEEP_SECONDS:-480} - SECONDS ))
-      if [ "$left" -lt 60 ]; then echo "=== sweep24: only ${left} s left, not started" | tee -a "$OUT/campaign.log"; continue; fi
-      stage sweep24 timeout -k 30 --signal=INT "$left" python3 -m harness run \
-        --systems fiddler-hybrid,expert-lru,fiddler-paper,layer-streaming,cpu-only,accelerate-offload,expert-lru-prefetch,fiddler-cpu-experts,fiddler-copy-experts \
-        --scenario single-batch --grid paper-v3 --model mixtral-8x7b --gpu-memory-gb 24 --prompts-per-cell 3 \
-        --reference '' --run-time-limit 120 --calibration "$dir/calibration.json" --out "$OUT/$dir" ;;
+    sweep24) sweep sweep24 results/h200-paper-v3-24gb --scenario single-batch --grid paper-v3 --gpu-memory-gb 24 \
+               --systems fiddler-hybrid,expert-lru,fiddler-paper,layer-streaming,cpu-only,accelerate-offload,expert-lru-prefetch,fiddler-cpu-experts,fiddler-copy-experts ;;
+    sweep48) sweep sweep48 results/h200-paper-v3-48gb --scenario single-batch --grid paper-v3 --gpu-memory-gb 48 \
+               --systems fiddler-hybrid,fiddler-paper,expert-lru,cpu-only ;;
+    prefill24) sweep prefill24 results/h200-long-prefill-24gb --scenario long-prefill --gpu-memory-gb 24 \
+               --systems fiddler-hybrid,fiddler-paper,layer-streaming,expert-lru ;;
+    beam24) sweep beam24 results/h200-beam-search-24gb --scenario beam-search --beam-widths 4,8,16 --gpu-memory-gb 24 \
+               --systems fiddler-hybrid,fiddler-paper,expert-lru,layer-streaming ;;
     *) echo "unknown stage $name" | tee -a "$OUT/campaign.log" ;;
   esac
 done
