@@ -130,7 +130,7 @@ class FiddlerExecutor:
     # ---- the executor interface ---------------------------------------------------------
 
     @property
-    def planning_factor(self) -> tuple[float, float]:
+    def planning_corrections(self) -> tuple[float, float]:
         """The in-run corrections in steps: (CPU curve scale, CPU slowdown beside copies)."""
 
         def step(value: float) -> float:
@@ -139,15 +139,15 @@ class FiddlerExecutor:
         return step(self.cpu_factor), step(self.cpu_slowdown)
 
     def planning_model(self) -> LatencyModel:
-        factors = self.planning_factor
-        model = self._models.get(factors)
+        corrections = self.planning_corrections
+        model = self._models.get(corrections)
         if model is None:
-            model = self._models[factors] = self.latency.with_cpu_factor(*factors)
+            model = self._models[corrections] = self.latency.with_cpu_factor(*corrections)
         return model
 
     def plan(self, layer: int, tokens: dict[int, int]) -> LayerPlan:
         resident = self.resident_by_layer[layer]
-        key = (resident, tuple(sorted(tokens.items())), self.policy, self.planning_factor)
+        key = (resident, tuple(sorted(tokens.items())), self.policy, self.planning_corrections)
         plan = self._plans.get(key)
         if plan is None:
             if len(self._plans) >= PLAN_CACHE_SIZE:
@@ -185,7 +185,7 @@ class FiddlerExecutor:
         for count in counts:
             offsets.append(offsets[-1] + count)
         tokens = {e: c for e, c in enumerate(counts) if c}
-        planned_factor = self.planning_factor
+        planned = self.planning_corrections
         plan = self.plan(layer, tokens)
         token_of_row = order // top_k
         split = plan.split
@@ -246,8 +246,8 @@ class FiddlerExecutor:
                     "measured_s": measured,
                     "cpu_compute_s": cpu_job.result() if cpu_job else 0.0,
                     "cpu_wait_s": waited,
-                    "cpu_factor": planned_factor[0],
-                    "cpu_slowdown": planned_factor[1],
+                    "cpu_factor": planned[0],
+                    "cpu_slowdown": planned[1],
                 }
             )
         return combine(outputs.view(num_tokens, top_k, -1), routing, hidden.dtype)

@@ -69,11 +69,17 @@ def default_reference(config, device: str, systems: tuple[str, ...]) -> str:
     return "transformers-resident" if whole_gb < free_gb else systems[0]
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    systems = tuple(s for s in args.systems.split(",") if s)
-    unknown = [s for s in systems if s not in SYSTEMS]
+def system_list(text: str, known, problem: str) -> tuple[str, ...]:
+    """Comma-separated system names, each one of ``known``; else one error naming the rest."""
+    systems = tuple(s for s in text.split(",") if s)
+    unknown = [s for s in systems if s not in known]
     if unknown:
-        raise ValueError(f"unknown systems {unknown}; choose from {', '.join(sorted(SYSTEMS))}")
+        raise ValueError(f"{problem}: {unknown}; choose from {', '.join(known)}")
+    return systems
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    systems = system_list(args.systems, sorted(SYSTEMS), "unknown systems")
     config, _ = resolve_model(args.model, args.layers)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     cell_list = cells(
@@ -106,10 +112,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from harness.report import plot, tables_markdown
     from harness.simulate import SIMULATED_SYSTEMS, SimulationSpec, load_profile, simulate
 
-    systems = tuple(s for s in args.systems.split(",") if s)
-    unknown = [s for s in systems if s not in SIMULATED_SYSTEMS]
-    if unknown:
-        raise ValueError(f"systems {unknown} are not simulated; choose from {', '.join(SIMULATED_SYSTEMS)}")
+    systems = system_list(args.systems, SIMULATED_SYSTEMS, "systems not simulated")
     config, _ = resolve_model(args.model, args.layers)
     calibration, _ = load_profile(args.hardware)
     cell_list = cells(
