@@ -12,7 +12,8 @@
 #   lru            issue 4: expert-lru(-prefetch) again, with the cache spread over the whole budget
 #   quick          issue 5: make reproduce-quick (measured cells for issue 7's validation)
 #   llama          issue 9: CUDA build of llama.cpp (~5 min), then llama-cpp vs Fiddler and the
-#                  baselines on Mixtral-8x7B truncated to 8 layers, 14 of 64 experts resident
+#                  baselines on Mixtral-8x7B truncated to 8 layers, 14 of 64 experts resident,
+#                  resumable like the sweeps (results/h200-llama-8layers/)
 #   llama-build    the build alone: give it to one call and `llama` to the next while the
 #                  machine is still warm (third_party/ survives between calls on one machine)
 #   sweep24        issue 8: the paper-v3 single-batch grid at 24 GB, every system (in order of
@@ -48,7 +49,7 @@ pack() {  # into a file of its own, renamed when complete: a packer killed mid-w
   tar -czf "$tmp" -C "$OUT" --exclude='*.tar.gz' . 2>/dev/null
   mv "$tmp" "$OUT/campaign.tar.gz"
 }
-# sweep NAME DIR HARNESS-ARGS...: resume the tracked run folder DIR (carried here with the tree)
+# sweep NAME DIR HARNESS-ARGS...: (HARNESS-ARGS come last, so they override the defaults here) resume the tracked run folder DIR (carried here with the tree)
 # until $SWEEP_SECONDS after this script started (the device call's limit is 600 s). The run
 # works on its copy under $OUT, so the packer returns whatever it finished; SIGINT stops it
 # between runs' atomic writes of raw.csv. DIR's calibration is measured once and reused, so
@@ -71,7 +72,10 @@ sweep() {
 }
 for name in "$@"; do
   case "$name" in
-    kernels) stage kernels python3 experiments/cpu_kernels.py --out "$OUT/kernels" --threads 16,12 --with-copies ;;
+    # the torch paths were measured in full before (results/cpu-kernels-h200/); torch-split stays as
+    # the side-by-side reference for the native kernels
+    kernels) stage kernels python3 experiments/cpu_kernels.py --out "$OUT/kernels" --threads 16,12 --with-copies \
+               --paths torch-split,native,amx ;;
     orchestration) stage orchestration python3 experiments/orchestration_gpu.py --out "$OUT/orchestration" \
                      --gpu-memory-gb 24 --new-tokens 24 --repeats 2 ;;
     baselines)
@@ -90,10 +94,9 @@ for name in "$@"; do
       [ "$name" = llama-build ] && continue
       # 8 layers keep Mixtral-8x7B's expert sizes; the budget keeps 14 of 64 experts (56/256)
       budget=$(python3 -c "from fiddler.config import ModelConfig; from fiddler.placement import budget_breakdown; import torch; c=ModelConfig.preset('mixtral-8x7b').with_layers(8); b=budget_breakdown(c,0,torch.bfloat16,2048+32,1,2); print((b.dense+b.kv_cache+b.staging+b.workspace+14.5*b.expert)/1e9)")
-      stage llama python3 -m harness run --systems llama-cpp,llama-cpp-cpu-moe,fiddler-paper,fiddler-hybrid,expert-lru,cpu-only \
-        --scenario single-batch --inputs 32,128,512,2048 --outputs 32 --model mixtral-8x7b --layers 8 \
-        --gpu-memory-gb "$budget" --prompts-per-cell 2 --dataset random --reference cpu-only \
-        --out "$OUT/llama-8layers" ;;
+      sweep llama results/h200-llama-8layers --systems llama-cpp,llama-cpp-cpu-moe,fiddler-paper,fiddler-hybrid,expert-lru,cpu-only \
+        --scenario single-batch --inputs 32,128,512,2048 --outputs 32 --layers 8 \
+        --gpu-memory-gb "$budget" --prompts-per-cell 2 --dataset random --reference cpu-only ;;
     sweep24) sweep sweep24 results/h200-paper-v3-24gb --scenario single-batch --grid paper-v3 --gpu-memory-gb 24 \
                --systems fiddler-hybrid,expert-lru,fiddler-paper,layer-streaming,cpu-only,accelerate-offload,expert-lru-prefetch,fiddler-cpu-experts,fiddler-copy-experts ;;
     sweep48) sweep sweep48 results/h200-paper-v3-48gb --scenario single-batch --grid paper-v3 --gpu-memory-gb 48 \
