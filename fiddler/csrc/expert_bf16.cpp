@@ -369,16 +369,20 @@ int64_t read_all(const torch::Tensor& buffer) {
 
 }  // namespace
 
+// The computing entry points release the GIL: the engine runs CPU experts on a worker thread
+// while the main thread issues the GPU's copies and kernels, which a held GIL would stall for
+// the whole expert (and calibration would measure copies as many times slower beside the CPU).
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("expert", &expert, "one expert (split layout, bf16) for up to 16 tokens, AVX512-BF16");
+  using release_gil = py::call_guard<py::gil_scoped_release>;
+  m.def("expert", &expert, "one expert (split layout, bf16) for up to 16 tokens, AVX512-BF16", release_gil());
 #ifndef FIDDLER_NO_AMX
-  m.def("expert_amx", &expert_amx, "one expert (split layout, bf16) for any token count, AMX tiles");
+  m.def("expert_amx", &expert_amx, "one expert (split layout, bf16) for any token count, AMX tiles", release_gil());
   m.def("amx_permitted", &amx_permitted, "whether this process may use AMX state");
   m.attr("has_amx") = true;
   m.attr("amx_pass_tokens") = kAmxPassTokens;
 #else
   m.attr("has_amx") = false;
 #endif
-  m.def("read_all", &read_all, "read a buffer once (memory read bandwidth)");
+  m.def("read_all", &read_all, "read a buffer once (memory read bandwidth)", release_gil());
   m.attr("max_tokens") = kMaxTokens;
 }
