@@ -16,7 +16,8 @@ Contract:
 - Generation: one ``/completion`` request per prompt with the prompt's token ids, greedy,
   EOS ignored, streamed; the project's clock reads the time at every streamed token (TTFT is
   the first), and the server returns the token ids, so agreement with the reference is exact.
-  Beam search and sampling are unsupported.
+  Beam search and sampling are unsupported. A request that streams nothing for
+  ``STREAM_STALL_S``, or a server that dies, raises with the tail of the server's log.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import contextlib
 import hashlib
 import itertools
 import json
+import logging
 import os
 import shutil
 import socket
@@ -46,11 +48,16 @@ from fiddler.timing import Clock
 from fiddler.tokenizer import preset_tokenizer_file
 from fiddler.weights import open_weights
 
+log = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parent.parent
 TREE_ENV = "FIDDLER_LLAMA_CPP"
 DEFAULT_TREE = REPO / "third_party" / "llama.cpp"
 CACHE = Path(os.environ.get("FIDDLER_CACHE", Path.home() / ".cache" / "fiddler")) / "gguf"
 SERVER_START_TIMEOUT_S = 600.0  # loading a large GGUF into memory takes a while
+# A streamed completion with no event for this long is stuck (the slowest legitimate wait is
+# the prefill before the first token: seconds on the GPU host even at 8192 tokens on the CPU).
+STREAM_STALL_S = 300.0
+SERVER_LOG_TAIL_CHARS = 1500  # what an error quotes of the server's own log
 ALL_LAYERS_ON_GPU = 99  # llama.cpp's idiom for "every layer"
 
 
@@ -104,10 +111,13 @@ def convert_to_gguf(options: SystemOptions, tree: Path) -> Path:
             str(tmp),
         ]
         env = {**os.environ, "PYTHONPATH": str(tree / "gguf-py")}
+        clock = Clock("cpu")
+        start = clock.now()
         done = subprocess.run(command, env=env, capture_output=True, text=True)
         if done.returncode != 0:
             raise RuntimeError(f"llama.cpp's converter failed: {done.stderr[-800:]}")
         os.replace(tmp, path)
+    log.info("converted %s to GGUF in %.0f s: %s", cfg.name, clock.now() - start, path)
     return path
 
 
@@ -164,19 +174,23 @@ class LlamaServer:
         self.command = command
         self._wait_ready()
 
+    def log_tail(self) -> str:
+        self.log.seek(0)
+        return self.log.read()[-SERVER_LOG_TAIL_CHARS:].decode(errors="replace")
+
     def _wait_ready(self) -> None:
         clock = Clock("cpu")
         start = clock.now()
         while clock.now() - start < SERVER_START_TIMEOUT_S:
             if self.process.poll() is not None:
-                self.log.seek(0)
-                raise RuntimeError(f"llama-server exited: {self.log.read()[-800:].decode(errors='replace')}")
+                raise RuntimeError(f"llama-server exited: {self.log_tail()}")
             health = f"http://127.0.0.1:{self.port}/health"
             with (
                 contextlib.suppress(urllib.error.URLError, ConnectionError, TimeoutError),
                 urllib.request.urlopen(health, timeout=1) as response,
             ):
                 if response.status == 200:
+                    log.info("llama-server ready in %.0f s: %s", clock.now() - start, " ".join(self.command))
                     return
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.process.wait(timeout=0.2)
@@ -189,7 +203,7 @@ class LlamaServer:
             data=json.dumps(payload).encode(),
             headers={"Content-Type": "application/json"},
         )
-        return urllib.request.urlopen(request, timeout=SERVER_START_TIMEOUT_S)
+        return urllib.request.urlopen(request, timeout=STREAM_STALL_S)  # per read, not for the whole stream
 
     def close(self) -> None:
         if self.process.poll() is None:
@@ -240,15 +254,21 @@ class LlamaCpp:
         clock = Clock(self.options.device)
         start = clock.now()
         times, tokens, timings = [], [], {}
-        with self.server.stream(payload) as response:
-            for raw in response:
-                for event in parse_stream([raw]):
-                    if event.get("tokens"):
-                        tokens += event["tokens"]
-                        times.append(clock.now())
-                    timings = event.get("timings", timings)
+        try:
+            with self.server.stream(payload) as response:
+                for raw in response:
+                    for event in parse_stream([raw]):
+                        if event.get("tokens"):
+                            tokens += event["tokens"]
+                            times.append(clock.now())
+                        timings = event.get("timings", timings)
+        except (TimeoutError, urllib.error.URLError, ConnectionError) as err:
+            raise RuntimeError(
+                f"llama-server stopped after {len(tokens)} of {settings.max_new_tokens} tokens ({err!r}); "
+                f"its log ends: {self.server.log_tail()}"
+            ) from err
         if not times:
-            raise RuntimeError("llama-server returned no tokens")
+            raise RuntimeError(f"llama-server returned no tokens; its log ends: {self.server.log_tail()}")
         steps = [b - a for a, b in itertools.pairwise(times)]
         return GenerationResult(
             len(prompt_ids),

@@ -4,7 +4,8 @@
   [--beam-widths 4,8] --model <preset|dir> [--layers L] [--gpu-memory-gb G] [--device cuda|cpu]
   [--dtype bfloat16|float32] [--dataset sharegpt|random|FILE] [--prompts-per-cell N]
   [--reference SYSTEM] [--run-time-limit S] [--out DIR]``: writes everything into DIR (default
-  ``results/<date>_<gpu or cpu>_<model>``) and resumes a folder it finds there.
+  ``results/<date>_<gpu or cpu>_<model>``) and resumes a folder it finds there; exits 1 when
+  a system failed (its rows say why; the other systems ran).
 - ``simulate --hardware <paper-env1|paper-env2|paper-env3|h200-host|FILE> --systems ... --scenario S
   [--grid ...] [--gpu-memory-gb G] [--routing uniform|FILE] --out DIR``: predicted cells, same
   summary.csv columns (``source`` simulated), tables and plots.
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -31,7 +33,7 @@ from fiddler.config import resolve_model
 from fiddler.engine import parse_dtype
 from fiddler.files import write_json_atomic, write_text_atomic
 from harness.report import SUMMARY_COLUMNS, render
-from harness.runner import SweepSpec, run_sweep
+from harness.runner import SweepSpec, read_raw, run_sweep
 from harness.scenarios import GRIDS, SCENARIOS, cells
 
 RESULTS = Path(__file__).resolve().parent.parent / "results"
@@ -105,6 +107,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     )
     out = run_sweep(spec)
     print(out)
+    failed = [r for r in read_raw(out / "raw.csv") if r["status"] == "failed"]
+    if failed:  # recorded, and the sweep went on; the exit status still says so
+        systems = ", ".join(sorted({r["system"] for r in failed}))
+        print(f"error: {len(failed)} runs failed ({systems}): see raw.csv's reason and the log", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -5,7 +5,8 @@ Contract: ``render(run_dir)`` reads ``raw.csv`` and ``matrix.json`` and (re)writ
 device, input_tokens, output_tokens, beam_width, gpu_memory_gb, prompts, ttft_s,
 decode_tokens_per_s, e2e_tokens_per_s, gpu_hit_rate, h2d_bytes_per_token,
 peak_gpu_memory_gb, output_matches_reference, source, status``, medians over prompts;
-``status`` is ok, derived, extrapolated (with ``steps_measured``), refused or unsupported;
+``status`` is ok, derived, extrapolated (with ``steps_measured``), refused, unsupported or
+failed (``NOT_MEASURED``: the row says why, and the cell has no figures);
 ``output_matches_reference`` is the fraction of the cell's new tokens equal, position by
 position, to the reference system's for the same prompt), ``tables.md`` (systems x
 [input, output] like the paper's figure, Fiddler's speedup over each baseline, and the paper's
@@ -52,6 +53,8 @@ PAPER_FILE = Path(__file__).resolve().parent.parent / "results" / "paper" / "pub
 # Our systems standing for the paper's baselines (../shared/PAPER.md).
 PAPER_BASELINES = {"layer-streaming": "DeepSpeed-MII", "expert-lru": "Mixtral-offloading"}
 FIDDLER_PREFIX = "fiddler-"
+
+NOT_MEASURED = ("refused", "unsupported", "failed")  # statuses of a cell with no figures
 
 
 def _median(values: list[float]) -> float | None:
@@ -125,7 +128,7 @@ def summarize(raw: list[dict], matrix: dict) -> pd.DataFrame:
                 source="measured",
                 prompts=len(rows),
             )
-            failed = [r for r in rows if r["status"] in ("refused", "unsupported")]
+            failed = [r for r in rows if r["status"] in NOT_MEASURED]
             if failed:
                 summary.append(out | {"status": failed[0]["status"]})
                 continue
@@ -211,7 +214,7 @@ def speedups(summary: pd.DataFrame, scenario: str, metric: str, compared: list[s
 def _display(row: pd.Series, value: str) -> str:
     """A number (marked when extrapolated), or why there is none."""
     if pd.isna(row[value]):
-        return row["status"] if row["status"] in ("refused", "unsupported") else "-"
+        return row["status"] if row["status"] in NOT_MEASURED else "-"
     mark = "*" if row["status"] == "extrapolated" else ""
     beams = f" (w{row['beam_width']})" if row["beam_width"] > 1 else ""
     return f"{row[value]:.3g}{mark}{beams}"
@@ -354,7 +357,7 @@ def paper_comparison(summary: pd.DataFrame, environment: str, fiddler: str = "fi
     """Simulated (or measured) single-batch figures beside the paper's v1 figures for the same
     environment; ``deviation`` is ours / paper's - 1, flagged beyond 25%."""
     paper = PAPER_V1[environment]
-    single = summary[(summary.scenario == "single-batch") & (summary.status != "refused")]
+    single = summary[(summary.scenario == "single-batch") & ~summary.status.isin(NOT_MEASURED)]
     ours = single[single.system == fiddler]
     rows = [
         ("Fiddler average tokens/s over the grid", paper["fiddler_average"], ours.e2e_tokens_per_s.mean()),

@@ -11,7 +11,10 @@ is measured, so an interrupted sweep resumes where it stopped, with no duplicate
 makes slow systems generate only the steps that fit (the cells beyond are extrapolated by the
 report, marked so). A system that cannot run within its budget gets one ``refused`` row per
 generation it would have run; one that cannot do a scenario (beam search) gets
-``unsupported`` rows. The reference system (for token agreement) runs like the others.
+``unsupported`` rows. A system that raises while loading or generating gets ``failed`` rows
+(the reason in the row, the traceback in the log) for the runs it had left, and the sweep goes
+on with the next system; a resumed sweep runs failed rows again. The reference system (for
+token agreement) runs like the others.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from harness.telemetry import NvmlSampler, environment, process_rss_gb
 from harness.timing import steps_within
 
 log = logging.getLogger(__name__)
+FAILURE_REASON_CHARS = 300  # a row keeps the error's first line; the log keeps the rest
 
 RAW_COLUMNS = [
     "system",
@@ -174,7 +178,7 @@ def run_sweep(spec: SweepSpec) -> Path:
         },
     )
     raw_path = spec.out / "raw.csv"
-    rows = read_raw(raw_path)
+    rows = [r for r in read_raw(raw_path) if r["status"] != "failed"]  # a resumed sweep retries failures
     done = {_key(r) for r in rows}
     longest = max(r.input_tokens + r.output_tokens for r in plan)
     total = len(systems) * len(plan) * spec.prompts_per_cell
@@ -187,6 +191,14 @@ def run_sweep(spec: SweepSpec) -> Path:
         "dataset": spec.dataset,
         "gpu_memory_gb": spec.gpu_memory_gb,
     }
+
+    def record(name: str, todo: list[tuple[Run, int]], status: str, reason: str) -> None:
+        """One row per run the system still had to do, all with the same status."""
+        for run, index in todo:
+            rows.append(base | _row_key(name, run, index) | {"status": status, "reason": reason})
+            progress.step(name, run, index)
+        _write_raw(raw_path, rows)
+
     for name in systems:
         todo = [(r, i) for r in plan for i in range(spec.prompts_per_cell) if _key(_row_key(name, r, i)) not in done]
         if not todo:
@@ -207,10 +219,10 @@ def run_sweep(spec: SweepSpec) -> Path:
         try:
             system = load_system(name, options)
         except SystemRefused as err:
-            for run, index in todo:
-                rows.append(base | _row_key(name, run, index) | {"status": "refused", "reason": str(err)})
-                progress.step(name, run, index)
-            _write_raw(raw_path, rows)
+            record(name, todo, "refused", str(err))
+            continue
+        except Exception as err:  # a system that breaks is recorded, and the sweep goes on
+            record(name, todo, "failed", _failure(name, "loading", err))
             continue
         try:
             # Warm up every batch size, largest first: the engine then keeps one cache and one
@@ -221,12 +233,16 @@ def run_sweep(spec: SweepSpec) -> Path:
                 with contextlib.suppress(Unsupported):  # its rows will say so
                     system.generate(bank.prompts(first.scenario, first.input_tokens)[0], warm_up)
             limits: dict[Run, int] = {}
-            for run, index in todo:
+            while todo:
+                run, index = todo[0]
                 prompt = bank.prompts(run.scenario, run.input_tokens)[index]
                 row = base | _row_key(name, run, index) | _measure(system, run, prompt, spec, limits)
                 rows.append(row)
+                todo.pop(0)
                 _write_raw(raw_path, rows)  # atomically, after every run
                 progress.step(name, run, index)
+        except Exception as err:
+            record(name, todo, "failed", _failure(name, "generating", err))
         finally:
             system.close()
             # no reference may outlive close(): the next system's load and its peak-memory
@@ -235,6 +251,13 @@ def run_sweep(spec: SweepSpec) -> Path:
             release_cached_memory()
     render(spec.out)
     return spec.out
+
+
+def _failure(system: str, phase: str, err: Exception) -> str:
+    """The reason a failed row records; the whole traceback goes to the log."""
+    log.error("%s failed while %s; its remaining runs are recorded as failed", system, phase, exc_info=err)
+    message = str(err).strip().splitlines()
+    return f"{phase}: {type(err).__name__}: {message[0] if message else ''}"[:FAILURE_REASON_CHARS]
 
 
 def _check_resumable(spec: SweepSpec) -> None:

@@ -2,6 +2,7 @@
 random inputs (where this CPU can build and run them), the torch fallback, and calibration's
 choice of a kernel per range of token counts."""
 
+import itertools
 import statistics
 import threading
 import time
@@ -89,7 +90,7 @@ def test_native_kernels_release_the_gil(kernel_name, tokens):
         worker.join()
     finally:
         torch.set_num_threads(threads)
-    longest_stall = max(b - a for a, b in zip(ticks, ticks[1:]))
+    longest_stall = max(b - a for a, b in itertools.pairwise(ticks))
     assert longest_stall < 0.5 * statistics.median(calls), (longest_stall, calls)
 
 

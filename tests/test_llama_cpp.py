@@ -3,14 +3,25 @@ mapping, parsing of the server's stream, and (where llama.cpp is built) greedy t
 the reference's. Needs llama.cpp's tree (``make llama-cpp`` or ``$FIDDLER_LLAMA_CPP``); without
 it the tests that need it skip, saying so."""
 
+import socket
 import sys
+import tempfile
+import threading
 
 import pytest
 import torch
 from conftest import PROMPT
 
-from baselines import SystemOptions, load_system
-from baselines.llama_cpp import convert_to_gguf, find_program, llama_tree, n_cpu_moe_for, parse_stream
+from baselines import SystemOptions, llama_cpp, load_system
+from baselines.llama_cpp import (
+    LlamaCpp,
+    LlamaServer,
+    convert_to_gguf,
+    find_program,
+    llama_tree,
+    n_cpu_moe_for,
+    parse_stream,
+)
 from fiddler.config import ModelConfig
 from fiddler.engine import Engine
 from fiddler.generate import GenerationSettings, generate
@@ -42,6 +53,39 @@ def test_parse_stream():
     ]
     events = parse_stream(lines)
     assert [e["tokens"] for e in events] == [[5], []] and events[-1]["timings"]["predicted_n"] == 1
+
+
+def test_a_stalled_stream_raises_with_the_server_log(monkeypatch):
+    """On the GPU host a llama-server stream stopped mid-way and the harness waited until its
+    call ran out; a stall now ends the request with what the server logged."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    release = threading.Event()
+
+    def stalling_server() -> None:
+        connection, _ = listener.accept()
+        connection.recv(65536)
+        event = b'data: {"tokens": [7], "stop": false}\n\n'
+        head = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+        connection.sendall(head + f"{len(event):x}\r\n".encode() + event + b"\r\n")
+        release.wait(10)  # then nothing more, as the stuck server did
+        connection.close()
+
+    thread = threading.Thread(target=stalling_server)
+    thread.start()
+    server = object.__new__(LlamaServer)  # the stream and log of a server, without the program
+    server.port, server.log = listener.getsockname()[1], tempfile.TemporaryFile()  # noqa: SIM115 - closed below
+    server.log.write(b"... ggml_cuda_init: found 1 CUDA devices\nslot update_slots: stuck here\n")
+    system = object.__new__(LlamaCpp)
+    system.options, system.server = options(), server
+    monkeypatch.setattr(llama_cpp, "STREAM_STALL_S", 0.5)
+    try:
+        with pytest.raises(RuntimeError, match=r"(?s)stopped after 1 of 4 tokens.*stuck here"):
+            system.generate([1, 5, 6], GenerationSettings(max_new_tokens=4, ignore_eos=True))
+    finally:
+        release.set()
+        thread.join()
+        listener.close()
+        server.log.close()
 
 
 def test_gguf_round_trip(tmp_path, monkeypatch):
