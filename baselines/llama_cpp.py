@@ -9,7 +9,8 @@ Contract:
 - llama.cpp is found in ``$FIDDLER_LLAMA_CPP`` (a llama.cpp tree with ``build/bin``), else in
   ``third_party/llama.cpp`` (``make llama-cpp`` builds it there), else ``llama-server`` on
   PATH; without it the system refuses, saying how to get it.
-- The GPU budget maps to llama.cpp's knobs as a capable user would set them: all layers on
+- The weights load into memory at start (``--load-mode none``: no mmap). The GPU budget maps to llama.cpp's
+  knobs as a capable user would set them: all layers on
   the GPU (``-ngl 99``) with the routed experts of the first ``--n-cpu-moe N`` layers kept in
   host memory, N chosen so the GPU holds about as many experts as Fiddler's placement does
   (``llama-cpp``); or every expert in host memory (``-ot exps=CPU``, ``llama-cpp-cpu-moe``).
@@ -57,7 +58,7 @@ SERVER_START_TIMEOUT_S = 600.0  # loading a large GGUF into memory takes a while
 # A streamed completion with no event for this long is stuck (the slowest legitimate wait is
 # the prefill before the first token: seconds on the GPU host even at 8192 tokens on the CPU).
 STREAM_STALL_S = 300.0
-SERVER_LOG_TAIL_CHARS = 1500  # what an error quotes of the server's own log
+SERVER_LOG_TAIL_LINES = 3  # what an error quotes of the server's own log (its last lines)
 ALL_LAYERS_ON_GPU = 99  # llama.cpp's idiom for "every layer"
 
 
@@ -175,8 +176,10 @@ class LlamaServer:
         self._wait_ready()
 
     def log_tail(self) -> str:
+        """The server log's last lines, on one line (a failed row keeps one line)."""
         self.log.seek(0)
-        return self.log.read()[-SERVER_LOG_TAIL_CHARS:].decode(errors="replace")
+        lines = [line.strip() for line in self.log.read().decode(errors="replace").splitlines() if line.strip()]
+        return " | ".join(lines[-SERVER_LOG_TAIL_LINES:])
 
     def _wait_ready(self) -> None:
         clock = Clock("cpu")
@@ -233,7 +236,10 @@ class LlamaCpp:
         else:
             self.n_cpu_moe = n_cpu_moe_for(options)
             placement_args = ["--n-cpu-moe", str(self.n_cpu_moe)] if self.n_cpu_moe else []
-        args = ["-ngl", str(ALL_LAYERS_ON_GPU if on_gpu else 0), *placement_args, "--no-warmup"]
+        # --load-mode none (no mmap): the weights are read into memory while the server starts,
+        # not paged in from disk by the first requests (a fresh GGUF of a large model need not
+        # stay in the page cache, and a measured request would then time the disk).
+        args = ["-ngl", str(ALL_LAYERS_ON_GPU if on_gpu else 0), *placement_args, "--load-mode", "none", "--no-warmup"]
         threads = options.cpu_threads or os.cpu_count() or 1
         self.server = LlamaServer(program, self.gguf, args, options.max_seq_len, threads)
 

@@ -42,7 +42,7 @@ from harness.telemetry import NvmlSampler, environment, process_rss_gb
 from harness.timing import steps_within
 
 log = logging.getLogger(__name__)
-FAILURE_REASON_CHARS = 300  # a row keeps the error's first line; the log keeps the rest
+FAILURE_REASON_CHARS = 600  # a row keeps the error's first line; the log keeps the rest
 
 RAW_COLUMNS = [
     "system",
