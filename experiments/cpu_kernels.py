@@ -13,8 +13,10 @@ Beside them, the host's memory read bandwidth per thread count (the native modul
 For each thread count asked for, and (``--with-copies``, on a GPU host) while host->device copies
 stream on a side stream, as the hybrid policy runs it, and (``--in-worker``) called from a
 worker thread after a pause, as the engine's decode calls it (inside decode the CPU experts
-took 1.3-1.7x their calibrated time on the GPU host). Writes ``<out>/cpu_kernels.json``.
-Usage: ``python experiments/cpu_kernels.py --out $OUT [--threads 16,12] [--with-copies] [--in-worker]``.
+took 1.3-1.7x their calibrated time on the GPU host), and (``--beside-busy-core``) while another
+process keeps one core busy. Writes ``<out>/cpu_kernels.json``.
+Usage: ``python experiments/cpu_kernels.py --out $OUT [--threads 16,12] [--with-copies] [--in-worker]
+[--beside-busy-core]``.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from __future__ import annotations
 import argparse
 import math
 import statistics
+import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -43,6 +46,7 @@ COLD_BYTES = 2_000_000_000
 # The engine's decode calls each layer's CPU experts on a worker thread after the CPU sat idle
 # while the GPU ran attention and routing: about this long on the GPU host.
 DECODE_PAUSE_MS = 2.0
+BUSY_START_S = 0.2  # lets the busy process start spinning before the first timed call
 
 
 def make_experts(config, count: int):
@@ -148,6 +152,9 @@ def main() -> int:
     parser.add_argument("--paths", help="comma-separated subset")
     parser.add_argument("--with-copies", action="store_true", help="also measure beside host->device copies")
     parser.add_argument(
+        "--beside-busy-core", action="store_true", help="also measure while another process keeps one core busy"
+    )
+    parser.add_argument(
         "--in-worker", action="store_true", help=f"also measure from a worker thread after {DECODE_PAUSE_MS} ms idle"
     )
     args = parser.parse_args()
@@ -160,6 +167,7 @@ def main() -> int:
     rows = []
     conditions = ["alone"] + (["beside-copies"] if args.with_copies and torch.cuda.is_available() else [])
     conditions += ["worker-after-pause"] if args.in_worker else []
+    conditions += ["beside-busy-core"] if args.beside_busy_core else []
     worker = ThreadPoolExecutor(max_workers=1)
     bandwidth = {}
     for threads in map(int, args.threads.split(",")):
@@ -170,6 +178,7 @@ def main() -> int:
         )
         for condition in conditions:
             copier = _Copier(experts) if condition == "beside-copies" else None
+            busy = _busy_core() if condition == "beside-busy-core" else None
             for name, fn in candidates.items():
                 for tokens in map(int, args.tokens.split(",")):
                     if name == "native" and tokens > 16:
@@ -203,6 +212,9 @@ def main() -> int:
                         f"{expert_bytes / seconds / 1e9:6.1f} GB/s",
                         flush=True,
                     )
+            if busy:
+                busy.kill()
+                busy.wait()
     write_json_atomic(
         Path(args.out) / "cpu_kernels.json",
         {
@@ -216,6 +228,14 @@ def main() -> int:
         },
     )
     return 0
+
+
+def _busy_core() -> subprocess.Popen:
+    """A process that keeps one core busy: what a kernel on every core meets when anything else
+    in the machine runs (the engine's main thread, a sampler, a driver thread)."""
+    process = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    time.sleep(BUSY_START_S)
+    return process
 
 
 class _Copier:

@@ -74,7 +74,7 @@ for name in "$@"; do
   case "$name" in
     # the torch paths were measured in full before (results/cpu-kernels-h200/); torch-split stays as
     # the side-by-side reference for the native kernels
-    kernels) stage kernels python3 experiments/cpu_kernels.py --out "$OUT/kernels" --threads 16,12 --with-copies --in-worker \
+    kernels) stage kernels python3 experiments/cpu_kernels.py --out "$OUT/kernels" --threads 16,12 --with-copies --in-worker --beside-busy-core \
                --paths torch-split,native,amx ;;
     orchestration) stage orchestration python3 experiments/orchestration_gpu.py --out "$OUT/orchestration" \
                      --gpu-memory-gb 24 --new-tokens 24 --repeats 2 ;;

@@ -24,12 +24,32 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <memory>
 #include <vector>
 
 namespace {
+
+constexpr int kChunksPerThread = 8;  // work handed out in pieces: see shared_for
+
+// Like at::parallel_for over [begin, end), but every thread takes the next chunk (a multiple of
+// `grain`) until none is left, instead of one fixed share each. A thread that loses its core
+// for a while (the engine's main thread issuing GPU work, a sampler, a driver thread: the
+// kernel runs on every core) then delays its chunk, not a sixteenth of the weights: with fixed
+// shares the whole call waits for the slowest thread.
+template <typename F>
+void shared_for(int64_t begin, int64_t end, int64_t grain, const F& fn) {
+  const int64_t threads = at::get_num_threads();
+  const int64_t pieces = threads * kChunksPerThread;
+  const int64_t chunk = std::max<int64_t>(grain, (end - begin + pieces - 1) / pieces / grain * grain);
+  std::atomic<int64_t> next{begin};
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    for (int64_t start = next.fetch_add(chunk); start < end; start = next.fetch_add(chunk))
+      fn(start, std::min(end, start + chunk));
+  });
+}
 
 constexpr int kMaxTokens = 16;  // beyond this oneDNN's AMX path (torch) is the better tool
 constexpr int64_t kRowGrain = 8;
@@ -108,7 +128,7 @@ torch::Tensor expert_n(const torch::Tensor& x, const torch::Tensor& w13b, const 
   const auto* w2p = reinterpret_cast<const uint16_t*>(w2b.data_ptr<at::BFloat16>());
 
   std::vector<float> y1(static_cast<size_t>(N) * rows);
-  at::parallel_for(0, rows, kRowGrain, [&](int64_t r0, int64_t r1) {
+  shared_for(0, rows, kRowGrain, [&](int64_t r0, int64_t r1) {
     dot_rows<N>(xp, d, w13p, 1, 0, d, y1.data(), rows, r0, r1);
   });
 
@@ -125,7 +145,7 @@ torch::Tensor expert_n(const torch::Tensor& x, const torch::Tensor& w13b, const 
 
   auto y = torch::empty({N, d}, x.options().dtype(torch::kFloat32));
   float* yp = y.data_ptr<float>();
-  at::parallel_for(0, d, kRowGrain, [&](int64_t r0, int64_t r1) {
+  shared_for(0, d, kRowGrain, [&](int64_t r0, int64_t r1) {
     dot_rows<N>(h.data(), f, w2p, blocks, d * g, g, yp, d, r0, r1);
   });
   return y.to(torch::kBFloat16);
@@ -291,7 +311,7 @@ std::unique_ptr<uint16_t[]> pack_segments(const uint16_t* src, int64_t src_strid
 template <int TC>
 void amx_matmul(const uint16_t* packed, int n, const uint16_t* w, int64_t segments, int64_t seg_stride, int64_t len,
                 int64_t rows, float* out, int64_t out_stride) {
-  at::parallel_for(0, (rows + kTile - 1) / kTile, 1, [&](int64_t g0, int64_t g1) {
+  shared_for(0, (rows + kTile - 1) / kTile, 1, [&](int64_t g0, int64_t g1) {
     amx_rows<TC>(packed, n, w, segments, seg_stride, len, rows, out, out_stride, g0, g1);
   });
 }
