@@ -7,8 +7,9 @@
   ``results/<date>_<gpu or cpu>_<model>``) and resumes a folder it finds there; exits 1 when
   a system failed (its rows say why; the other systems ran).
 - ``simulate --hardware <paper-env1|paper-env2|paper-env3|h200-host|FILE> --systems ... --scenario S
-  [--grid ...] [--gpu-memory-gb G] [--routing uniform|FILE] --out DIR``: predicted cells, same
-  summary.csv columns (``source`` simulated), tables and plots.
+  [--grid ...] [--gpu-memory-gb G] [--routing uniform|FILE] [--calibration FILE] --out DIR``:
+  predicted cells, same summary.csv columns (``source`` simulated), tables and plots;
+  ``--calibration`` replaces a measured machine's latencies with a run's own file.
 - ``report DIR``: re-renders summary, tables and plots from DIR's raw rows.
 - ``validate DIR --hardware <profile> --calibration FILE [--out DIR2]``: the simulator on DIR's
   measured cells with the run's calibration; writes validation.csv and validation.md (into DIR
@@ -117,11 +118,14 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_simulate(args: argparse.Namespace) -> int:
     from harness.report import plot, tables_markdown
-    from harness.simulate import SIMULATED_SYSTEMS, SimulationSpec, load_profile, simulate
+    from harness.simulate import SIMULATED_SYSTEMS, SimulationSpec, load_profile, profile_with_calibration, simulate
 
     systems = system_list(args.systems, SIMULATED_SYSTEMS, "systems not simulated")
     config, _ = resolve_model(args.model, args.layers)
-    calibration, _ = load_profile(args.hardware)
+    if args.calibration:
+        calibration, _ = profile_with_calibration(args.hardware, args.calibration)
+    else:
+        calibration, _ = load_profile(args.hardware)
     cell_list = cells(
         args.scenario, args.grid, int_list(args.inputs), int_list(args.outputs), int_list(args.beam_widths)
     )
@@ -135,6 +139,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         routing=args.routing,
         samples=args.samples,
         seed=args.seed,
+        calibration=str(args.calibration) if args.calibration else None,
     )
     summary = pd.DataFrame(simulate(spec), columns=SUMMARY_COLUMNS)
     out = Path(args.out)
@@ -208,6 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--layers", type=int)
     sim.add_argument("--gpu-memory-gb", type=float, help="default: the profile's GPU memory")
     sim.add_argument("--routing", default="uniform", help="uniform, a 'fiddler profile' file, or a routing trace")
+    sim.add_argument(
+        "--calibration", type=Path, help="a measured machine's calibration file in place of its profile's latencies"
+    )
     sim.add_argument("--samples", type=int, default=8, help="decode steps sampled per cell")
     sim.add_argument("--seed", type=int, default=0)
     sim.add_argument("--out", required=True)

@@ -127,3 +127,26 @@ def test_paper_comparison_table():
 
     frame = paper_comparison(pd.DataFrame(simulate(spec)), "paper-env1")
     assert len(frame) == 6 and set(frame.columns) == {"quantity", "paper", "ours", "deviation", "flag"}
+
+
+def test_simulate_with_a_runs_calibration(tmp_path):
+    """`simulate --calibration FILE`: the measured machine's hardware with a run's own latencies
+    (how a run is checked against the simulator); a faster copy in the file speeds copy-experts."""
+    import pandas as pd
+
+    from harness.cli import main
+
+    data, _ = load_profile("h200-host")
+    calibration = {k: v for k, v in data.items() if k not in ("hardware", "profile")}
+    calibration["copy_expert_s"] /= 2
+    path = tmp_path / "calibration.json"
+    path.write_text(json.dumps(calibration))
+    args = ["simulate", "--hardware", "h200-host", "--systems", "fiddler-copy-experts", "--scenario", "single-batch"]
+    args += ["--inputs", "32", "--outputs", "8", "--gpu-memory-gb", "24", "--samples", "2"]
+    rates = []
+    for extra, out in (([], "profile"), (["--calibration", str(path)], "run")):
+        assert main([*args, *extra, "--out", str(tmp_path / out)]) == 0
+        rates.append(pd.read_csv(tmp_path / out / "summary.csv").decode_tokens_per_s.iloc[0])
+    assert rates[1] > 1.5 * rates[0]
+    env = json.loads((tmp_path / "run" / "env.json").read_text())
+    assert env["profile"]["calibration"] == str(path)
