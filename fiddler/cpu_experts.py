@@ -37,33 +37,42 @@ class TorchExpertKernel:
 AUTO = "auto"  # let calibration choose
 
 
-class NativeExpertKernel:
-    """fiddler/csrc/expert_bf16.cpp: AVX512-BF16 dot products for both projections, every
-    weight read once, in address order, for up to 16 tokens (compute-bound from about four).
-    More tokens, or another dtype, go to the torch path."""
+class _NativeKernel:
+    """A path of the native module (fiddler/csrc/expert_bf16.cpp) for bf16 up to ``max_tokens``
+    tokens (None: any count); more tokens, or another dtype, go to the torch path."""
+
+    name: str
+    max_tokens: int | None
+
+    def __init__(self, entry):
+        self.entry = entry
+        self.fallback = TorchExpertKernel()
+
+    def __call__(self, x: torch.Tensor, w13b: torch.Tensor, w2b: torch.Tensor) -> torch.Tensor:
+        if x.dtype != torch.bfloat16 or (self.max_tokens is not None and x.shape[0] > self.max_tokens):
+            return self.fallback(x, w13b, w2b)
+        return self.entry(x.contiguous(), w13b, w2b)
+
+
+class NativeExpertKernel(_NativeKernel):
+    """AVX512-BF16 dot products for both projections, every weight read once, in address
+    order, for up to 16 tokens (compute-bound from about four)."""
 
     name = "avx512-bf16"
 
     def __init__(self, max_tokens: int | None = None):
         from fiddler.native import native_expert_module, native_unavailable_reason
 
-        self.module = native_expert_module()
-        if self.module is None:
+        module = native_expert_module()
+        if module is None:
             raise ValueError(f"the {self.name} CPU expert kernel is unavailable: {native_unavailable_reason()}")
-        limit = self.module.max_tokens
-        self.max_tokens = limit if max_tokens is None else min(max_tokens, limit)
-        self.fallback = TorchExpertKernel()
-
-    def __call__(self, x: torch.Tensor, w13b: torch.Tensor, w2b: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] > self.max_tokens or x.dtype != torch.bfloat16:
-            return self.fallback(x, w13b, w2b)
-        return self.module.expert(x.contiguous(), w13b, w2b)
+        super().__init__(module.expert)
+        self.max_tokens = module.max_tokens if max_tokens is None else min(max_tokens, module.max_tokens)
 
 
-class AmxExpertKernel:
-    """The same module's AMX tile path: weights read once per pass of up to 64 tokens, tiles
-    of 16 weight rows against 16 tokens, so compute stays far below the memory's pace. Another
-    dtype goes to the torch path."""
+class AmxExpertKernel(_NativeKernel):
+    """The AMX tile path: weights read once per pass of up to 64 tokens, tiles of 16 weight rows
+    against 16 tokens, so compute stays far below the memory's pace."""
 
     name = "amx-bf16"
 
@@ -73,14 +82,8 @@ class AmxExpertKernel:
         reason = amx_unavailable_reason()
         if reason is not None:
             raise ValueError(f"the {self.name} CPU expert kernel is unavailable: {reason}")
-        self.module = native_expert_module()
+        super().__init__(native_expert_module().expert_amx)
         self.max_tokens = max_tokens  # None: any count
-        self.fallback = TorchExpertKernel()
-
-    def __call__(self, x: torch.Tensor, w13b: torch.Tensor, w2b: torch.Tensor) -> torch.Tensor:
-        if x.dtype != torch.bfloat16 or (self.max_tokens is not None and x.shape[0] > self.max_tokens):
-            return self.fallback(x, w13b, w2b)
-        return self.module.expert_amx(x.contiguous(), w13b, w2b)
 
 
 class TieredExpertKernel:
