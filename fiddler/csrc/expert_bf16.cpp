@@ -127,12 +127,13 @@ torch::Tensor expert_n(const torch::Tensor& x, const torch::Tensor& w13b, const 
   const auto* w13p = reinterpret_cast<const uint16_t*>(w13b.data_ptr<at::BFloat16>());
   const auto* w2p = reinterpret_cast<const uint16_t*>(w2b.data_ptr<at::BFloat16>());
 
-  std::vector<float> y1(static_cast<size_t>(N) * rows);
+  // y1 and h are written whole before they are read (dot_rows clears its rows): no serial zero fill
+  std::unique_ptr<float[]> y1(new float[N * rows]);
   shared_for(0, rows, kRowGrain, [&](int64_t r0, int64_t r1) {
-    dot_rows<N>(xp, d, w13p, 1, 0, d, y1.data(), rows, r0, r1);
+    dot_rows<N>(xp, d, w13p, 1, 0, d, y1.get(), rows, r0, r1);
   });
 
-  std::vector<uint16_t> h(static_cast<size_t>(N) * f);
+  std::unique_ptr<uint16_t[]> h(new uint16_t[N * f]);
   at::parallel_for(0, f, 256, [&](int64_t f0, int64_t f1) {
     for (int t = 0; t < N; ++t) {
       for (int64_t i = f0; i < f1; ++i) {
@@ -146,7 +147,7 @@ torch::Tensor expert_n(const torch::Tensor& x, const torch::Tensor& w13b, const 
   auto y = torch::empty({N, d}, x.options().dtype(torch::kFloat32));
   float* yp = y.data_ptr<float>();
   shared_for(0, d, kRowGrain, [&](int64_t r0, int64_t r1) {
-    dot_rows<N>(h.data(), f, w2p, blocks, d * g, g, yp, d, r0, r1);
+    dot_rows<N>(h.get(), f, w2p, blocks, d * g, g, yp, d, r0, r1);
   });
   return y.to(torch::kBFloat16);
 }
