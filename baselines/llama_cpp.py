@@ -17,6 +17,10 @@ Contract:
 - Generation: one ``/completion`` request per prompt with the prompt's token ids, greedy,
   EOS ignored, streamed; the project's clock reads the time at every streamed token (TTFT is
   the first), and the server returns the token ids, so agreement with the reference is exact.
+  The server withholds a token whose text ends inside a UTF-8 character (a byte token) and
+  streams its text, not its id, with the next one: such a token counts as delivered when the
+  server sent it (``tokens_delivered_late`` in the stats), and its id comes from one repeat of
+  the request without streaming (greedy, so the same tokens; checked).
   Beam search and sampling are unsupported. A request that streams nothing for
   ``STREAM_STALL_S``, or a server that dies, raises with the tail of the server's log.
 """
@@ -36,6 +40,7 @@ import sys
 import tempfile
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -143,6 +148,38 @@ def parse_stream(lines) -> list[dict]:
     return events
 
 
+@dataclass
+class StreamedTokens:
+    """What a stream delivered: each generated token's id (None where the server sent only its
+    text) and the time it reached the client."""
+
+    ids: list[int | None]
+    times: list[float]
+    late: int  # tokens that arrived with a later event than their own
+
+
+def place_streamed_tokens(arrivals: list[tuple[int, list[int], float]], total: int, end_time: float) -> StreamedTokens:
+    """Tokens by position from ``arrivals`` (each event's ``tokens_predicted``, its token ids, the
+    time it arrived). A position no event names was withheld by the server: it reached the
+    client with the next event that did arrive (the final one, at ``end_time``, for the last)."""
+    ids: list[int | None] = [None] * total
+    arrived: list[float | None] = [None] * total
+    for predicted, tokens, time in arrivals:
+        first = predicted - len(tokens)
+        if first < 0 or predicted > total:
+            raise RuntimeError(f"llama-server streamed token positions {first + 1}..{predicted} of {total}")
+        for offset, token in enumerate(tokens):
+            ids[first + offset], arrived[first + offset] = token, time
+    times, late, next_time = [0.0] * total, 0, end_time
+    for position in reversed(range(total)):
+        if arrived[position] is None:
+            late += 1
+        else:
+            next_time = arrived[position]
+        times[position] = next_time
+    return StreamedTokens(ids, times, late)
+
+
 def _free_port() -> int:
     with contextlib.closing(socket.socket()) as s:
         s.bind(("127.0.0.1", 0))
@@ -201,12 +238,18 @@ class LlamaServer:
         raise RuntimeError(f"llama-server did not start within {SERVER_START_TIMEOUT_S} s")
 
     def stream(self, payload: dict):
+        """The open response of a ``/completion`` request (a stream when ``payload`` asks)."""
         request = urllib.request.Request(
             f"http://127.0.0.1:{self.port}/completion",
             data=json.dumps(payload).encode(),
             headers={"Content-Type": "application/json"},
         )
         return urllib.request.urlopen(request, timeout=STREAM_STALL_S)  # per read, not for the whole stream
+
+    def complete(self, payload: dict) -> dict:
+        """The whole answer of a ``/completion`` request without streaming."""
+        with self.stream({**payload, "stream": False}) as response:
+            return json.loads(response.read())
 
     def close(self) -> None:
         if self.process.poll() is None:
@@ -259,35 +302,51 @@ class LlamaCpp:
         }
         clock = Clock(self.options.device)
         start = clock.now()
-        times, tokens, timings = [], [], {}
+        arrivals, timings, total, end_time = [], {}, None, None
         try:
             with self.server.stream(payload) as response:
                 for raw in response:
+                    now = clock.now()
                     for event in parse_stream([raw]):
                         if event.get("tokens"):
-                            tokens += event["tokens"]
-                            times.append(clock.now())
+                            arrivals.append((event["tokens_predicted"], event["tokens"], now))
+                        if event.get("stop"):
+                            total, end_time = event["tokens_predicted"], now
                         timings = event.get("timings", timings)
         except (TimeoutError, urllib.error.URLError, ConnectionError) as err:
             raise RuntimeError(
-                f"llama-server stopped after {len(tokens)} of {settings.max_new_tokens} tokens ({err!r}); "
+                f"llama-server stopped after {len(arrivals)} of {settings.max_new_tokens} tokens ({err!r}); "
                 f"its log ends: {self.server.log_tail()}"
             ) from err
-        if not times:
+        if not total or end_time is None:
             raise RuntimeError(f"llama-server returned no tokens; its log ends: {self.server.log_tail()}")
-        steps = [b - a for a, b in itertools.pairwise(times)]
+        streamed = place_streamed_tokens(arrivals, total, end_time)
+        tokens = streamed.ids if not streamed.late else self._ids_by_repeat(payload, streamed.ids)
+        steps = [b - a for a, b in itertools.pairwise(streamed.times)]
         return GenerationResult(
             len(prompt_ids),
             tokens,
-            times[0] - start,
+            streamed.times[0] - start,
             steps,
             {
                 "executor": "llama.cpp",
                 "n_cpu_moe": self.n_cpu_moe,
+                "tokens_delivered_late": streamed.late,
                 "server_timings": timings,
                 "command": " ".join(self.server.command[:1] + self.server.command[3:]),
             },
         )
+
+    def _ids_by_repeat(self, payload: dict, streamed: list[int | None]) -> list[int]:
+        """The ids of a stream that withheld some, from the same greedy request unstreamed."""
+        ids = self.server.complete(payload)["tokens"]
+        known_agree = all(a is None or a == b for a, b in zip(streamed, ids, strict=False))
+        if len(ids) != len(streamed) or not known_agree:
+            raise RuntimeError(
+                f"llama-server answered the same greedy request with other tokens ({len(ids)} tokens: {ids[:8]}...; "
+                f"streamed {streamed[:8]}...)"
+            )
+        return ids
 
     def peak_gpu_memory(self) -> dict[str, float | None]:
         # llama.cpp allocates in its own process: only the device's total in use says anything

@@ -3,10 +3,13 @@ mapping, parsing of the server's stream, and (where llama.cpp is built) greedy t
 the reference's. Needs llama.cpp's tree (``make llama-cpp`` or ``$FIDDLER_LLAMA_CPP``); without
 it the tests that need it skip, saying so."""
 
+import http.server
+import json
 import socket
 import sys
 import tempfile
 import threading
+from typing import ClassVar
 
 import pytest
 import torch
@@ -21,6 +24,7 @@ from baselines.llama_cpp import (
     llama_tree,
     n_cpu_moe_for,
     parse_stream,
+    place_streamed_tokens,
 )
 from fiddler.config import ModelConfig
 from fiddler.engine import Engine
@@ -64,7 +68,7 @@ def test_a_stalled_stream_raises_with_the_server_log(monkeypatch):
     def stalling_server() -> None:
         connection, _ = listener.accept()
         connection.recv(65536)
-        event = b'data: {"tokens": [7], "stop": false}\n\n'
+        event = b'data: {"tokens": [7], "tokens_predicted": 1, "stop": false}\n\n'
         head = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
         connection.sendall(head + f"{len(event):x}\r\n".encode() + event + b"\r\n")
         release.wait(10)  # then nothing more, as the stuck server did
@@ -86,6 +90,55 @@ def test_a_stalled_stream_raises_with_the_server_log(monkeypatch):
         thread.join()
         listener.close()
         server.log.close()
+
+
+def test_withheld_tokens_arrive_with_the_next_event():
+    # positions 2 and 5 were withheld (byte tokens): each reached the client with the next event
+    streamed = place_streamed_tokens([(1, [11], 0.1), (3, [13], 0.3), (4, [14], 0.4)], 5, end_time=0.6)
+    assert streamed.ids == [11, None, 13, 14, None]
+    assert streamed.times == [0.1, 0.3, 0.3, 0.4, 0.6] and streamed.late == 2
+    with pytest.raises(RuntimeError, match=r"positions 6\.\.6 of 5"):
+        place_streamed_tokens([(6, [1], 0.1)], 5, end_time=0.2)
+
+
+class FakeLlamaServer(http.server.BaseHTTPRequestHandler):
+    """Answers /completion as llama-server does when token 3 of 4 ends inside a UTF-8
+    character: the stream names tokens 1, 2 and 4 only; the unstreamed answer has all four."""
+
+    tokens: ClassVar[list[int]] = [101, 102, 3, 104]
+
+    def do_POST(self) -> None:
+        payload = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        self.send_response(200)
+        self.end_headers()
+        if not payload["stream"]:
+            self.wfile.write(json.dumps({"tokens": self.tokens, "stop": True}).encode())
+            return
+        for position, token in enumerate(self.tokens, start=1):
+            if token != 3:
+                self.wfile.write(f'data: {{"tokens": [{token}], "tokens_predicted": {position}}}\n\n'.encode())
+        self.wfile.write(b'data: {"tokens": [], "tokens_predicted": 4, "stop": true}\n\n')
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def test_a_withheld_token_is_recovered_by_one_unstreamed_repeat():
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FakeLlamaServer)
+    thread = threading.Thread(target=httpd.serve_forever)
+    thread.start()
+    server = object.__new__(LlamaServer)  # the stream of a server, without the program
+    server.port, server.command = httpd.server_address[1], ["llama-server", "-m", "x.gguf"]
+    system = object.__new__(LlamaCpp)
+    system.options, system.server, system.n_cpu_moe = options(), server, 0
+    try:
+        result = system.generate([1, 5, 6], GenerationSettings(max_new_tokens=4, ignore_eos=True))
+    finally:
+        httpd.shutdown()
+        thread.join()
+        httpd.server_close()
+    assert result.token_ids == FakeLlamaServer.tokens and result.stats["tokens_delivered_late"] == 1
+    assert len(result.step_times_s) == 3 and result.step_times_s[2] == 0.0  # token 3 came with token 4
 
 
 def test_gguf_round_trip(tmp_path, monkeypatch):
