@@ -14,7 +14,10 @@ identical, up to summation order, to running every expert in one place. The CPU 
 planner uses are corrected during the run by what the CPU worker measures: ``cpu_factor``
 scales the CPU curve from jobs that ran with no copies beside them, ``cpu_slowdown`` replaces
 the calibrated slowdown beside copies from jobs that had copies (calibration runs alone and
-briefly; a run has the GPU, its own threads and copies beside it).
+briefly; a run has the GPU, its own threads and copies beside it). A ``cpu_factor`` above 1
+that leaves a layer with no CPU work relaxes toward the calibration (its excess halves over
+one pass through the model's layers): a plan that no longer uses the CPU measures nothing that
+could lower it, and a few slow jobs would otherwise keep the CPU path shut for the whole run.
 
 ``stats()`` counts what ran where and what crossed PCIe: ``h2d_bytes`` = copied expert
 weights + CPU results, ``d2h_bytes`` = activations sent to the CPU + the routing ids read on
@@ -121,6 +124,8 @@ class FiddlerExecutor:
         self._plans: dict[tuple, LayerPlan] = {}
         self.adapt_cpu = adapt_cpu
         self.cpu_factor = 1.0
+        # the excess of cpu_factor over 1 halves over config.num_layers layers without CPU work
+        self._cpu_factor_keep = 0.5 ** (1.0 / config.num_layers)
         self.cpu_slowdown = latency.cpu_slowdown
         self._models: dict[tuple[float, float], LatencyModel] = {}
         self.layer_timing = layer_timing
@@ -173,6 +178,11 @@ class FiddlerExecutor:
         else:
             factor = (1 - CPU_FACTOR_SMOOTHING) * self.cpu_factor + CPU_FACTOR_SMOOTHING * seconds / alone
             self.cpu_factor = min(max(factor, CPU_FACTOR_BOUNDS[0]), CPU_FACTOR_BOUNDS[1])
+
+    def _relax_cpu_factor(self) -> None:
+        """A layer without CPU work: let a raised CPU correction decay toward the calibration."""
+        if self.adapt_cpu and self.cpu_factor > 1.0:
+            self.cpu_factor = 1.0 + (self.cpu_factor - 1.0) * self._cpu_factor_keep
 
     def __call__(self, layer: int, hidden: torch.Tensor, routing: Routing) -> torch.Tensor:
         clock = Clock(self.device) if self.layer_timing else None
@@ -229,6 +239,8 @@ class FiddlerExecutor:
             sorted_out.index_copy_(0, cpu_rows[:whole], results[:whole])
             if split:  # the accelerator already wrote its part of these rows
                 sorted_out.index_add_(0, cpu_rows[whole:], results[whole:])
+        else:
+            self._relax_cpu_factor()
         outputs = torch.empty_like(sorted_out).index_copy_(0, order, sorted_out)
         self._count(plan, tokens, flat, hidden)
         if clock:

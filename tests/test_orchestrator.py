@@ -189,6 +189,21 @@ def test_cpu_latencies_are_corrected_in_the_run():
     fixed.close()
 
 
+def test_a_raised_cpu_correction_that_shuts_the_cpu_path_relaxes():
+    """On the GPU host a few slow CPU jobs raised paper's correction past the point where
+    copying wins; with no CPU job left to measure it stayed there for the run. Layers without
+    CPU work now let it decay toward the calibration, so the CPU path is tried again."""
+    engine = fiddler_engine(placement_with(set()), "paper", latency=PAPER_LIKE)
+    executor = engine.model.experts
+    assert executor.plan(0, {0: 1}).cpu, "the paper-like model should put one token's expert on the CPU"
+    executor.cpu_factor = 12.0  # past the point (~8) where the paper policy copies everything
+    assert not executor.plan(0, {0: 1}).cpu
+    stats = generate(engine, PROMPT, GenerationSettings(max_new_tokens=6)).stats
+    assert stats["experts_copied"] > 0 and stats["experts_cpu"] > 0
+    assert stats["cpu_factor"] < 1.0  # the CPU was tried again, and measured fast (tiny experts)
+    engine.close()
+
+
 def test_jobs_beside_copies_correct_the_slowdown_not_the_curve():
     """Under hybrid, CPU jobs run beside copies: their (tiny) times correct the slowdown
     beside copies, down to its floor of 1, and leave the CPU curve's own scale alone."""
