@@ -18,7 +18,9 @@ The model of each system, per decoder layer and forward pass over T new tokens:
   count, ``baselines.expert_lru.lru_slots``); each miss costs a pinned copy, copies serialised;
 - ``layer-streaming``: max(layer bytes / pinned bandwidth, layer compute), double buffered;
 - ``accelerate-offload``: the layers that do not fit copied from pageable memory, no overlap;
-- ``cpu-only``: dense part and routed experts on the CPU.
+- ``cpu-only``: dense part and routed experts on the CPU, the experts at the calibration's
+  torch curve where it has one (the baseline is transformers on the CPU, not this
+  project's native kernels, which set the calibration's main curve).
 Decode steps are averaged over ``samples`` sampled steps; TTFT is one prefill of the input.
 ``expert-lru-prefetch`` is not simulated (its hits depend on hidden states, not statistics).
 """
@@ -190,6 +192,12 @@ class _Simulator:
     def __init__(self, spec: SimulationSpec, calibration: dict, hw: Hardware):
         self.spec, self.cfg, self.hw = spec, spec.config, hw
         self.model = LatencyModel.from_calibration(calibration)
+        torch_curve = calibration.get("cpu_kernel_curves_s", {}).get("torch")
+        self.torch_cpu_model = (
+            dataclasses.replace(self.model, cpu_expert_s=list(torch_curve))
+            if torch_curve and None not in torch_curve
+            else self.model
+        )
         self.blocks = int(calibration.get("split_blocks", 1))
         self.expert_bytes = self.cfg.expert_params * BF16_BYTES
         self.layer_dense_bytes = self.cfg.layer_dense_params * BF16_BYTES
@@ -269,7 +277,7 @@ class _Simulator:
                 return compute, sum(routed.values()), 0
             return compute + state["layer_bytes"] / (self.hw.h2d_pageable_gb_per_s * GB), 0, state["layer_bytes"]
         if system == "cpu-only":
-            return sum(m.cpu(n) for n in routed.values()), 0, 0
+            return sum(self.torch_cpu_model.cpu(n) for n in routed.values()), 0, 0
         raise ValueError(f"system {system!r} is not simulated; choose from {', '.join(SIMULATED_SYSTEMS)}")
 
     def setup(self, system: str, max_seq_len: int, beams: int) -> tuple[dict, str | None]:

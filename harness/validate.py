@@ -40,7 +40,8 @@ def validate(run_dir: str | Path, hardware: str, calibration: str | Path, sample
     if len(budgets) != 1 or len(models) != 1:
         raise ValueError(f"{path} mixes budgets or models; validate one sweep at a time")
     name, layers = models.iloc[0]
-    config, _ = resolve_model(name, int(layers))
+    # a run on a truncated preset records its name as '<preset>-L<layers>' (ModelConfig.with_layers)
+    config, _ = resolve_model(str(name).removesuffix(f"-L{int(layers)}"), int(layers))
     systems = tuple(s for s in dict.fromkeys(measured.system) if s in SIMULATED_SYSTEMS)
     cells = tuple(
         Cell(r.scenario, int(r.input_tokens), int(r.output_tokens), int(r.beam_width))

@@ -3,6 +3,7 @@ its CSV schema, resume after a crash, tables, plots and the agreement column."""
 
 import json
 import random
+import shutil
 
 import pandas as pd
 import pytest
@@ -327,6 +328,24 @@ def test_validation_sets_the_simulator_against_the_measured_cells(sweep, tmp_pat
     assert "| fiddler-paper |" in (tmp_path / "v" / "validation.md").read_text()
     with pytest.raises(FileNotFoundError, match="run folder"):
         validate(tmp_path, "h200-host", calibration)
+
+
+def test_validation_of_a_truncated_preset(sweep, tmp_path):
+    """A run with --layers L records its model as '<preset>-L<L>'; validation resolves it."""
+    from fiddler.calibrate import calibrate, save_calibration
+    from harness.validate import validate
+
+    truncated = tmp_path / "truncated"
+    shutil.copytree(sweep, truncated)
+    summary = pd.read_csv(truncated / "summary.csv")
+    summary["model"] = [f"{m}-L{n}" for m, n in zip(summary.model, summary.num_layers, strict=True)]
+    summary.to_csv(truncated / "summary.csv", index=False)
+    calibration = tmp_path / "cal.json"
+    save_calibration(
+        calibrate(ModelConfig.preset("mixtral-tiny"), "cpu", torch.float32, token_counts=(1,)), calibration
+    )
+    rows = validate(truncated, "h200-host", calibration, samples=1)
+    assert rows.error.notna().all()
 
 
 def test_each_part_of_reproduce_keeps_the_invocations_calibration(tmp_path):

@@ -150,3 +150,27 @@ def test_simulate_with_a_runs_calibration(tmp_path):
     assert rates[1] > 1.5 * rates[0]
     env = json.loads((tmp_path / "run" / "env.json").read_text())
     assert env["profile"]["calibration"] == str(path)
+
+
+def test_cpu_only_runs_at_the_calibrated_torch_curve(tmp_path):
+    """cpu-only is transformers on the CPU: its experts cost the calibration's torch curve,
+    not the native kernel's main curve that Fiddler's CPU path runs at."""
+    data, _ = load_profile("h200-host")
+    plain = {k: v for k, v in data.items() if k not in ("hardware", "profile")}
+    slow_torch = plain | {"cpu_kernel_curves_s": {"torch": [3 * t for t in plain["cpu_expert_s"]]}}
+    decode = {}
+    for name, calibration in (("plain", plain), ("slow-torch", slow_torch)):
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps(calibration))
+        spec = SimulationSpec(
+            systems=("cpu-only", "fiddler-hybrid"),
+            cells=tuple(cells("single-batch", inputs=(32,), outputs=(8,))),
+            config=MIXTRAL.with_layers(4),
+            hardware="h200-host",
+            gpu_memory_gb=8.0,
+            samples=2,
+            calibration=str(path),
+        )
+        decode[name] = {r["system"]: r["decode_tokens_per_s"] for r in simulate(spec)}
+    assert decode["slow-torch"]["cpu-only"] < 0.6 * decode["plain"]["cpu-only"]
+    assert decode["slow-torch"]["fiddler-hybrid"] == decode["plain"]["fiddler-hybrid"]
