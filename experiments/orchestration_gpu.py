@@ -162,6 +162,7 @@ def speed(args, calibration_path: Path) -> dict:
             "predicted_ms_mean": 1e3 * statistics.mean(e["predicted_s"] for e in decode_layers),
             "measured_ms_mean": 1e3 * statistics.mean(e["measured_s"] for e in decode_layers),
             "timed_decode_tokens_per_s": timed.decode_tokens_per_s,
+            "timeline_ms_median": timeline_medians(decode_layers),
             # where the time goes, layer by layer: plan, predicted, measured, CPU compute and wait
             "sample": decode_layers[:LAYER_LOG_SAMPLE],
         }
@@ -175,6 +176,12 @@ def speed(args, calibration_path: Path) -> dict:
         result["gpu_used_gb_device"] = (total_bytes - free_bytes) / 1e9
     engine.close()
     return result
+
+
+def timeline_medians(layers: list[dict]) -> dict[str, float]:
+    """Median of each timeline mark (ms from the layer's start) over the layers that have it."""
+    keys = dict.fromkeys(k for e in layers for k in e.get("timeline_ms", {}))
+    return {k: statistics.median(e["timeline_ms"][k] for e in layers if k in e["timeline_ms"]) for k in keys}
 
 
 def diagnose(args, calibration_path: Path) -> dict:

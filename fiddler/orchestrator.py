@@ -19,6 +19,13 @@ that leaves a layer with no CPU work relaxes toward the calibration (its excess 
 one pass through the model's layers): a plan that no longer uses the CPU measures nothing that
 could lower it, and a few slow jobs would otherwise keep the CPU path shut for the whole run.
 
+With ``layer_timing`` on, each layer is timed between two device synchronisations and
+``layer_log`` records its plan, predicted and measured time and a timeline in ms from the
+layer's start: on the host, when the routing was known, the CPU job submitted, begun and
+ended, the accelerator's work issued and the main thread's wait for the CPU over; on the
+accelerator (from events, no extra synchronisation), when the copies began and landed and
+when its own work was done.
+
 ``stats()`` counts what ran where and what crossed PCIe: ``h2d_bytes`` = copied expert
 weights + CPU results, ``d2h_bytes`` = activations sent to the CPU + the routing ids read on
 the host; ``rows_*`` count routed (token, expert) pairs per path (a divided expert's rows
@@ -43,7 +50,7 @@ from fiddler.loading import HostWeights
 from fiddler.moe import Routing, combine
 from fiddler.placement import Placement
 from fiddler.planner import LayerPlan, plan_layer
-from fiddler.streams import host_wait, new_stream, on_stream, record, wait
+from fiddler.streams import elapsed_ms, host_wait, new_stream, on_stream, record, wait
 from fiddler.timing import Clock
 
 PLAN_CACHE_SIZE = 4096  # distinct routing patterns remembered; decode repeats a few
@@ -53,6 +60,18 @@ CPU_FACTOR_SMOOTHING = 0.2
 CPU_FACTOR_STEP = 0.05
 CPU_FACTOR_BOUNDS = (0.25, 4.0)
 CPU_SLOWDOWN_BOUNDS = (1.0, 4.0)  # copies never speed the CPU up
+
+
+@dataclasses.dataclass(frozen=True)
+class _CpuJob:
+    """When the CPU worker computed (host clock, seconds)."""
+
+    begin: float
+    end: float
+
+    @property
+    def seconds(self) -> float:
+        return self.end - self.begin
 
 
 @dataclasses.dataclass
@@ -187,6 +206,9 @@ class FiddlerExecutor:
     def __call__(self, layer: int, hidden: torch.Tensor, routing: Routing) -> torch.Tensor:
         clock = Clock(self.device) if self.layer_timing else None
         start = clock.now() if clock else 0.0
+        host = Clock("cpu")  # timeline readings that must not synchronise the device
+        gpu_start = record(self.device, timing=True) if clock else None
+        marks: dict[str, float] = {}
         num_tokens, top_k = routing.experts.shape
         flat = routing.experts.reshape(-1)
         order = torch.argsort(flat, stable=True)  # rows sorted by expert, on the accelerator
@@ -195,6 +217,8 @@ class FiddlerExecutor:
         for count in counts:
             offsets.append(offsets[-1] + count)
         tokens = {e: c for e, c in enumerate(counts) if c}
+        if clock:
+            marks["routed"] = host.now()
         planned = self.planning_corrections
         plan = self.plan(layer, tokens)
         token_of_row = order // top_k
@@ -203,11 +227,15 @@ class FiddlerExecutor:
         # Copies: the divided expert's remainder first, then whole experts.
         pending = ([(split.expert, split.cpu_blocks)] if split else []) + [(e, 0) for e in plan.copy]
         in_flight: collections.deque = collections.deque()
+        copies_begin = record(self.device, self.copy_stream, timing=True) if clock and pending else None
         for _ in range(min(len(self.slots), len(pending))):
             in_flight.append(self._queue_copy(layer, *pending.pop(0), self._take_slot()))
         cpu_experts = list(plan.cpu) + ([split.expert] if split else [])
         cpu_rows = self._rows_of(cpu_experts, offsets, order.device)
         cpu_job = self._start_cpu(layer, plan, counts, hidden, token_of_row, cpu_rows)
+        if clock:
+            marks["cpu_submitted"] = host.now()
+        landed_last = None
 
         sorted_out = hidden.new_empty(flat.shape[0], hidden.shape[-1])
         for expert in plan.gpu:
@@ -215,6 +243,7 @@ class FiddlerExecutor:
         while in_flight:
             expert, slot, landed, blocks = in_flight.popleft()
             wait(landed)
+            landed_last = landed
             self._run_on_accelerator(
                 hidden,
                 token_of_row,
@@ -228,11 +257,13 @@ class FiddlerExecutor:
             if pending:  # into the slot just freed: the copy waits for that compute
                 in_flight.append(self._queue_copy(layer, *pending.pop(0), slot))
 
-        waited = 0.0
+        gpu_done = record(self.device, timing=True) if clock else None
+        if clock:
+            marks["issued"] = host.now()
         if cpu_job is not None:
-            before = clock.now() if clock else 0.0
-            self._learn_cpu_factor(plan, tokens, cpu_job.result())  # re-raises a failure in the worker
-            waited = clock.now() - before if clock else 0.0
+            self._learn_cpu_factor(plan, tokens, cpu_job.result().seconds)  # re-raises a failure in the worker
+            if clock:
+                marks["wait_over"] = host.now()
             results = self._host_out[: cpu_rows.shape[0]].to(self.device, non_blocking=True)
             self._host_out_free = record(self.device)
             whole = sum(counts[e] for e in plan.cpu)
@@ -244,8 +275,18 @@ class FiddlerExecutor:
         outputs = torch.empty_like(sorted_out).index_copy_(0, order, sorted_out)
         self._count(plan, tokens, flat, hidden)
         if clock:
-            measured = clock.now() - start
+            end = clock.now()
+            measured = end - start
             self.counters.measured_s += measured
+            job = cpu_job.result() if cpu_job else None
+            if job:
+                marks |= {"cpu_begin": job.begin, "cpu_end": job.end}
+            timeline = {k: 1e3 * (t - start) for k, t in marks.items()} | {"end": 1e3 * measured}
+            on_gpu = {
+                "copies_begin": elapsed_ms(gpu_start, copies_begin),
+                "copies_landed": elapsed_ms(gpu_start, landed_last),
+                "gpu_done": elapsed_ms(gpu_start, gpu_done),
+            }
             self.layer_log.append(
                 {
                     "layer": layer,
@@ -256,8 +297,9 @@ class FiddlerExecutor:
                     "split": dataclasses.astuple(split) if split else None,
                     "predicted_s": plan.predicted_s,
                     "measured_s": measured,
-                    "cpu_compute_s": cpu_job.result() if cpu_job else 0.0,
-                    "cpu_wait_s": waited,
+                    "cpu_compute_s": job.seconds if job else 0.0,
+                    "cpu_wait_s": (marks["wait_over"] - marks["issued"]) if job else 0.0,
+                    "timeline_ms": timeline | {k: v for k, v in on_gpu.items() if v is not None},
                     "cpu_factor": planned[0],
                     "cpu_slowdown": planned[1],
                 }
@@ -304,7 +346,7 @@ class FiddlerExecutor:
             wait(slot.free, self.copy_stream)  # the accelerator is done with the slot's last expert
             slot.w13b[: 2 * rows].copy_(w13b[2 * first_block * self.block :], non_blocking=True)
             slot.w2b[:count].copy_(w2b[first_block:], non_blocking=True)
-            landed = record(self.device, self.copy_stream)
+            landed = record(self.device, self.copy_stream, timing=self.layer_timing)
         return expert, slot, landed, count
 
     @staticmethod
@@ -336,18 +378,18 @@ class FiddlerExecutor:
             work.append((counts[plan.split.expert], w13b[: 2 * blocks * self.block], w2b[:blocks]))
         return self.cpu_worker.submit(self._cpu_work, work, host_in, self._host_out, arrived, self._host_out_free)
 
-    def _cpu_work(self, work, host_in, host_out, arrived, out_free) -> float:
-        """Runs in the worker thread; returns the seconds spent computing."""
+    def _cpu_work(self, work, host_in, host_out, arrived, out_free) -> _CpuJob:
+        """Runs in the worker thread; returns when it computed."""
         host_wait(arrived)  # the activations are in host memory
         host_wait(out_free)  # the previous layer's results have left host_out
         clock = Clock("cpu")
-        start = clock.now()
+        begin = clock.now()
         position = 0
         for count, w13b, w2b in work:
             end = position + count
             host_out[position:end] = self.cpu_kernel(host_in[position:end], w13b, w2b)
             position = end
-        return clock.now() - start
+        return _CpuJob(begin, clock.now())
 
     def _ensure_host_buffers(self, rows: int, hidden: int) -> None:
         if self._host_in.shape[0] < rows:

@@ -28,13 +28,23 @@ def on_stream(stream: torch.cuda.Stream | None) -> Iterator[None]:
             yield
 
 
-def record(device: torch.device, stream: torch.cuda.Stream | None = None) -> torch.cuda.Event | None:
-    """An event marking the work queued so far on ``stream`` (default: the current stream)."""
+def record(
+    device: torch.device, stream: torch.cuda.Stream | None = None, timing: bool = False
+) -> torch.cuda.Event | None:
+    """An event marking the work queued so far on ``stream`` (default: the current stream);
+    with ``timing``, one that ``elapsed_ms`` can read."""
     if device.type != "cuda":
         return None
-    event = torch.cuda.Event()
+    event = torch.cuda.Event(enable_timing=timing)
     event.record(stream if stream is not None else torch.cuda.current_stream(device))
     return event
+
+
+def elapsed_ms(start: torch.cuda.Event | None, end: torch.cuda.Event | None) -> float | None:
+    """Milliseconds between two timing events that have both happened (None on the CPU)."""
+    if start is None or end is None:
+        return None
+    return start.elapsed_time(end)
 
 
 def wait(event: torch.cuda.Event | None, stream: torch.cuda.Stream | None = None) -> None:

@@ -204,6 +204,26 @@ def test_a_raised_cpu_correction_that_shuts_the_cpu_path_relaxes():
     engine.close()
 
 
+def test_layer_timeline_is_in_order():
+    """With layer timing, each layer's timeline (ms from its start) runs in the order the
+    executor works: routing known, CPU job submitted, accelerator work issued, end; the CPU
+    worker begins after the routing is known (it may begin before the submission's own mark)
+    and ends before the main thread's wait is over."""
+    engine = fiddler_engine(placement_with(set()), "hybrid", timing=True)
+    generate(engine, PROMPT, GenerationSettings(max_new_tokens=3))
+    log = engine.model.experts.layer_log
+    assert log
+    for entry in log:
+        t = entry["timeline_ms"]
+        assert 0 <= t["routed"] <= t["cpu_submitted"] <= t["issued"] <= t["end"]
+        if entry["cpu"] or entry["split"]:
+            assert t["routed"] <= t["cpu_begin"] <= t["cpu_end"] <= t["wait_over"] <= t["end"]
+            assert entry["cpu_compute_s"] == pytest.approx((t["cpu_end"] - t["cpu_begin"]) / 1e3)
+            assert entry["cpu_wait_s"] == pytest.approx((t["wait_over"] - t["issued"]) / 1e3)
+    assert any(e["cpu"] or e["split"] for e in log)
+    engine.close()
+
+
 def test_jobs_beside_copies_correct_the_slowdown_not_the_curve():
     """Under hybrid, CPU jobs run beside copies: their (tiny) times correct the slowdown
     beside copies, down to its floor of 1, and leave the CPU curve's own scale alone."""
