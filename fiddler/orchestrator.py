@@ -21,10 +21,10 @@ could lower it, and a few slow jobs would otherwise keep the CPU path shut for t
 
 With ``layer_timing`` on, each layer is timed between two device synchronisations and
 ``layer_log`` records its plan, predicted and measured time and a timeline in ms from the
-layer's start: on the host, when the routing was known, the CPU job submitted, begun and
-ended, the accelerator's work issued and the main thread's wait for the CPU over; on the
-accelerator (from events, no extra synchronisation), when the copies began and landed and
-when its own work was done.
+layer's start: on the host, when the routing was known, the CPU job submitted, taken up by
+the worker, begun (its inputs in host memory) and ended, the accelerator's work issued and
+the main thread's wait for the CPU over; on the accelerator (from events, no extra
+synchronisation), when the copies began and landed and when its own work was done.
 
 ``stats()`` counts what ran where and what crossed PCIe: ``h2d_bytes`` = copied expert
 weights + CPU results, ``d2h_bytes`` = activations sent to the CPU + the routing ids read on
@@ -64,8 +64,10 @@ CPU_SLOWDOWN_BOUNDS = (1.0, 4.0)  # copies never speed the CPU up
 
 @dataclasses.dataclass(frozen=True)
 class _CpuJob:
-    """When the CPU worker computed (host clock, seconds)."""
+    """When the CPU worker took the job up, began computing (its inputs in host memory) and
+    ended (host clock, seconds)."""
 
+    picked: float
     begin: float
     end: float
 
@@ -280,7 +282,7 @@ class FiddlerExecutor:
             self.counters.measured_s += measured
             job = cpu_job.result() if cpu_job else None
             if job:
-                marks |= {"cpu_begin": job.begin, "cpu_end": job.end}
+                marks |= {"cpu_picked": job.picked, "cpu_begin": job.begin, "cpu_end": job.end}
             timeline = {k: 1e3 * (t - start) for k, t in marks.items()} | {"end": 1e3 * measured}
             on_gpu = {
                 "copies_begin": elapsed_ms(gpu_start, copies_begin),
@@ -380,16 +382,17 @@ class FiddlerExecutor:
 
     def _cpu_work(self, work, host_in, host_out, arrived, out_free) -> _CpuJob:
         """Runs in the worker thread; returns when it computed."""
+        clock = Clock("cpu")
+        picked = clock.now()
         host_wait(arrived)  # the activations are in host memory
         host_wait(out_free)  # the previous layer's results have left host_out
-        clock = Clock("cpu")
         begin = clock.now()
         position = 0
         for count, w13b, w2b in work:
             end = position + count
             host_out[position:end] = self.cpu_kernel(host_in[position:end], w13b, w2b)
             position = end
-        return _CpuJob(begin, clock.now())
+        return _CpuJob(picked, begin, clock.now())
 
     def _ensure_host_buffers(self, rows: int, hidden: int) -> None:
         if self._host_in.shape[0] < rows:

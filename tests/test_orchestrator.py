@@ -217,7 +217,7 @@ def test_layer_timeline_is_in_order():
         t = entry["timeline_ms"]
         assert 0 <= t["routed"] <= t["cpu_submitted"] <= t["issued"] <= t["end"]
         if entry["cpu"] or entry["split"]:
-            assert t["routed"] <= t["cpu_begin"] <= t["cpu_end"] <= t["wait_over"] <= t["end"]
+            assert t["routed"] <= t["cpu_picked"] <= t["cpu_begin"] <= t["cpu_end"] <= t["wait_over"] <= t["end"]
             assert entry["cpu_compute_s"] == pytest.approx((t["cpu_end"] - t["cpu_begin"]) / 1e3)
             assert entry["cpu_wait_s"] == pytest.approx((t["wait_over"] - t["issued"]) / 1e3)
     assert any(e["cpu"] or e["split"] for e in log)
