@@ -284,6 +284,49 @@ def tables_markdown(summary: pd.DataFrame, compared: list[str] | None = None) ->
     return "\n".join(parts) + "\n"
 
 
+BOUND_SYSTEMS = ("fiddler-hybrid", "fiddler-paper")
+BOUND_TARGET = 0.85  # issue 8: fiddler-hybrid's decode at least 85% of the bound
+
+
+def bound_markdown(summary: pd.DataFrame, calibration: dict) -> str:
+    """Fiddler's single-batch decode against the bandwidth bound of the run's own calibration
+    (``fiddler.bounds``), per cell, at the cell's measured GPU hit rate; empty when the run
+    has no such cells or its model does not resolve."""
+    from fiddler.bounds import decode_bound_tokens_per_s
+    from fiddler.config import resolve_model
+    from fiddler.cost_model import LatencyModel
+
+    cells = summary[
+        summary.system.isin(BOUND_SYSTEMS) & (summary.scenario == "single-batch") & summary.gpu_hit_rate.notna()
+    ]
+    if cells.empty:
+        return ""
+    name, layers = cells.model.iloc[0], int(cells.num_layers.iloc[0])
+    try:
+        config, _ = resolve_model(str(name).removesuffix(f"-L{layers}"), layers)
+    except (FileNotFoundError, ValueError):
+        return ""
+    model = LatencyModel.from_calibration(calibration)
+    lines = [
+        "",
+        "## Decode against the bandwidth bound (single-batch)",
+        "",
+        "Bound: the routed experts the GPU does not hold (1 - the cell's GPU hit rate) moved at the "
+        "calibration's best division between the CPU path and the copy path, nothing else counted "
+        f"(`fiddler.bounds`). Issue 8's target for fiddler-hybrid: {BOUND_TARGET:.0%} of it.",
+        "",
+        "| system | input/output | GPU hit rate | decode tokens/s | bound | share of bound |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in cells.sort_values(["system", "input_tokens", "output_tokens"]).itertuples():
+        bound = decode_bound_tokens_per_s(config, model, float(r.gpu_hit_rate))
+        lines.append(
+            f"| {r.system} | {r.input_tokens}/{r.output_tokens} | {r.gpu_hit_rate:.1%} | "
+            f"{r.decode_tokens_per_s:.3g} | {bound:.3g} | {r.decode_tokens_per_s / bound:.0%} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def plot(summary: pd.DataFrame, out: Path) -> list[Path]:
     import matplotlib
 
@@ -326,7 +369,10 @@ def render(run_dir: str | Path) -> pd.DataFrame:
     tmp = run_dir / ".summary.csv.tmp"
     summary.to_csv(tmp, index=False)
     tmp.replace(run_dir / "summary.csv")  # atomically, like every result file
-    write_text_atomic(run_dir / "tables.md", tables_markdown(summary, matrix.get("compared")))
+    tables = tables_markdown(summary, matrix.get("compared"))
+    if (run_dir / "calibration.json").exists():  # a sweep's own calibration (experiments/gpu_campaign.sh)
+        tables += bound_markdown(summary, json.loads((run_dir / "calibration.json").read_text()))
+    write_text_atomic(run_dir / "tables.md", tables)
     plot(summary, run_dir)
     return summary
 

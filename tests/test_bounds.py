@@ -1,0 +1,51 @@
+"""The bandwidth bound of decode: both paths at once when that is faster, either alone when
+the slowdowns beside each other make that faster, and the harness's table against it."""
+
+import dataclasses
+import math
+
+import pytest
+import torch
+from test_harness import spec
+from test_planner import HOST_LIKE
+
+from fiddler.bounds import decode_bound_tokens_per_s, missing_experts_s
+from fiddler.calibrate import calibrate, load_calibration, save_calibration
+from fiddler.config import ModelConfig
+from fiddler.cost_model import LatencyModel
+from harness.report import render
+from harness.runner import run_sweep
+
+MIXTRAL = ModelConfig.preset("mixtral-8x7b")
+EVEN = dataclasses.replace(HOST_LIKE, cpu_expert_s=[4e-3] * 5, copy=6e-3, cpu_slowdown=1.0, copy_slowdown=1.0)
+
+
+def test_missing_experts_divide_between_the_paths():
+    assert missing_experts_s(EVEN, 5) == pytest.approx(5 / (1 / 4e-3 + 1 / 6e-3))
+    assert missing_experts_s(EVEN, 0) == 0.0
+    crowded = dataclasses.replace(EVEN, cpu_slowdown=10.0, copy_slowdown=10.0)  # together worse than the CPU alone
+    assert missing_experts_s(crowded, 5) == pytest.approx(5 * 4e-3)
+
+
+def test_decode_bound_counts_the_missing_routed_experts():
+    layers, top_k = MIXTRAL.num_layers, MIXTRAL.num_experts_per_token
+    per_expert = 1 / (1 / 4e-3 + 1 / 6e-3)
+    assert decode_bound_tokens_per_s(MIXTRAL, EVEN, 0.0) == pytest.approx(1 / (layers * top_k * per_expert))
+    assert decode_bound_tokens_per_s(MIXTRAL, EVEN, 0.75) == pytest.approx(4 / (layers * top_k * per_expert))
+    assert math.isinf(decode_bound_tokens_per_s(MIXTRAL, EVEN, 1.0))
+    with pytest.raises(ValueError, match="gpu_hit_rate"):
+        decode_bound_tokens_per_s(MIXTRAL, EVEN, 1.5)
+
+
+def test_a_sweep_with_its_calibration_reports_fiddler_against_the_bound(tmp_path):
+    run = run_sweep(spec(tmp_path / "sweep"))
+    assert "bandwidth bound" not in (run / "tables.md").read_text()  # no calibration in the folder
+    config = ModelConfig.preset("mixtral-tiny")
+    save_calibration(calibrate(config, "cpu", torch.float32, token_counts=(1,)), run / "calibration.json")
+    summary = render(run)
+    tables = (run / "tables.md").read_text()
+    assert "## Decode against the bandwidth bound (single-batch)" in tables
+    model = LatencyModel.from_calibration(load_calibration(run / "calibration.json"))
+    row = summary[(summary.system == "fiddler-paper") & summary.gpu_hit_rate.notna()].iloc[0]
+    bound = decode_bound_tokens_per_s(config, model, float(row.gpu_hit_rate))
+    assert f"| {bound:.3g} | {row.decode_tokens_per_s / bound:.0%} |" in tables
