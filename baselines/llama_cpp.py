@@ -237,18 +237,20 @@ class LlamaServer:
         self.close()
         raise RuntimeError(f"llama-server did not start within {SERVER_START_TIMEOUT_S} s")
 
-    def stream(self, payload: dict):
-        """The open response of a ``/completion`` request (a stream when ``payload`` asks)."""
+    def stream(self, payload: dict, timeout: float | None = None):
+        """The open response of a ``/completion`` request (a stream when ``payload`` asks);
+        ``timeout`` (default ``STREAM_STALL_S``) bounds each read, not the whole response."""
         request = urllib.request.Request(
             f"http://127.0.0.1:{self.port}/completion",
             data=json.dumps(payload).encode(),
             headers={"Content-Type": "application/json"},
         )
-        return urllib.request.urlopen(request, timeout=STREAM_STALL_S)  # per read, not for the whole stream
+        return urllib.request.urlopen(request, timeout=STREAM_STALL_S if timeout is None else timeout)
 
-    def complete(self, payload: dict) -> dict:
-        """The whole answer of a ``/completion`` request without streaming."""
-        with self.stream({**payload, "stream": False}) as response:
+    def complete(self, payload: dict, timeout: float) -> dict:
+        """The whole answer of a ``/completion`` request without streaming (it sends nothing
+        until the generation is over: ``timeout`` must cover all of it)."""
+        with self.stream({**payload, "stream": False}, timeout) as response:
             return json.loads(response.read())
 
     def close(self) -> None:
@@ -306,22 +308,31 @@ class LlamaCpp:
         try:
             with self.server.stream(payload) as response:
                 for raw in response:
+                    events = parse_stream([raw])
+                    if not events:  # the blank line between events
+                        continue
                     now = clock.now()
-                    for event in parse_stream([raw]):
+                    for event in events:
                         if event.get("tokens"):
-                            arrivals.append((event["tokens_predicted"], event["tokens"], now))
+                            arrivals.append((self._position(event), event["tokens"], now))
                         if event.get("stop"):
-                            total, end_time = event["tokens_predicted"], now
+                            total, end_time = self._position(event), now
                         timings = event.get("timings", timings)
         except (TimeoutError, urllib.error.URLError, ConnectionError) as err:
+            received = arrivals[-1][0] if arrivals else 0
             raise RuntimeError(
-                f"llama-server stopped after {len(arrivals)} of {settings.max_new_tokens} tokens ({err!r}); "
+                f"llama-server stopped after {received} of {settings.max_new_tokens} tokens ({err!r}); "
                 f"its log ends: {self.server.log_tail()}"
             ) from err
-        if not total or end_time is None:
-            raise RuntimeError(f"llama-server returned no tokens; its log ends: {self.server.log_tail()}")
+        if end_time is None:
+            what = f"ended its stream after {arrivals[-1][0]} tokens without" if arrivals else "sent no tokens and no"
+            raise RuntimeError(f"llama-server {what} a final event; its log ends: {self.server.log_tail()}")
+        if not total:
+            raise RuntimeError(f"llama-server generated no tokens; its log ends: {self.server.log_tail()}")
         streamed = place_streamed_tokens(arrivals, total, end_time)
-        tokens = streamed.ids if not streamed.late else self._ids_by_repeat(payload, streamed.ids)
+        # the unstreamed repeat takes about as long as the stream did; allow that on top of a stall
+        repeat_timeout = STREAM_STALL_S + (end_time - start)
+        tokens = streamed.ids if not streamed.late else self._ids_by_repeat(payload, streamed.ids, repeat_timeout)
         steps = [b - a for a, b in itertools.pairwise(streamed.times)]
         return GenerationResult(
             len(prompt_ids),
@@ -337,9 +348,23 @@ class LlamaCpp:
             },
         )
 
-    def _ids_by_repeat(self, payload: dict, streamed: list[int | None]) -> list[int]:
+    def _position(self, event: dict) -> int:
+        """The event's token position (llama-server's ``tokens_predicted``)."""
+        if "tokens_predicted" not in event:
+            raise RuntimeError(
+                "llama-server's stream events lack 'tokens_predicted' (another server version?): build the "
+                f"llama.cpp that 'make llama-cpp' builds; its log ends: {self.server.log_tail()}"
+            )
+        return int(event["tokens_predicted"])
+
+    def _ids_by_repeat(self, payload: dict, streamed: list[int | None], timeout: float) -> list[int]:
         """The ids of a stream that withheld some, from the same greedy request unstreamed."""
-        ids = self.server.complete(payload)["tokens"]
+        try:
+            ids = self.server.complete(payload, timeout)["tokens"]
+        except (TimeoutError, urllib.error.URLError, ConnectionError) as err:
+            raise RuntimeError(
+                f"llama-server did not answer the unstreamed repeat ({err!r}); its log ends: {self.server.log_tail()}"
+            ) from err
         known_agree = all(a is None or a == b for a, b in zip(streamed, ids, strict=False))
         if len(ids) != len(streamed) or not known_agree:
             raise RuntimeError(

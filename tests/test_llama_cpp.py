@@ -9,6 +9,7 @@ import socket
 import sys
 import tempfile
 import threading
+import types
 from typing import ClassVar
 
 import pytest
@@ -99,6 +100,14 @@ def test_withheld_tokens_arrive_with_the_next_event():
     assert streamed.times == [0.1, 0.3, 0.3, 0.4, 0.6] and streamed.late == 2
     with pytest.raises(RuntimeError, match=r"positions 6\.\.6 of 5"):
         place_streamed_tokens([(6, [1], 0.1)], 5, end_time=0.2)
+
+
+def test_an_event_without_its_position_is_a_clear_error():
+    system = object.__new__(LlamaCpp)
+    system.server = types.SimpleNamespace(log_tail=lambda: "server says hello")
+    assert system._position({"tokens_predicted": 3}) == 3
+    with pytest.raises(RuntimeError, match=r"lack 'tokens_predicted'.*make llama-cpp.*server says hello"):
+        system._position({"tokens": [5]})
 
 
 class FakeLlamaServer(http.server.BaseHTTPRequestHandler):
