@@ -27,6 +27,11 @@ def missing_experts_s(model: LatencyModel, experts: float) -> float:
         return 0.0
     cpu_alone = model.cpu(DECODE_TOKENS)
     copy_alone = model.copy
+    if cpu_alone <= 0 or copy_alone <= 0:
+        raise ValueError(
+            f"the calibration's CPU expert ({cpu_alone} s) and copy ({copy_alone} s) times must be positive: "
+            "calibrate again"
+        )
     both = 1.0 / (1.0 / (cpu_alone * model.cpu_slowdown) + 1.0 / (copy_alone * model.copy_slowdown))
     return experts * min(cpu_alone, copy_alone, both)
 

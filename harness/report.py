@@ -288,41 +288,64 @@ BOUND_SYSTEMS = ("fiddler-hybrid", "fiddler-paper")
 BOUND_TARGET = 0.85  # issue 8: fiddler-hybrid's decode at least 85% of the bound
 
 
-def bound_markdown(summary: pd.DataFrame, calibration: dict) -> str:
+def _decode_hit_rates(raw: list[dict]) -> dict[tuple, float]:
+    """Median decode-only GPU hit rate per (system, scenario, input tokens, beam width), from
+    the rows' stats where the runner recorded it."""
+    rates: dict[tuple, list[float]] = {}
+    for row in raw:
+        rate = json.loads(row.get("stats") or "{}").get("decode_gpu_hit_rate")
+        if rate is not None:
+            key = (row["system"], row["scenario"], _int(row["input_tokens"]), _int(row["beam_width"]))
+            rates.setdefault(key, []).append(float(rate))
+    return {k: statistics.median(v) for k, v in rates.items()}
+
+
+def bound_markdown(summary: pd.DataFrame, calibration: dict, raw: list[dict]) -> str:
     """Fiddler's single-batch decode against the bandwidth bound of the run's own calibration
-    (``fiddler.bounds``), per cell, at the cell's measured GPU hit rate; empty when the run
-    has no such cells or its model does not resolve."""
+    (``fiddler.bounds``), per cell, at decode's GPU hit rate (the whole run's, marked, where the
+    rows do not record decode's own); empty when the run has no such cells, or its model does
+    not resolve or does not match the calibration."""
+    import torch
+
     from fiddler.bounds import decode_bound_tokens_per_s
+    from fiddler.calibrate import calibration_matches
     from fiddler.config import resolve_model
     from fiddler.cost_model import LatencyModel
 
     cells = summary[
         summary.system.isin(BOUND_SYSTEMS) & (summary.scenario == "single-batch") & summary.gpu_hit_rate.notna()
     ]
-    if cells.empty:
+    if cells.empty or cells.model.nunique() != 1:
         return ""
     name, layers = cells.model.iloc[0], int(cells.num_layers.iloc[0])
     try:
         config, _ = resolve_model(str(name).removesuffix(f"-L{layers}"), layers)
-    except (FileNotFoundError, ValueError):
+        if calibration_matches(calibration, config, getattr(torch, calibration["model"]["dtype"])):
+            return ""
+        model = LatencyModel.from_calibration(calibration)
+    except (FileNotFoundError, ValueError, KeyError, AttributeError):
         return ""
-    model = LatencyModel.from_calibration(calibration)
+    decode_rates = _decode_hit_rates(raw)
     lines = [
         "",
         "## Decode against the bandwidth bound (single-batch)",
         "",
-        "Bound: the routed experts the GPU does not hold (1 - the cell's GPU hit rate) moved at the "
+        "Bound: the routed experts the GPU does not hold in decode (1 - the GPU hit rate) moved at the "
         "calibration's best division between the CPU path and the copy path, nothing else counted "
-        f"(`fiddler.bounds`). Issue 8's target for fiddler-hybrid: {BOUND_TARGET:.0%} of it.",
+        f"(`fiddler.bounds`). Issue 8's target for fiddler-hybrid: {BOUND_TARGET:.0%} of it. "
+        "A hit rate marked + is the whole run's (prefill included): the rows did not record decode's own.",
         "",
         "| system | input/output | GPU hit rate | decode tokens/s | bound | share of bound |",
         "|---|---|---|---|---|---|",
     ]
     for r in cells.sort_values(["system", "input_tokens", "output_tokens"]).itertuples():
-        bound = decode_bound_tokens_per_s(config, model, float(r.gpu_hit_rate))
+        key = (r.system, r.scenario, int(r.input_tokens), int(r.beam_width))
+        hit, mark = (decode_rates[key], "") if key in decode_rates else (float(r.gpu_hit_rate), "+")
+        bound = decode_bound_tokens_per_s(config, model, hit)
+        shown = (f"{bound:.3g}", f"{r.decode_tokens_per_s / bound:.0%}") if math.isfinite(bound) else ("-", "-")
         lines.append(
-            f"| {r.system} | {r.input_tokens}/{r.output_tokens} | {r.gpu_hit_rate:.1%} | "
-            f"{r.decode_tokens_per_s:.3g} | {bound:.3g} | {r.decode_tokens_per_s / bound:.0%} |"
+            f"| {r.system} | {r.input_tokens}/{r.output_tokens} | {hit:.1%}{mark} | "
+            f"{r.decode_tokens_per_s:.3g} | {shown[0]} | {shown[1]} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -365,13 +388,14 @@ def render(run_dir: str | Path) -> pd.DataFrame:
     if not (run_dir / "matrix.json").exists():
         raise FileNotFoundError(f"{run_dir} has no matrix.json: is it a run folder written by 'python -m harness run'?")
     matrix = json.loads((run_dir / "matrix.json").read_text())
-    summary = summarize(read_raw(run_dir / "raw.csv"), matrix)
+    raw = read_raw(run_dir / "raw.csv")
+    summary = summarize(raw, matrix)
     tmp = run_dir / ".summary.csv.tmp"
     summary.to_csv(tmp, index=False)
     tmp.replace(run_dir / "summary.csv")  # atomically, like every result file
     tables = tables_markdown(summary, matrix.get("compared"))
     if (run_dir / "calibration.json").exists():  # a sweep's own calibration (experiments/gpu_campaign.sh)
-        tables += bound_markdown(summary, json.loads((run_dir / "calibration.json").read_text()))
+        tables += bound_markdown(summary, json.loads((run_dir / "calibration.json").read_text()), raw)
     write_text_atomic(run_dir / "tables.md", tables)
     plot(summary, run_dir)
     return summary

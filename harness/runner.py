@@ -32,7 +32,7 @@ import torch
 from baselines import SystemOptions, SystemRefused, Unsupported, load_system
 from fiddler.config import ModelConfig, resolve_model
 from fiddler.files import write_json_atomic
-from fiddler.generate import GenerationSettings
+from fiddler.generate import GenerationResult, GenerationSettings
 from fiddler.streams import release_cached_memory
 from fiddler.timing import Clock
 from fiddler.tokenizer import find_tokenizer
@@ -315,9 +315,25 @@ def _measure(system, run: Run, prompt: list[int], spec: SweepSpec, limits: dict[
         "d2h_bytes": stats.get("d2h_bytes"),
         "rss_gb": process_rss_gb(),
         "telemetry": json.dumps(sampler.summary()),
-        "stats": json.dumps({k: v for k, v in stats.items() if k != "engine"}, default=str),
+        "stats": json.dumps(
+            {k: v for k, v in stats.items() if k != "engine"} | {"decode_gpu_hit_rate": decode_hit_rate(result)},
+            default=str,
+        ),
         **system.peak_gpu_memory(),
     }
+
+
+ROUTED_ROWS = ("rows_gpu", "rows_cpu", "rows_copied", "rows_split")  # the executor's per-path row counters
+
+
+def decode_hit_rate(result: GenerationResult) -> float | None:
+    """The share of decode's routed rows that the GPU held (prefill left out), for systems
+    whose executor counts rows per path; None for the others."""
+    if result.stats_after_prefill is None or not all(k in result.stats for k in ROUTED_ROWS):
+        return None
+    rows = result.decode_counters(ROUTED_ROWS)
+    total = sum(rows.values())
+    return rows["rows_gpu"] / total if total else None
 
 
 class _Progress:
