@@ -98,8 +98,9 @@ for name in "$@"; do
           spin-short) settings=(GOMP_SPINCOUNT=20000) ;;
           threads15) threads=(--cpu-threads 15) ;;
         esac
-        stage "ab-$variant" env "${settings[@]}" python3 experiments/orchestration_gpu.py --out "$OUT/ab-$variant" \
-          --gpu-memory-gb 24 --new-tokens 24 --repeats 2 --policies hybrid,paper "${threads[@]}"
+        stage "ab-$variant" env ${settings[@]+"${settings[@]}"} python3 experiments/orchestration_gpu.py \
+          --out "$OUT/ab-$variant" --gpu-memory-gb 24 --new-tokens 24 --repeats 2 --policies hybrid,paper \
+          ${threads[@]+"${threads[@]}"}
       done ;;
     quick) stage quick python3 -m harness.reproduce --quick --results "$OUT/runs" ;;
     llama-build | llama)

@@ -24,7 +24,8 @@ With ``layer_timing`` on, each layer is timed between two device synchronisation
 layer's start: on the host, when the routing was known, the CPU job submitted, taken up by
 the worker, begun (its inputs in host memory) and ended, the accelerator's work issued and
 the main thread's wait for the CPU over; on the accelerator (from events, no extra
-synchronisation), when the copies began and landed and when its own work was done.
+synchronisation), when the copy stream reached the layer's copies, when they landed and when
+its own work was done.
 
 ``stats()`` counts what ran where and what crossed PCIe: ``h2d_bytes`` = copied expert
 weights + CPU results, ``d2h_bytes`` = activations sent to the CPU + the routing ids read on

@@ -30,6 +30,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import json
+import logging
 import random
 import statistics
 from pathlib import Path
@@ -44,6 +45,7 @@ from fiddler.placement import GB, budget_breakdown, check_popularity, plan_place
 from fiddler.planner import POLICIES, plan_layer
 from harness.scenarios import Cell, runs
 
+log = logging.getLogger(__name__)
 PROFILES = Path(__file__).parent / "hardware"
 BF16_BYTES = 2
 STAGING_SLOTS = 2
@@ -192,15 +194,24 @@ class _Simulator:
     def __init__(self, spec: SimulationSpec, calibration: dict, hw: Hardware):
         self.spec, self.cfg, self.hw = spec, spec.config, hw
         self.model = LatencyModel.from_calibration(calibration)
-        torch_curve = calibration.get("cpu_kernel_curves_s", {}).get("torch")
-        self.torch_cpu_model = (
-            dataclasses.replace(self.model, cpu_expert_s=list(torch_curve))
-            if torch_curve and None not in torch_curve
-            else self.model
-        )
+        self.torch_cpu_model = self._torch_cpu_model(calibration)
         self.blocks = int(calibration.get("split_blocks", 1))
         self.expert_bytes = self.cfg.expert_params * BF16_BYTES
         self.layer_dense_bytes = self.cfg.layer_dense_params * BF16_BYTES
+
+    def _torch_cpu_model(self, calibration: dict) -> LatencyModel:
+        """The latency model with the calibration's torch CPU curve (what transformers runs on
+        the CPU); the main curve where the calibration measured no whole torch curve."""
+        torch_curve = calibration.get("cpu_kernel_curves_s", {}).get("torch")
+        if torch_curve and None not in torch_curve:
+            return dataclasses.replace(self.model, cpu_expert_s=list(torch_curve))
+        if calibration.get("cpu_kernel", "torch") != "torch":
+            log.warning(
+                "the calibration has no whole torch CPU curve: cpu-only is priced at the %s kernel's, "
+                "faster than transformers on the CPU",
+                calibration["cpu_kernel"],
+            )
+        return self.model
 
     # ---- shared costs -------------------------------------------------------------------
 

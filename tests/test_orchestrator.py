@@ -13,6 +13,7 @@ from fiddler.config import ModelConfig
 from fiddler.cpu_experts import make_kernel
 from fiddler.engine import Engine
 from fiddler.generate import GenerationSettings, generate
+from fiddler.orchestrator import CPU_FACTOR_BOUNDS
 from fiddler.placement import plan_placement
 from fiddler.planner import POLICIES, plan_layer
 from fiddler.weights import RandomWeights
@@ -193,10 +194,11 @@ def test_a_raised_cpu_correction_that_shuts_the_cpu_path_relaxes():
     """On the GPU host a few slow CPU jobs raised paper's correction past the point where
     copying wins; with no CPU job left to measure it stayed there for the run. Layers without
     CPU work now let it decay toward the calibration, so the CPU path is tried again."""
-    engine = fiddler_engine(placement_with(set()), "paper", latency=PAPER_LIKE)
+    copy_at_3x_cpu = dataclasses.replace(PAPER_LIKE, copy=3 * PAPER_LIKE.cpu_expert_s[0])
+    engine = fiddler_engine(placement_with(set()), "paper", latency=copy_at_3x_cpu)
     executor = engine.model.experts
-    assert executor.plan(0, {0: 1}).cpu, "the paper-like model should put one token's expert on the CPU"
-    executor.cpu_factor = 12.0  # past the point (~8) where the paper policy copies everything
+    assert executor.plan(0, {0: 1}).cpu, "a copy at 3x a CPU expert: one token's expert goes to the CPU"
+    executor.cpu_factor = CPU_FACTOR_BOUNDS[1]  # the most a run can learn: past the point (~3) where copies win
     assert not executor.plan(0, {0: 1}).cpu
     stats = generate(engine, PROMPT, GenerationSettings(max_new_tokens=6)).stats
     assert stats["experts_copied"] > 0 and stats["experts_cpu"] > 0
@@ -221,6 +223,21 @@ def test_layer_timeline_is_in_order():
             assert entry["cpu_compute_s"] == pytest.approx((t["cpu_end"] - t["cpu_begin"]) / 1e3)
             assert entry["cpu_wait_s"] == pytest.approx((t["wait_over"] - t["issued"]) / 1e3)
     assert any(e["cpu"] or e["split"] for e in log)
+    engine.close()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the accelerator's timeline needs CUDA events")
+def test_layer_timeline_on_cuda_has_the_accelerators_marks():
+    engine = Engine.fiddler(
+        SOURCE, "cuda", torch.float32, 128, placement_with(set()), HOST_LIKE, "hybrid", make_kernel("torch")
+    )
+    engine.model.experts.layer_timing = True
+    generate(engine, PROMPT, GenerationSettings(max_new_tokens=3))
+    with_copies = [e for e in engine.model.experts.layer_log if e["copy"] or e["split"]]
+    assert with_copies
+    for entry in with_copies:
+        t = entry["timeline_ms"]
+        assert 0 <= t["copies_begin"] <= t["copies_landed"] <= t["gpu_done"] <= t["end"]
     engine.close()
 
 
