@@ -19,7 +19,8 @@
 #   quick          issue 5: make reproduce-quick (measured cells for issue 7's validation)
 #   llama          issue 9: CUDA build of llama.cpp (~5 min), then llama-cpp vs Fiddler and the
 #                  baselines on Mixtral-8x7B truncated to 8 layers, 14 of 64 experts resident,
-#                  resumable like the sweeps (results/h200-llama-8layers/)
+#                  resumable like the sweeps (results/h200-llama-8layers/; LLAMA_RUN_DIR=DIR
+#                  measures into another folder, e.g. after an engine change)
 #   llama-build    the build alone: give it to one call and `llama` to the next while the
 #                  machine is still warm (third_party/ survives between calls on one machine)
 #   sweep24        issue 8: the paper-v3 single-batch grid at 24 GB, every system (in order of
@@ -112,7 +113,7 @@ for name in "$@"; do
       [ "$name" = llama-build ] && continue
       # 8 layers keep Mixtral-8x7B's expert sizes; the budget keeps 14 of 64 experts (56/256)
       budget=$(python3 -c "from fiddler.config import ModelConfig; from fiddler.placement import budget_breakdown; import torch; c=ModelConfig.preset('mixtral-8x7b').with_layers(8); b=budget_breakdown(c,0,torch.bfloat16,2048+32,1,2); print((b.dense+b.kv_cache+b.staging+b.workspace+14.5*b.expert)/1e9)")
-      sweep llama results/h200-llama-8layers --systems llama-cpp,llama-cpp-cpu-moe,fiddler-paper,fiddler-hybrid,expert-lru,cpu-only \
+      sweep llama "${LLAMA_RUN_DIR:-results/h200-llama-8layers}" --systems llama-cpp,llama-cpp-cpu-moe,fiddler-paper,fiddler-hybrid,expert-lru,cpu-only \
         --scenario single-batch --inputs 32,128,512,2048 --outputs 32 --layers 8 \
         --gpu-memory-gb "$budget" --prompts-per-cell 2 --dataset random --reference cpu-only ;;
     sweep24) sweep sweep24 results/h200-paper-v3-24gb --scenario single-batch --grid paper-v3 --gpu-memory-gb 24 \
