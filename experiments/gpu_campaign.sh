@@ -10,12 +10,14 @@
 #                  policy at 24 GB (hybrid decode with the chosen CPU kernel)
 #   baselines      issue 4: every system on one prompt at 24 GB (resumable)
 #   lru            issue 4: expert-lru(-prefetch) again, with the cache spread over the whole budget
-#   threads-ab     issue 3: hybrid and paper under four CPU thread settings, each calibrated under
-#                  its own (~6 min): torch's OpenMP threads spin after every parallel region
+#   threads-ab     issue 3: hybrid and paper under three CPU thread settings, each calibrated
+#                  under its own and each with the CPU rows on the worker thread and on the main
+#                  thread (~8 min): torch's OpenMP threads spin after every parallel region
 #                  (libgomp: GOMP_SPINCOUNT 300000 pauses, milliseconds), so 16 kernel threads
 #                  may keep all 16 cores busy between CPU jobs while the engine's main thread
-#                  and CPU worker wait for a core; default / OMP_WAIT_POLICY=PASSIVE /
-#                  GOMP_SPINCOUNT=20000 / 15 threads; layer timelines in each orchestration.json
+#                  and CPU worker wait for a core; default / OMP_WAIT_POLICY=PASSIVE / 15
+#                  threads; layer timelines in each orchestration.json
+#                  (python experiments/threads_ab_report.py DIR renders them side by side)
 #   quick          issue 5: make reproduce-quick (measured cells for issue 7's validation)
 #   llama          issue 9: CUDA build of llama.cpp (~5 min), then llama-cpp vs Fiddler and the
 #                  baselines on Mixtral-8x7B truncated to 8 layers, 14 of 64 experts resident,
@@ -92,16 +94,15 @@ for name in "$@"; do
     lru) stage lru python3 experiments/baselines_gpu.py --out "$OUT/lru" --gpu-memory-gb 24 \
            --systems expert-lru,expert-lru-prefetch ;;
     threads-ab)
-      for variant in default passive spin-short threads15; do
+      for variant in default passive threads15; do
         settings=(); threads=()
         case "$variant" in
           passive) settings=(OMP_WAIT_POLICY=PASSIVE) ;;
-          spin-short) settings=(GOMP_SPINCOUNT=20000) ;;
           threads15) threads=(--cpu-threads 15) ;;
         esac
         stage "ab-$variant" env ${settings[@]+"${settings[@]}"} python3 experiments/orchestration_gpu.py \
           --out "$OUT/ab-$variant" --gpu-memory-gb 24 --new-tokens 24 --repeats 2 --policies hybrid,paper \
-          ${threads[@]+"${threads[@]}"}
+          --cpu-modes thread,inline ${threads[@]+"${threads[@]}"}
       done ;;
     quick) stage quick python3 -m harness.reproduce --quick --results "$OUT/runs" ;;
     llama-build | llama)

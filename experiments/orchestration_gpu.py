@@ -134,8 +134,12 @@ def speed(args, calibration_path: Path) -> dict:
     result = {"build": record, "policies": {}}
     executor = engine.model.experts
     long = GenerationSettings(max_new_tokens=args.new_tokens)
-    for policy in args.policies.split(","):
-        executor.policy = policy
+    variants = [(p, mode) for p in args.policies.split(",") for mode in args.cpu_modes.split(",")]
+    for policy, mode in variants:
+        if mode not in CPU_MODES:
+            raise ValueError(f"--cpu-modes takes {', '.join(CPU_MODES)}; got {mode!r}")
+        executor.policy, executor.cpu_inline = policy, mode == "inline"
+        name = policy if mode == "thread" else f"{policy} (CPU rows on the main thread)"
         generate(engine, prompt, GenerationSettings(max_new_tokens=3))  # warm-up
         runs = [generate(engine, prompt, long) for _ in range(args.repeats)]
         decode_tokens = args.new_tokens - 1
@@ -166,16 +170,20 @@ def speed(args, calibration_path: Path) -> dict:
             # where the time goes, layer by layer: plan, predicted, measured, CPU compute and wait
             "sample": decode_layers[:LAYER_LOG_SAMPLE],
         }
-        result["policies"][policy] = row
+        result["policies"][name] = row
         shown = {k: v for k, v in row.items() if k != "token_ids"}
         shown["layer_timing_decode"] = {k: v for k, v in row["layer_timing_decode"].items() if k != "sample"}
-        print("speed", policy, shown, flush=True)
+        print("speed", name, shown, flush=True)
+    executor.cpu_inline = False
     if torch.cuda.is_available():
         result["peak_gpu_gb"] = torch.cuda.max_memory_allocated() / 1e9
         free_bytes, total_bytes = torch.cuda.mem_get_info()
         result["gpu_used_gb_device"] = (total_bytes - free_bytes) / 1e9
     engine.close()
     return result
+
+
+CPU_MODES = ("thread", "inline")  # FiddlerExecutor.cpu_inline off / on
 
 
 def timeline_medians(layers: list[dict]) -> dict[str, float]:
@@ -276,6 +284,11 @@ def main() -> int:
     parser.add_argument("--new-tokens", type=int, default=24)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--policies", default=",".join(POLICIES))
+    parser.add_argument(
+        "--cpu-modes",
+        default="thread",
+        help="where the CPU rows run, each measured per policy: thread (the worker), inline (the main thread)",
+    )
     parser.add_argument("--cpu-threads", type=int)
     parser.add_argument("--check-layers", type=int, default=2)
     parser.add_argument("--check-resident", type=int, default=5)

@@ -7,14 +7,17 @@ pattern), then runs the plan with the paths overlapping: copies are queued on a 
 into reusable staging slots (a slot is reused only after the accelerator has finished with
 it); the CPU rows' activations go down in one transfer and a worker thread computes them while
 the accelerator runs the resident experts and then each copied expert once its copy has
-landed; the CPU results come back in one transfer. An expert the plan divides runs its first
-blocks on the CPU and the rest after a copy of only those blocks; the two partial outputs
-are added. Every expert is kept in the split layout of ``fiddler.expert_layout``. Outputs are
-identical, up to summation order, to running every expert in one place. The CPU latencies the
-planner uses are corrected during the run by what the CPU worker measures: ``cpu_factor``
-scales the CPU curve from jobs that ran with no copies beside them, ``cpu_slowdown`` replaces
-the calibrated slowdown beside copies from jobs that had copies (calibration runs alone and
-briefly; a run has the GPU, its own threads and copies beside it). A ``cpu_factor`` above 1
+landed; the CPU results come back in one transfer. With ``cpu_inline`` set, the main thread
+computes the CPU rows itself once it has queued all of the accelerator's work (which then runs
+on its own), instead of handing them to the worker: no thread hand-off, a later start. An
+expert the plan divides runs its first blocks on the CPU and the rest after a copy of only
+those blocks; the two partial outputs are added. Every expert is kept in the split layout
+of ``fiddler.expert_layout``. Outputs are identical, up to summation order, to running every
+expert in one place. The CPU latencies the planner uses are corrected during the run by
+what the CPU jobs measure: ``cpu_factor`` scales the CPU curve from jobs that ran with no
+copies beside them, ``cpu_slowdown`` replaces the calibrated slowdown beside copies from jobs
+that had copies (calibration runs alone and briefly; a run has the GPU, its own threads and
+copies beside it). A ``cpu_factor`` above 1
 that leaves a layer with no CPU work relaxes toward the calibration (its excess halves over
 one pass through the model's layers): a plan that no longer uses the CPU measures nothing that
 could lower it, and a few slow jobs would otherwise keep the CPU path shut for the whole run.
@@ -39,6 +42,8 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
@@ -75,6 +80,18 @@ class _CpuJob:
     @property
     def seconds(self) -> float:
         return self.end - self.begin
+
+
+class _InlineJob:
+    """A CPU job the main thread runs itself, when its result is first asked for."""
+
+    def __init__(self, work: Callable[[], _CpuJob]):
+        self._work, self._done = work, None
+
+    def result(self) -> _CpuJob:
+        if self._done is None:
+            self._done = self._work()
+        return self._done
 
 
 @dataclasses.dataclass
@@ -151,6 +168,7 @@ class FiddlerExecutor:
         self.cpu_slowdown = latency.cpu_slowdown
         self._models: dict[tuple[float, float], LatencyModel] = {}
         self.layer_timing = layer_timing
+        self.cpu_inline = False  # True: the main thread computes the CPU rows (see the module doc)
         self.layer_log: list[dict[str, object]] = []
         self.counters = ExpertCounters()
 
@@ -314,6 +332,7 @@ class FiddlerExecutor:
             "executor": "fiddler",
             "policy": self.policy,
             "cpu_kernel": self.cpu_kernel.name,
+            "cpu_rows_on": "main thread" if self.cpu_inline else "worker thread",
             "experts_resident": self.placement.num_resident,
             "staging_slots": len(self.slots),
             "split_blocks": self.blocks,
@@ -366,7 +385,7 @@ class FiddlerExecutor:
         hidden: torch.Tensor,
         token_of_row: torch.Tensor,
         cpu_rows: torch.Tensor,
-    ) -> Future | None:
+    ) -> Future | _InlineJob | None:
         num_rows = cpu_rows.shape[0]
         if num_rows == 0:
             return None
@@ -379,7 +398,10 @@ class FiddlerExecutor:
             w13b, w2b = self.host.experts[layer][plan.split.expert]
             blocks = plan.split.cpu_blocks
             work.append((counts[plan.split.expert], w13b[: 2 * blocks * self.block], w2b[:blocks]))
-        return self.cpu_worker.submit(self._cpu_work, work, host_in, self._host_out, arrived, self._host_out_free)
+        args = (work, host_in, self._host_out, arrived, self._host_out_free)
+        if self.cpu_inline:
+            return _InlineJob(functools.partial(self._cpu_work, *args))
+        return self.cpu_worker.submit(self._cpu_work, *args)
 
     def _cpu_work(self, work, host_in, host_out, arrived, out_free) -> _CpuJob:
         """Runs in the worker thread; returns when it computed."""

@@ -241,6 +241,24 @@ def test_layer_timeline_on_cuda_has_the_accelerators_marks():
     engine.close()
 
 
+@pytest.mark.parametrize("policy", POLICIES)
+def test_cpu_rows_on_the_main_thread_match(reference, policy):
+    """cpu_inline: the main thread computes the CPU rows after queuing the accelerator's work;
+    the same tokens as the resident model, and the CPU job starts after that work was issued."""
+    engine = fiddler_engine(random_placement(random.Random(7)), policy, latency=PAPER_LIKE, timing=True)
+    engine.model.experts.cpu_inline = True
+    for settings in (GenerationSettings(max_new_tokens=6), GenerationSettings(max_new_tokens=4, beam_width=2)):
+        result = generate(engine, PROMPT, settings)
+        assert result.token_ids == generate(reference, PROMPT, settings).token_ids
+    assert result.stats["cpu_rows_on"] == "main thread"
+    with_cpu = [e for e in engine.model.experts.layer_log if e["cpu"] or e["split"]]
+    assert with_cpu or policy == "copy-experts"
+    for entry in with_cpu:
+        t = entry["timeline_ms"]
+        assert t["issued"] <= t["cpu_picked"] <= t["cpu_begin"] <= t["cpu_end"] <= t["wait_over"]
+    engine.close()
+
+
 def test_jobs_beside_copies_correct_the_slowdown_not_the_curve():
     """Under hybrid, CPU jobs run beside copies: their (tiny) times correct the slowdown
     beside copies, down to its floor of 1, and leave the CPU curve's own scale alone."""
