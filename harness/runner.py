@@ -4,8 +4,11 @@ Contract: ``run_sweep(spec)`` writes into ``spec.out`` (the run folder): ``env.j
 software, settings), ``matrix.json`` (the cells and the generations that measure them),
 ``raw.csv`` (one row per prompt run: token ids, TTFT, every decode step's time, what moved,
 peak memory, telemetry, status) and, through ``harness.report``, the summaries, tables and
-plots. Systems run one after another, each loaded once; each does a warm-up generation
-before its first measured one. Every row is written to ``raw.csv`` atomically as soon as it
+plots. The sweep runs in rounds of prompts: every system's first prompt of every cell, then
+every second prompt, and so on, so that a sweep cut short has whole tables on fewer prompts.
+In each round the systems run one after another, each loaded once (a system refused or broken
+while loading is not loaded again) and warmed up with one generation before its first
+measured one. Every row is written to ``raw.csv`` atomically as soon as it
 is measured, so an interrupted sweep resumes where it stopped, with no duplicate or lost row
 (``spec.out`` found with a ``raw.csv``: finished runs are skipped). A per-run time limit
 makes slow systems generate only the steps that fit (the cells beyond are extrapolated by the
@@ -199,10 +202,10 @@ def run_sweep(spec: SweepSpec) -> Path:
             progress.step(name, run, index)
         _write_raw(raw_path, rows)
 
-    for name in systems:
-        todo = [(r, i) for r in plan for i in range(spec.prompts_per_cell) if _key(_row_key(name, r, i)) not in done]
-        if not todo:
-            continue
+    given_up: dict[str, tuple[str, str]] = {}  # a system refused or broken while loading: not reloaded
+
+    def run_system(name: str, todo: list[tuple[Run, int]]) -> None:
+        """Load one system, measure its runs in ``todo``, close it."""
         options = SystemOptions(
             config=config,
             max_seq_len=longest,
@@ -219,11 +222,13 @@ def run_sweep(spec: SweepSpec) -> Path:
         try:
             system = load_system(name, options)
         except SystemRefused as err:
-            record(name, todo, "refused", str(err))
-            continue
+            given_up[name] = ("refused", str(err))
+            record(name, todo, *given_up[name])
+            return
         except Exception as err:  # a system that breaks is recorded, and the sweep goes on
-            record(name, todo, "failed", _failure(name, "loading", err))
-            continue
+            given_up[name] = ("failed", _failure(name, "loading", err))
+            record(name, todo, *given_up[name])
+            return
         try:
             # Warm up every batch size, largest first: the engine then keeps one cache and one
             # recorded graph per batch size, and no measured step pays for either.
@@ -249,6 +254,16 @@ def run_sweep(spec: SweepSpec) -> Path:
             # record must not see this one's weights
             del system
             release_cached_memory()
+
+    # In rounds: every system's first prompt of every cell, then every second prompt, ...: a sweep
+    # cut short (the GPU host's calls are 10 minutes) has whole tables, on fewer prompts, early.
+    for round_index in range(spec.prompts_per_cell):
+        for name in systems:
+            todo = [(r, round_index) for r in plan if _key(_row_key(name, r, round_index)) not in done]
+            if todo and name in given_up:
+                record(name, todo, *given_up[name])
+            elif todo:
+                run_system(name, todo)
     render(spec.out)
     return spec.out
 

@@ -134,7 +134,7 @@ def test_resume_after_a_crash_loses_and_duplicates_nothing(tmp_path, monkeypatch
 
     def crashing(self, prompt_ids, settings):
         calls["n"] += 1
-        if calls["n"] == 4:
+        if calls["n"] == 5:
             raise KeyboardInterrupt  # the process stopped (a signal, a time limit) mid-run
         return original(self, prompt_ids, settings)
 
@@ -142,13 +142,38 @@ def test_resume_after_a_crash_loses_and_duplicates_nothing(tmp_path, monkeypatch
     with pytest.raises(KeyboardInterrupt):
         run_sweep(spec(tmp_path, systems=("fiddler-paper",)))
     partial = read_raw(tmp_path / "run" / "raw.csv")
-    assert len(partial) == 2  # warm-up, then two rows written before the crash
+    # round 1 (every system's first prompt): fiddler-paper's warm-up and 2 rows, the reference's 2
+    # rows; round 2: fiddler-paper's warm-up, then the crash in its first run
+    assert len(partial) == 4
+    assert {int(r["prompt_index"]) for r in partial} == {0}
     monkeypatch.setattr(engine_systems.EngineSystem, "generate", original)
     run_sweep(spec(tmp_path, systems=("fiddler-paper",)))
     rows = read_raw(tmp_path / "run" / "raw.csv")
     keys = [tuple(str(r[k]) for k in KEY) for r in rows]
     assert len(keys) == len(set(keys)) == 2 * 2 * 2  # (system + reference) x inputs x prompts
     assert not list((tmp_path / "run").glob(".*.tmp*"))
+
+
+def test_a_sweep_runs_in_rounds_of_prompts(tmp_path, monkeypatch):
+    """Every system's first prompt of every cell before any second prompt: a sweep cut short
+    has whole tables on fewer prompts; a system refused while loading is not loaded again."""
+    from harness import runner
+
+    loads: list[str] = []
+    original_load = runner.load_system
+
+    def counting(name, options):
+        loads.append(name)
+        return original_load(name, options)
+
+    monkeypatch.setattr(runner, "load_system", counting)
+    run = run_sweep(spec(tmp_path, systems=("gpu-resident", "fiddler-paper")))  # gpu-resident: refused here
+    rows = read_raw(run / "raw.csv")
+    first_second = next(i for i, r in enumerate(rows) if int(r["prompt_index"]) == 1)
+    assert all(int(r["prompt_index"]) == 0 for r in rows[:first_second])
+    assert {r["system"] for r in rows[:first_second]} == {"gpu-resident", "fiddler-paper", "cpu-only"}
+    assert loads.count("gpu-resident") == 1 and loads.count("fiddler-paper") == 2
+    assert [r["status"] for r in rows if r["system"] == "gpu-resident"] == ["refused"] * 4
 
 
 def test_a_failing_system_is_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch):
@@ -288,7 +313,7 @@ def test_each_system_is_released_before_the_next_loads(tmp_path, monkeypatch):
 
     monkeypatch.setattr(runner, "load_system", tracking)
     run_sweep(spec(tmp_path, systems=("expert-lru", "fiddler-paper")))
-    assert len(loaded) == 3  # the reference and both systems
+    assert len(loaded) == 3 * 2  # the reference and both systems, once per round of prompts
 
 
 def test_validation_sets_the_simulator_against_the_measured_cells(sweep, tmp_path):
