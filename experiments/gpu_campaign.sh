@@ -25,9 +25,10 @@
 #                  measures into another folder, e.g. after an engine change)
 #   llama-build    the build alone: give it to one call and `llama` to the next while the
 #                  machine is still warm (third_party/ survives between calls on one machine)
-#   sweep24        issue 8: the paper-v3 single-batch grid at 24 GB, every system (in order of
-#                  importance, so a sweep cut short has the main comparison first), 3 prompts
-#                  per cell, into results/h200-paper-v3-24gb/ (see sweep() below: each call
+#   sweep24        issue 8: the paper-v3 single-batch grid at 24 GB, every system (in rounds of
+#                  prompts, and in order of importance within a round, so a sweep cut short has
+#                  whole tables on fewer prompts, the main comparison first), 3 prompts per
+#                  cell, into results/h200-paper-v3-24gb/ (see sweep() below: each call
 #                  resumes it; commit what comes back before the next call)
 #   sweep48        the same grid at 48 GB: Fiddler's policies and the two strongest baselines
 #   prefill24      long-prefill TTFT (512-8192 tokens) at 24 GB: Fiddler, layer-streaming, expert-lru
