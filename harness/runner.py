@@ -203,6 +203,7 @@ def run_sweep(spec: SweepSpec) -> Path:
         _write_raw(raw_path, rows)
 
     given_up: dict[str, tuple[str, str]] = {}  # a system refused or broken while loading: not reloaded
+    step_limits: dict[str, dict[Run, int]] = {}  # per system: new tokens within the time limit, per run
 
     def run_system(name: str, todo: list[tuple[Run, int]]) -> None:
         """Load one system, measure its runs in ``todo``, close it."""
@@ -237,7 +238,7 @@ def run_sweep(spec: SweepSpec) -> Path:
                 warm_up = GenerationSettings(max_new_tokens=min(2, first.output_tokens), beam_width=width)
                 with contextlib.suppress(Unsupported):  # its rows will say so
                     system.generate(bank.prompts(first.scenario, first.input_tokens)[0], warm_up)
-            limits: dict[Run, int] = {}
+            limits = step_limits.setdefault(name, {})  # probed once per run, kept across rounds
             while todo:
                 run, index = todo[0]
                 prompt = bank.prompts(run.scenario, run.input_tokens)[index]
