@@ -17,10 +17,10 @@ expert in one place. The CPU latencies the planner uses are corrected during the
 what the CPU jobs measure: ``cpu_factor`` scales the CPU curve from jobs that ran with no
 copies beside them, ``cpu_slowdown`` replaces the calibrated slowdown beside copies from jobs
 that had copies (calibration runs alone and briefly; a run has the GPU, its own threads and
-copies beside it). A ``cpu_factor`` above 1
-that leaves a layer with no CPU work relaxes toward the calibration (its excess halves over
-one pass through the model's layers): a plan that no longer uses the CPU measures nothing that
-could lower it, and a few slow jobs would otherwise keep the CPU path shut for the whole run.
+copies beside it). A ``cpu_factor`` above 1 that leaves a layer with no CPU work relaxes
+toward the calibration (its excess halves over one pass through the model's layers): a plan
+that no longer uses the CPU measures nothing that could lower it, and a few slow jobs would
+otherwise keep the CPU path shut for the whole run.
 
 With ``layer_timing`` on, each layer is timed between two device synchronisations and
 ``layer_log`` records its plan, predicted and measured time and a timeline in ms from the

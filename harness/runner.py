@@ -8,8 +8,8 @@ plots. The sweep runs in rounds of prompts: every system's first prompt of every
 every second prompt, and so on, so that a sweep cut short has whole tables on fewer prompts.
 In each round the systems run one after another, each loaded once (a system refused or broken
 while loading is not loaded again) and warmed up with one generation before its first
-measured one. Every row is written to ``raw.csv`` atomically as soon as it
-is measured, so an interrupted sweep resumes where it stopped, with no duplicate or lost row
+measured one. Every row is written to ``raw.csv`` atomically as soon as it is measured, so
+an interrupted sweep resumes where it stopped, with no duplicate or lost row
 (``spec.out`` found with a ``raw.csv``: finished runs are skipped). A per-run time limit
 makes slow systems generate only the steps that fit (the cells beyond are extrapolated by the
 report, marked so). A system that cannot run within its budget gets one ``refused`` row per
