@@ -9,6 +9,10 @@ gpu_hit_rate)`` is single-batch decode's bound from it: every layer's routed exp
 accelerator does not hold (``1 - gpu_hit_rate`` of ``num_layers * num_experts_per_token``) at
 that least time, and nothing else (dense part, resident experts and per-layer overheads count
 as free), so any real decode is slower. Issue 8 holds ``fiddler-hybrid`` to 85% of it.
+``prefill_copy_bound_s(config, model, resident)`` is issue 8's yardstick for a long prefill:
+every expert the accelerator does not hold copied once at the calibrated copy time (a long
+prompt routes tokens to every expert), the time a copy-only prefill cannot beat; Fiddler is
+held to 1.2x of it, using the CPU path for experts with few tokens.
 """
 
 from __future__ import annotations
@@ -43,3 +47,10 @@ def decode_bound_tokens_per_s(config: ModelConfig, model: LatencyModel, gpu_hit_
     missing = config.num_layers * config.num_experts_per_token * (1.0 - gpu_hit_rate)
     seconds = missing_experts_s(model, missing)
     return math.inf if seconds == 0 else 1.0 / seconds
+
+
+def prefill_copy_bound_s(config: ModelConfig, model: LatencyModel, resident: int) -> float:
+    """Seconds to copy every expert the accelerator does not hold, once, at the calibrated rate."""
+    if not 0 <= resident <= config.num_expert_slots:
+        raise ValueError(f"resident experts must lie in [0, {config.num_expert_slots}], got {resident}")
+    return (config.num_expert_slots - resident) * model.copy

@@ -286,6 +286,7 @@ def tables_markdown(summary: pd.DataFrame, compared: list[str] | None = None) ->
 
 BOUND_SYSTEMS = ("fiddler-hybrid", "fiddler-paper")
 BOUND_TARGET = 0.85  # issue 8: fiddler-hybrid's decode at least 85% of the bound
+PREFILL_TARGET = 1.2  # issue 8: Fiddler's long-prefill TTFT within 1.2x of the copy-bound limit
 
 
 def _decode_hit_rates(raw: list[dict]) -> dict[tuple, float]:
@@ -300,11 +301,48 @@ def _decode_hit_rates(raw: list[dict]) -> dict[tuple, float]:
     return {k: statistics.median(v) for k, v in rates.items()}
 
 
+def _resident_experts(raw: list[dict]) -> int | None:
+    """How many experts Fiddler's placement kept on the accelerator in this run (its rows' stats)."""
+    for row in raw:
+        resident = json.loads(row.get("stats") or "{}").get("experts_resident")
+        if resident is not None:
+            return int(resident)
+    return None
+
+
+def prefill_bound_markdown(summary: pd.DataFrame, config, model, raw: list[dict]) -> str:
+    """Long-prefill TTFT of every system against the copy-bound limit (``fiddler.bounds``) at
+    the run's Fiddler placement; empty without long-prefill cells or a Fiddler row to read the
+    placement from."""
+    from fiddler.bounds import prefill_copy_bound_s
+
+    cells = summary[(summary.scenario == "long-prefill") & summary.ttft_s.notna()]
+    resident = _resident_experts(raw)
+    if cells.empty or resident is None:
+        return ""
+    limit = prefill_copy_bound_s(config, model, resident)
+    lines = [
+        "",
+        "## Long prefill against the copy-bound limit",
+        "",
+        f"Limit: the {config.num_expert_slots - resident} experts the GPU does not hold (Fiddler's placement), "
+        f"each copied once at the calibration's rate: {limit:.3g} s. Issue 8's target for Fiddler: TTFT "
+        f"within {PREFILL_TARGET}x of it.",
+        "",
+        "| system | input tokens | TTFT s | TTFT / limit |",
+        "|---|---|---|---|",
+    ]
+    for r in cells.sort_values(["system", "input_tokens"]).itertuples():
+        lines.append(f"| {r.system} | {r.input_tokens} | {r.ttft_s:.3g} | {r.ttft_s / limit:.2f}x |")
+    return "\n".join(lines) + "\n"
+
+
 def bound_markdown(summary: pd.DataFrame, calibration: dict, raw: list[dict]) -> str:
     """Fiddler's single-batch decode against the bandwidth bound of the run's own calibration
     (``fiddler.bounds``), per cell, at decode's GPU hit rate (the whole run's, marked, where the
-    rows do not record decode's own); empty when the run has no such cells, or its model does
-    not resolve or does not match the calibration."""
+    rows do not record decode's own), then every system's long-prefill TTFT against the
+    copy-bound limit; empty when the run has no such cells, or its model does not resolve or
+    does not match the calibration."""
     import torch
 
     from fiddler.bounds import decode_bound_tokens_per_s
@@ -312,12 +350,9 @@ def bound_markdown(summary: pd.DataFrame, calibration: dict, raw: list[dict]) ->
     from fiddler.config import resolve_model
     from fiddler.cost_model import LatencyModel
 
-    cells = summary[
-        summary.system.isin(BOUND_SYSTEMS) & (summary.scenario == "single-batch") & summary.gpu_hit_rate.notna()
-    ]
-    if cells.empty or cells.model.nunique() != 1:
+    if summary.empty or summary.model.nunique() != 1:
         return ""
-    name, layers = cells.model.iloc[0], int(cells.num_layers.iloc[0])
+    name, layers = summary.model.iloc[0], int(summary.num_layers.iloc[0])
     try:
         config, _ = resolve_model(str(name).removesuffix(f"-L{layers}"), layers)
         if calibration_matches(calibration, config, getattr(torch, calibration["model"]["dtype"])):
@@ -325,6 +360,12 @@ def bound_markdown(summary: pd.DataFrame, calibration: dict, raw: list[dict]) ->
         model = LatencyModel.from_calibration(calibration)
     except (FileNotFoundError, ValueError, KeyError, AttributeError):
         return ""
+    prefill = prefill_bound_markdown(summary, config, model, raw)
+    cells = summary[
+        summary.system.isin(BOUND_SYSTEMS) & (summary.scenario == "single-batch") & summary.gpu_hit_rate.notna()
+    ]
+    if cells.empty:
+        return prefill
     decode_rates = _decode_hit_rates(raw)
     lines = [
         "",
@@ -347,7 +388,7 @@ def bound_markdown(summary: pd.DataFrame, calibration: dict, raw: list[dict]) ->
             f"| {r.system} | {r.input_tokens}/{r.output_tokens} | {hit:.1%}{mark} | "
             f"{r.decode_tokens_per_s:.3g} | {shown[0]} | {shown[1]} |"
         )
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n" + prefill
 
 
 def plot(summary: pd.DataFrame, out: Path) -> list[Path]:

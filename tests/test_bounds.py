@@ -1,5 +1,6 @@
-"""The bandwidth bound of decode: both paths at once when that is faster, either alone when
-the slowdowns beside each other make that faster, and the harness's table against it."""
+"""The bandwidth bound of decode (both paths at once when that is faster, either alone when
+the slowdowns beside each other make that faster), the copy-bound limit of a long prefill,
+and the harness's tables against them."""
 
 import dataclasses
 import json
@@ -11,12 +12,13 @@ import torch
 from test_harness import spec
 from test_planner import HOST_LIKE
 
-from fiddler.bounds import decode_bound_tokens_per_s, missing_experts_s
+from fiddler.bounds import decode_bound_tokens_per_s, missing_experts_s, prefill_copy_bound_s
 from fiddler.calibrate import calibrate, load_calibration, save_calibration
 from fiddler.config import ModelConfig
 from fiddler.cost_model import LatencyModel
 from harness.report import render
 from harness.runner import read_raw, run_sweep
+from harness.scenarios import cells
 
 MIXTRAL = ModelConfig.preset("mixtral-8x7b")
 EVEN = dataclasses.replace(HOST_LIKE, cpu_expert_s=[4e-3] * 5, copy=6e-3, cpu_slowdown=1.0, copy_slowdown=1.0)
@@ -59,3 +61,26 @@ def test_a_sweep_with_its_calibration_reports_fiddler_against_the_bound(tmp_path
     bound = decode_bound_tokens_per_s(config, model, hit)
     decode = row.decode_tokens_per_s
     assert f"| {hit:.1%} | {decode:.3g} | {bound:.3g} | {decode / bound:.0%} |" in tables
+
+
+def test_prefill_copy_bound_copies_every_expert_not_held():
+    slots = MIXTRAL.num_expert_slots
+    assert prefill_copy_bound_s(MIXTRAL, EVEN, 56) == pytest.approx((slots - 56) * 6e-3)
+    assert prefill_copy_bound_s(MIXTRAL, EVEN, slots) == 0.0
+    with pytest.raises(ValueError, match="resident experts"):
+        prefill_copy_bound_s(MIXTRAL, EVEN, slots + 1)
+
+
+def test_a_long_prefill_sweep_reports_ttft_against_the_copy_bound(tmp_path):
+    cells_ = tuple(cells("long-prefill", inputs=(24, 48)))
+    run = run_sweep(dataclasses.replace(spec(tmp_path / "sweep"), cells=cells_, prompts_per_cell=1))
+    config = ModelConfig.preset("mixtral-tiny")
+    save_calibration(calibrate(config, "cpu", torch.float32, token_counts=(1,)), run / "calibration.json")
+    summary = render(run)
+    tables = (run / "tables.md").read_text()
+    assert "## Long prefill against the copy-bound limit" in tables
+    resident = json.loads(next(r for r in read_raw(run / "raw.csv") if r["system"] == "fiddler-paper")["stats"])
+    model = LatencyModel.from_calibration(load_calibration(run / "calibration.json"))
+    limit = prefill_copy_bound_s(config, model, resident["experts_resident"])
+    for r in summary.itertuples():  # every system, baselines too, against the same limit
+        assert f"| {r.system} | {r.input_tokens} | {r.ttft_s:.3g} | {r.ttft_s / limit:.2f}x |" in tables
