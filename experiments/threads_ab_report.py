@@ -16,7 +16,8 @@ from pathlib import Path
 
 from fiddler.files import write_text_atomic
 
-# the timeline's marks in the order a layer reaches them (fiddler.orchestrator's layer_log)
+# the timeline's marks in the order a layer reaches them with the CPU rows on the worker thread
+# (fiddler.orchestrator's layer_log); on the main thread the CPU marks come after `issued`
 MARKS = (
     "routed",
     "cpu_submitted",

@@ -319,7 +319,8 @@ class FiddlerExecutor:
                     "predicted_s": plan.predicted_s,
                     "measured_s": measured,
                     "cpu_compute_s": job.seconds if job else 0.0,
-                    "cpu_wait_s": (marks["wait_over"] - marks["issued"]) if job else 0.0,
+                    # the main thread's wait for the worker (inline, it computed instead: none)
+                    "cpu_wait_s": (marks["wait_over"] - marks["issued"]) if job and not self.cpu_inline else 0.0,
                     "timeline_ms": timeline | {k: v for k, v in on_gpu.items() if v is not None},
                     "cpu_factor": planned[0],
                     "cpu_slowdown": planned[1],

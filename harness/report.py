@@ -301,26 +301,30 @@ def _decode_hit_rates(raw: list[dict]) -> dict[tuple, float]:
     return {k: statistics.median(v) for k, v in rates.items()}
 
 
-def _resident_experts(raw: list[dict]) -> int | None:
-    """How many experts Fiddler's placement kept on the accelerator in this run (its rows' stats)."""
-    for row in raw:
-        resident = json.loads(row.get("stats") or "{}").get("experts_resident")
-        if resident is not None:
-            return int(resident)
-    return None
+def _resident_experts(raw: list[dict], compared: list[str]) -> int | None:
+    """How many experts Fiddler's placement kept on the accelerator under the run's budget (the
+    compared Fiddler systems' rows); None when no such row says, or they disagree."""
+    counts = {
+        json.loads(row.get("stats") or "{}").get("experts_resident")
+        for row in raw
+        if row["system"].startswith("fiddler-") and row["system"] in compared and row["status"] == "ok"
+    } - {None}
+    return int(counts.pop()) if len(counts) == 1 else None
 
 
-def prefill_bound_markdown(summary: pd.DataFrame, config, model, raw: list[dict]) -> str:
+def prefill_bound_markdown(summary: pd.DataFrame, config, model, raw: list[dict], compared: list[str]) -> str:
     """Long-prefill TTFT of every system against the copy-bound limit (``fiddler.bounds``) at
-    the run's Fiddler placement; empty without long-prefill cells or a Fiddler row to read the
-    placement from."""
+    the run's Fiddler placement; empty without long-prefill cells, without a Fiddler row to
+    read the placement from, or when the GPU holds every expert (no limit to compare with)."""
     from fiddler.bounds import prefill_copy_bound_s
 
     cells = summary[(summary.scenario == "long-prefill") & summary.ttft_s.notna()]
-    resident = _resident_experts(raw)
+    resident = _resident_experts(raw, compared)
     if cells.empty or resident is None:
         return ""
     limit = prefill_copy_bound_s(config, model, resident)
+    if limit <= 0:
+        return ""
     lines = [
         "",
         "## Long prefill against the copy-bound limit",
@@ -337,7 +341,7 @@ def prefill_bound_markdown(summary: pd.DataFrame, config, model, raw: list[dict]
     return "\n".join(lines) + "\n"
 
 
-def bound_markdown(summary: pd.DataFrame, calibration: dict, raw: list[dict]) -> str:
+def bound_markdown(summary: pd.DataFrame, calibration: dict, raw: list[dict], compared: list[str]) -> str:
     """Fiddler's single-batch decode against the bandwidth bound of the run's own calibration
     (``fiddler.bounds``), per cell, at decode's GPU hit rate (the whole run's, marked, where the
     rows do not record decode's own), then every system's long-prefill TTFT against the
@@ -360,7 +364,7 @@ def bound_markdown(summary: pd.DataFrame, calibration: dict, raw: list[dict]) ->
         model = LatencyModel.from_calibration(calibration)
     except (FileNotFoundError, ValueError, KeyError, AttributeError):
         return ""
-    prefill = prefill_bound_markdown(summary, config, model, raw)
+    prefill = prefill_bound_markdown(summary, config, model, raw, compared)
     cells = summary[
         summary.system.isin(BOUND_SYSTEMS) & (summary.scenario == "single-batch") & summary.gpu_hit_rate.notna()
     ]
@@ -436,7 +440,8 @@ def render(run_dir: str | Path) -> pd.DataFrame:
     tmp.replace(run_dir / "summary.csv")  # atomically, like every result file
     tables = tables_markdown(summary, matrix.get("compared"))
     if (run_dir / "calibration.json").exists():  # a sweep's own calibration (experiments/gpu_campaign.sh)
-        tables += bound_markdown(summary, json.loads((run_dir / "calibration.json").read_text()), raw)
+        calibration = json.loads((run_dir / "calibration.json").read_text())
+        tables += bound_markdown(summary, calibration, raw, matrix.get("compared") or matrix["systems"])
     write_text_atomic(run_dir / "tables.md", tables)
     plot(summary, run_dir)
     return summary

@@ -6,9 +6,9 @@ software, settings), ``matrix.json`` (the cells and the generations that measure
 peak memory, telemetry, status) and, through ``harness.report``, the summaries, tables and
 plots. The sweep runs in rounds of prompts: every system's first prompt of every cell, then
 every second prompt, and so on, so that a sweep cut short has whole tables on fewer prompts.
-In each round the systems run one after another, each loaded once (a system refused or broken
-while loading is not loaded again) and warmed up with one generation before its first
-measured one. Every row is written to ``raw.csv`` atomically as soon as it is measured, so
+In each round the systems run one after another, each loaded once (a system refused, or
+broken while loading or generating, is not loaded again) and warmed up with one generation
+before its first measured one. Every row is written to ``raw.csv`` atomically as soon as it is measured, so
 an interrupted sweep resumes where it stopped, with no duplicate or lost row
 (``spec.out`` found with a ``raw.csv``: finished runs are skipped). A per-run time limit
 makes slow systems generate only the steps that fit (the cells beyond are extrapolated by the
@@ -202,7 +202,7 @@ def run_sweep(spec: SweepSpec) -> Path:
             progress.step(name, run, index)
         _write_raw(raw_path, rows)
 
-    given_up: dict[str, tuple[str, str]] = {}  # a system refused or broken while loading: not reloaded
+    given_up: dict[str, tuple[str, str]] = {}  # refused, or broke: not loaded again in this invocation
     step_limits: dict[str, dict[Run, int]] = {}  # per system: new tokens within the time limit, per run
 
     def run_system(name: str, todo: list[tuple[Run, int]]) -> None:
@@ -247,8 +247,9 @@ def run_sweep(spec: SweepSpec) -> Path:
                 todo.pop(0)
                 _write_raw(raw_path, rows)  # atomically, after every run
                 progress.step(name, run, index)
-        except Exception as err:
-            record(name, todo, "failed", _failure(name, "generating", err))
+        except Exception as err:  # as before rounds: its other runs are not tried again in this sweep
+            given_up[name] = ("failed", _failure(name, "generating", err))
+            record(name, todo, *given_up[name])
         finally:
             system.close()
             # no reference may outlive close(): the next system's load and its peak-memory

@@ -84,3 +84,13 @@ def test_a_long_prefill_sweep_reports_ttft_against_the_copy_bound(tmp_path):
     limit = prefill_copy_bound_s(config, model, resident["experts_resident"])
     for r in summary.itertuples():  # every system, baselines too, against the same limit
         assert f"| {r.system} | {r.input_tokens} | {r.ttft_s:.3g} | {r.ttft_s / limit:.2f}x |" in tables
+
+
+def test_no_prefill_limit_when_the_gpu_holds_every_expert(tmp_path):
+    cells_ = tuple(cells("long-prefill", inputs=(24,)))
+    roomy = dataclasses.replace(spec(tmp_path / "sweep"), cells=cells_, prompts_per_cell=1, gpu_memory_gb=4.0)
+    run = run_sweep(roomy)
+    config = ModelConfig.preset("mixtral-tiny")
+    save_calibration(calibrate(config, "cpu", torch.float32, token_counts=(1,)), run / "calibration.json")
+    render(run)  # a zero limit must not break the report
+    assert "copy-bound limit" not in (run / "tables.md").read_text()

@@ -1,6 +1,7 @@
 """The harness on the CPU: prompt selection, scenarios, timing arithmetic, a small sweep with
 its CSV schema, resume after a crash, tables, plots and the agreement column."""
 
+import dataclasses
 import json
 import random
 import shutil
@@ -174,6 +175,23 @@ def test_a_sweep_runs_in_rounds_of_prompts(tmp_path, monkeypatch):
     assert {r["system"] for r in rows[:first_second]} == {"gpu-resident", "fiddler-paper", "cpu-only"}
     assert loads.count("gpu-resident") == 1 and loads.count("fiddler-paper") == 2
     assert [r["status"] for r in rows if r["system"] == "gpu-resident"] == ["refused"] * 4
+
+
+def test_a_slow_systems_step_limit_is_probed_once_per_run_across_rounds(tmp_path, monkeypatch):
+    from baselines import engine_systems
+    from harness.runner import PROBE_TOKENS
+
+    probes = {"n": 0}
+    original = engine_systems.EngineSystem.generate
+
+    def counting(self, prompt_ids, settings):
+        probes["n"] += settings.max_new_tokens == PROBE_TOKENS
+        return original(self, prompt_ids, settings)
+
+    monkeypatch.setattr(engine_systems.EngineSystem, "generate", counting)
+    sweep_spec = dataclasses.replace(spec(tmp_path, systems=("fiddler-paper",)), reference="", run_time_limit_s=60.0)
+    run_sweep(sweep_spec)
+    assert probes["n"] == 2  # one per run (2 input lengths), not one per run and round (2 prompts)
 
 
 def test_a_failing_system_is_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch):
