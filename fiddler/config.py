@@ -216,6 +216,12 @@ class ModelConfig:
         return 2 * self.num_layers * batch * seq_len * self.kv_size * bytes_per_element
 
 
+def resolve_recorded_model(name: str, layers: int) -> tuple[ModelConfig, Path | None]:
+    """The model a run record names: its ``model`` and ``num_layers`` columns (a truncated
+    preset is recorded as '<preset>-L<layers>', the name ``ModelConfig.with_layers`` gives it)."""
+    return resolve_model(str(name).removesuffix(f"-L{layers}"), layers)
+
+
 def resolve_model(model: str, layers: int | None = None) -> tuple[ModelConfig, Path | None]:
     """A preset name or checkpoint directory -> (config, checkpoint directory or None)."""
     path = Path(model)

@@ -341,7 +341,7 @@ def prefill_bound_markdown(summary: pd.DataFrame, config, model, raw: list[dict]
     return "\n".join(lines) + "\n"
 
 
-def bound_markdown(summary: pd.DataFrame, calibration: dict, raw: list[dict], compared: list[str]) -> str:
+def bounds_markdown(summary: pd.DataFrame, calibration: dict, raw: list[dict], compared: list[str]) -> str:
     """Fiddler's single-batch decode against the bandwidth bound of the run's own calibration
     (``fiddler.bounds``), per cell, at decode's GPU hit rate (the whole run's, marked, where the
     rows do not record decode's own), then every system's long-prefill TTFT against the
@@ -351,14 +351,14 @@ def bound_markdown(summary: pd.DataFrame, calibration: dict, raw: list[dict], co
 
     from fiddler.bounds import decode_bound_tokens_per_s
     from fiddler.calibrate import calibration_matches
-    from fiddler.config import resolve_model
+    from fiddler.config import resolve_recorded_model
     from fiddler.cost_model import LatencyModel
 
     if summary.empty or summary.model.nunique() != 1:
         return ""
     name, layers = summary.model.iloc[0], int(summary.num_layers.iloc[0])
     try:
-        config, _ = resolve_model(str(name).removesuffix(f"-L{layers}"), layers)
+        config, _ = resolve_recorded_model(name, layers)
         if calibration_matches(calibration, config, getattr(torch, calibration["model"]["dtype"])):
             return ""
         model = LatencyModel.from_calibration(calibration)
@@ -441,7 +441,7 @@ def render(run_dir: str | Path) -> pd.DataFrame:
     tables = tables_markdown(summary, matrix.get("compared"))
     if (run_dir / "calibration.json").exists():  # a sweep's own calibration (experiments/gpu_campaign.sh)
         calibration = json.loads((run_dir / "calibration.json").read_text())
-        tables += bound_markdown(summary, calibration, raw, matrix.get("compared") or matrix["systems"])
+        tables += bounds_markdown(summary, calibration, raw, matrix.get("compared") or matrix["systems"])
     write_text_atomic(run_dir / "tables.md", tables)
     plot(summary, run_dir)
     return summary

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from fiddler.config import resolve_model
+from fiddler.config import resolve_recorded_model
 from harness.scenarios import Cell
 from harness.simulate import SIMULATED_SYSTEMS, SimulationSpec, simulate
 
@@ -40,8 +40,7 @@ def validate(run_dir: str | Path, hardware: str, calibration: str | Path, sample
     if len(budgets) != 1 or len(models) != 1:
         raise ValueError(f"{path} mixes budgets or models; validate one sweep at a time")
     name, layers = models.iloc[0]
-    # a run on a truncated preset records its name as '<preset>-L<layers>' (ModelConfig.with_layers)
-    config, _ = resolve_model(str(name).removesuffix(f"-L{int(layers)}"), int(layers))
+    config, _ = resolve_recorded_model(name, int(layers))
     systems = tuple(s for s in dict.fromkeys(measured.system) if s in SIMULATED_SYSTEMS)
     cells = tuple(
         Cell(r.scenario, int(r.input_tokens), int(r.output_tokens), int(r.beam_width))
