@@ -2,7 +2,11 @@
 orchestration run per CPU thread setting (``<dir>/ab-<variant>/orchestration.json`` beside the
 ``calibration.json`` it measured), each policy's decode tokens/s and TTFT, the calibration's CPU
 expert time and slowdown beside copies, and the median timeline of its timed decode layers (ms
-from the layer's start, as ``fiddler.orchestrator`` records it).
+from the layer's start, as ``fiddler.orchestrator`` records it); then, from the sampled timed
+layers, the rate at which each path moved expert bytes while it was busy (CPU: the experts'
+bytes it computed over cpu_begin..cpu_end; copies: the bytes copied over
+copies_begin..copies_landed), all missing experts' bytes over the whole layers, and the mean
+time before the CPU began and after the main thread's wait was over.
 
 Usage: python experiments/threads_ab_report.py DIR [--out FILE]   (markdown on stdout or FILE)
 """
@@ -14,8 +18,10 @@ import json
 import sys
 from pathlib import Path
 
+from fiddler.config import ModelConfig
 from fiddler.files import write_text_atomic
 
+ORCHESTRATION_DTYPE_BYTES = 2  # experiments/orchestration_gpu.py runs in bfloat16
 # the timeline's marks in the order a layer reaches them with the CPU rows on the worker thread
 # (fiddler.orchestrator's layer_log); on the main thread the CPU marks come after `issued`
 MARKS = (
@@ -53,6 +59,50 @@ def variant_rows(run: dict, calibration: dict, variant: str) -> list[str]:
     return rows
 
 
+def path_rates(samples: list[dict], expert_bytes: int) -> dict[str, float | None]:
+    """GB/s of expert bytes per path while busy and over whole layers; ms before the CPU began
+    and after the wait for it, averaged over the sampled layers."""
+    cpu_bytes = cpu_s = copy_bytes = copy_s = before = after = 0.0
+    for layer in samples:
+        marks = layer["timeline_ms"]
+        split = layer.get("split")  # (expert, cpu_blocks, blocks)
+        on_cpu = len(layer["cpu"]) + (split[1] / split[2] if split else 0.0)
+        copied = len(layer["copy"]) + ((split[2] - split[1]) / split[2] if split else 0.0)
+        if on_cpu and "cpu_end" in marks:
+            cpu_bytes += on_cpu * expert_bytes
+            cpu_s += (marks["cpu_end"] - marks["cpu_begin"]) / 1e3
+        if copied and "copies_landed" in marks:
+            copy_bytes += copied * expert_bytes
+            copy_s += (marks["copies_landed"] - marks["copies_begin"]) / 1e3
+        before += marks.get("cpu_begin", 0.0)
+        after += marks["end"] - marks.get("wait_over", marks["end"])
+    layers_s = sum(layer["timeline_ms"]["end"] for layer in samples) / 1e3
+    count = len(samples)
+    return {
+        "cpu": cpu_bytes / cpu_s / 1e9 if cpu_s else None,
+        "copy": copy_bytes / copy_s / 1e9 if copy_s else None,
+        "all": (cpu_bytes + copy_bytes) / layers_s / 1e9 if layers_s else None,
+        "before": before / count if count else None,
+        "after": after / count if count else None,
+    }
+
+
+def rate_rows(run: dict, variant: str) -> list[str]:
+    """One row per policy: ``path_rates`` of its sampled timed decode layers."""
+    rows = []
+    for policy, result in run.get("speed", {}).get("policies", {}).items():
+        samples = result.get("layer_timing_decode", {}).get("sample", [])
+        if not samples:
+            continue
+        expert_bytes = ModelConfig.preset(run["args"]["model"]).expert_params * ORCHESTRATION_DTYPE_BYTES
+        rates = path_rates(samples, expert_bytes)
+        cells = [_cell(rates[key], 1) for key in ("cpu", "copy", "all")] + [
+            _cell(rates[key]) for key in ("before", "after")
+        ]
+        rows.append(f"| {variant} | {policy} | {len(samples)} | " + " | ".join(cells) + " |")
+    return rows
+
+
 def report(directory: Path) -> str:
     runs = sorted(directory.glob("ab-*/orchestration.json"))
     if not runs:
@@ -68,12 +118,22 @@ def report(directory: Path) -> str:
         + " |",
         "|" + "---|" * (7 + len(MARKS)),
     ]
+    rates = [
+        "",
+        "Expert bytes moved per path while busy, and over whole timed layers (GB/s); ms before the CPU "
+        "began and after the main thread's wait for it was over (means).",
+        "",
+        "| variant | policy | layers | CPU GB/s | copy GB/s | all GB/s | before CPU ms | after wait ms |",
+        "|" + "---|" * 8,
+    ]
     for path in runs:
         variant = path.parent.name.removeprefix("ab-")
         calibration_path = path.parent / "calibration.json"
         calibration = json.loads(calibration_path.read_text()) if calibration_path.exists() else {}
-        lines += variant_rows(json.loads(path.read_text()), calibration, variant)
-    return "\n".join(lines) + "\n"
+        run = json.loads(path.read_text())
+        lines += variant_rows(run, calibration, variant)
+        rates += rate_rows(run, variant)
+    return "\n".join(lines + rates) + "\n"
 
 
 def main() -> int:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "experiments"))
-from threads_ab_report import MARKS, report
+from threads_ab_report import MARKS, path_rates, report
 
 
 def write_variant(root: Path, variant: str, decode: float, timeline: dict) -> None:
@@ -43,3 +43,25 @@ def test_rows_per_variant_with_the_timeline(tmp_path):
 def test_a_folder_without_runs_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="threads-ab stage"):
         report(tmp_path)
+
+
+def test_path_rates_count_a_divided_experts_share_on_each_path():
+    expert_bytes = 1_000_000
+    layer = {
+        "cpu": [3],
+        "copy": [],
+        "split": [5, 4, 16],  # a quarter of expert 5 on the CPU, the rest copied
+        "timeline_ms": {
+            "cpu_begin": 1.0,
+            "cpu_end": 2.25,  # 1.25 experts in 1.25 ms
+            "copies_begin": 0.5,
+            "copies_landed": 1.25,  # 0.75 experts in 0.75 ms
+            "wait_over": 2.5,
+            "end": 3.0,
+        },
+    }
+    rates = path_rates([layer], expert_bytes)
+    assert rates["cpu"] == pytest.approx(1.0)  # GB/s
+    assert rates["copy"] == pytest.approx(1.0)
+    assert rates["all"] == pytest.approx(2.0 / 3.0)  # 2 experts over the 3 ms layer
+    assert rates["before"] == pytest.approx(1.0) and rates["after"] == pytest.approx(0.5)
