@@ -2,12 +2,18 @@
 (activations cross) or copied into staging buffers, as each layer's plan says.
 
 Contract: ``FiddlerExecutor`` is an ``ExpertExecutor``. Per layer it reads the routing on the
-host (one synchronisation), asks ``fiddler.planner.plan_layer`` for a plan (cached by routing
-pattern), then runs the plan with the paths overlapping: copies are queued on a side stream
+host (one synchronisation, which also brings the layer's hidden states into host memory when
+the executor may use the CPU at all), asks ``fiddler.planner.plan_layer`` for a plan (cached by
+routing pattern), then runs the plan with the paths overlapping: first the CPU rows go to a
+worker thread, which gathers them on the host and computes them (the CPU path usually ends a
+layer, so it starts before anything else is queued); then copies are queued on a side stream
 into reusable staging slots (a slot is reused only after the accelerator has finished with
-it); the CPU rows' activations go down in one transfer and a worker thread computes them while
-the accelerator runs the resident experts and then each copied expert once its copy has
-landed; the CPU results come back in one transfer. With ``cpu_inline`` set, the main thread
+it) and the accelerator runs the resident experts and then each copied expert once its copy
+has landed; the CPU results come back in one transfer. (Why this order: the GPU host's layer
+timelines, results/orchestration-h200/threads-ab/, showed hybrid's CPU work beginning
+0.7-1.1 ms into a ~6 ms decode layer, after the copies had been queued and the CPU rows
+gathered on the accelerator and sent down. The planner still charges the CPU path the rows'
+transfer down: tens of microseconds.) With ``cpu_inline`` set, the main thread
 computes the CPU rows itself once it has queued all of the accelerator's work (which then runs
 on its own), instead of handing them to the worker: no thread hand-off, a later start. An
 expert the plan divides runs its first blocks on the CPU and the rest after a copy of only
@@ -31,9 +37,9 @@ synchronisation), when the copy stream reached the layer's copies, when they lan
 its own work was done.
 
 ``stats()`` counts what ran where and what crossed PCIe: ``h2d_bytes`` = copied expert
-weights + CPU results, ``d2h_bytes`` = activations sent to the CPU + the routing ids read on
-the host; ``rows_*`` count routed (token, expert) pairs per path (a divided expert's rows
-count as ``rows_split``).
+weights + CPU results, ``d2h_bytes`` = hidden states sent down with the routing (every layer's,
+unless the executor never uses the CPU) + the routing ids read on the host; ``rows_*`` count
+routed (token, expert) pairs per path (a divided expert's rows count as ``rows_split``).
 
 Shape legend: N tokens, K experts per token, D hidden, R = N * K routed (token, slot) rows.
 """
@@ -158,9 +164,11 @@ class FiddlerExecutor:
         self.expert_bytes = sum(t.numel() * t.element_size() for t in (self.slots[0].w13b, self.slots[0].w2b))
         self.copy_stream = new_stream(device)
         self.cpu_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fiddler-cpu")
-        self._host_in = self._host_out = torch.empty(0)
+        self._host_hidden = self._host_out = torch.empty(0)
         self._host_out_free: torch.cuda.Event | None = None  # last transfer out of _host_out
         self._plans: dict[tuple, LayerPlan] = {}
+        # whether any layer may compute on the CPU (else the hidden states stay on the device)
+        self.uses_cpu = policy != "copy-experts" and placement.num_resident < config.num_layers * config.num_experts
         self.adapt_cpu = adapt_cpu
         self.cpu_factor = 1.0
         # the excess of cpu_factor over 1 halves over config.num_layers layers without CPU work
@@ -233,7 +241,9 @@ class FiddlerExecutor:
         num_tokens, top_k = routing.experts.shape
         flat = routing.experts.reshape(-1)
         order = torch.argsort(flat, stable=True)  # rows sorted by expert, on the accelerator
-        counts = torch.bincount(flat.cpu(), minlength=self.config.num_experts).tolist()  # the one sync
+        host_hidden = self._send_hidden_down(hidden)  # lands with the routing ids
+        flat_host = flat.cpu()  # the one sync
+        counts = torch.bincount(flat_host, minlength=self.config.num_experts).tolist()
         offsets = [0]
         for count in counts:
             offsets.append(offsets[-1] + count)
@@ -242,8 +252,19 @@ class FiddlerExecutor:
             marks["routed"] = host.now()
         planned = self.planning_corrections
         plan = self.plan(layer, tokens)
-        token_of_row = order // top_k
         split = plan.split
+        # The CPU path is usually the layer's last to finish: it starts first, on activations
+        # already in host memory, before anything is queued for the accelerator.
+        cpu_experts = list(plan.cpu) + ([split.expert] if split else [])
+        cpu_job = None
+        if cpu_experts:
+            # the accelerator's stable sort, repeated on the host: rows come back in its order
+            token_of_row_host = torch.argsort(flat_host, stable=True) // top_k
+            cpu_tokens = torch.cat([token_of_row_host[offsets[e] : offsets[e + 1]] for e in cpu_experts])
+            cpu_job = self._start_cpu(layer, plan, counts, host_hidden, cpu_tokens)
+        if clock:
+            marks["cpu_submitted"] = host.now()
+        token_of_row = order // top_k
 
         # Copies: the divided expert's remainder first, then whole experts.
         pending = ([(split.expert, split.cpu_blocks)] if split else []) + [(e, 0) for e in plan.copy]
@@ -251,11 +272,6 @@ class FiddlerExecutor:
         copies_begin = record(self.device, self.copy_stream, timing=True) if clock and pending else None
         for _ in range(min(len(self.slots), len(pending))):
             in_flight.append(self._queue_copy(layer, *pending.pop(0), self._take_slot()))
-        cpu_experts = list(plan.cpu) + ([split.expert] if split else [])
-        cpu_rows = self._rows_of(cpu_experts, offsets, order.device)
-        cpu_job = self._start_cpu(layer, plan, counts, hidden, token_of_row, cpu_rows)
-        if clock:
-            marks["cpu_submitted"] = host.now()
         landed_last = None
 
         sorted_out = hidden.new_empty(flat.shape[0], hidden.shape[-1])
@@ -285,12 +301,18 @@ class FiddlerExecutor:
             self._learn_cpu_factor(plan, tokens, cpu_job.result().seconds)  # re-raises a failure in the worker
             if clock:
                 marks["wait_over"] = host.now()
-            results = self._host_out[: cpu_rows.shape[0]].to(self.device, non_blocking=True)
+            rows = sum(counts[e] for e in cpu_experts)
+            results = self._host_out[:rows].to(self.device, non_blocking=True)
             self._host_out_free = record(self.device)
-            whole = sum(counts[e] for e in plan.cpu)
-            sorted_out.index_copy_(0, cpu_rows[:whole], results[:whole])
-            if split:  # the accelerator already wrote its part of these rows
-                sorted_out.index_add_(0, cpu_rows[whole:], results[whole:])
+            position = 0
+            for expert in cpu_experts:  # each expert's rows are one run of the sorted order
+                end = position + counts[expert]
+                target = sorted_out[offsets[expert] : offsets[expert + 1]]
+                if split and expert == split.expert:  # the accelerator already wrote its part
+                    target.add_(results[position:end])
+                else:
+                    target.copy_(results[position:end])
+                position = end
         else:
             self._relax_cpu_factor()
         outputs = torch.empty_like(sorted_out).index_copy_(0, order, sorted_out)
@@ -372,43 +394,47 @@ class FiddlerExecutor:
             landed = record(self.device, self.copy_stream, timing=self.layer_timing)
         return expert, slot, landed, count
 
-    @staticmethod
-    def _rows_of(experts: list[int], offsets: list[int], device: torch.device) -> torch.Tensor:
-        """Positions, in expert-sorted row order, of the given experts' rows."""
-        ranges = [torch.arange(offsets[e], offsets[e + 1], device=device) for e in experts]
-        return torch.cat(ranges) if ranges else torch.empty(0, dtype=torch.long, device=device)
+    def _send_hidden_down(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """Queue the layer's hidden states into host memory ahead of the routing read, so the
+        CPU path starts with its inputs in place (no gather and no transfer after planning).
+        ``None`` when this executor never computes on the CPU."""
+        if not self.uses_cpu:
+            return None
+        rows, width = hidden.shape
+        if self._host_hidden.shape[0] < rows:
+            pin = self.device.type == "cuda"
+            self._host_hidden = torch.empty(rows, width, dtype=self.dtype, pin_memory=pin)
+        host_hidden = self._host_hidden[:rows]
+        host_hidden.copy_(hidden, non_blocking=True)
+        return host_hidden
 
     def _start_cpu(
         self,
         layer: int,
         plan: LayerPlan,
         counts: list[int],
-        hidden: torch.Tensor,
-        token_of_row: torch.Tensor,
-        cpu_rows: torch.Tensor,
-    ) -> Future | _InlineJob | None:
-        num_rows = cpu_rows.shape[0]
-        if num_rows == 0:
-            return None
-        self._ensure_host_buffers(num_rows, hidden.shape[-1])
-        host_in = self._host_in[:num_rows]
-        host_in.copy_(hidden.index_select(0, token_of_row.index_select(0, cpu_rows)), non_blocking=True)
-        arrived = record(self.device)
+        host_hidden: torch.Tensor | None,
+        cpu_tokens: torch.Tensor,
+    ) -> Future | _InlineJob:
+        """Hand the CPU rows (the tokens ``cpu_tokens``, by expert in plan order) to the worker,
+        or keep them for the main thread when ``cpu_inline``."""
+        assert host_hidden is not None, "a plan with CPU work from an executor that never uses the CPU"
+        self._ensure_host_out(cpu_tokens.shape[0], host_hidden.shape[-1])
         work = [(counts[e], *self.host.experts[layer][e]) for e in plan.cpu]
         if plan.split:
             w13b, w2b = self.host.experts[layer][plan.split.expert]
             blocks = plan.split.cpu_blocks
             work.append((counts[plan.split.expert], w13b[: 2 * blocks * self.block], w2b[:blocks]))
-        args = (work, host_in, self._host_out, arrived, self._host_out_free)
+        args = (work, host_hidden, cpu_tokens, self._host_out, self._host_out_free)
         if self.cpu_inline:
             return _InlineJob(functools.partial(self._cpu_work, *args))
         return self.cpu_worker.submit(self._cpu_work, *args)
 
-    def _cpu_work(self, work, host_in, host_out, arrived, out_free) -> _CpuJob:
+    def _cpu_work(self, work, host_hidden, tokens, host_out, out_free) -> _CpuJob:
         """Runs in the worker thread; returns when it computed."""
         clock = Clock("cpu")
         picked = clock.now()
-        host_wait(arrived)  # the activations are in host memory
+        host_in = host_hidden.index_select(0, tokens)
         host_wait(out_free)  # the previous layer's results have left host_out
         begin = clock.now()
         position = 0
@@ -418,11 +444,10 @@ class FiddlerExecutor:
             position = end
         return _CpuJob(picked, begin, clock.now())
 
-    def _ensure_host_buffers(self, rows: int, hidden: int) -> None:
-        if self._host_in.shape[0] < rows:
-            host_wait(self._host_out_free)  # nothing may still be reading the old buffers
+    def _ensure_host_out(self, rows: int, hidden: int) -> None:
+        if self._host_out.shape[0] < rows:
+            host_wait(self._host_out_free)  # nothing may still be reading the old buffer
             pin = self.device.type == "cuda"
-            self._host_in = torch.empty(rows, hidden, dtype=self.dtype, pin_memory=pin)
             self._host_out = torch.empty(rows, hidden, dtype=self.dtype, pin_memory=pin)
             self._host_out_free = None
 
@@ -446,5 +471,6 @@ class FiddlerExecutor:
         c.rows_copied += sum(tokens[e] for e in plan.copy)
         c.rows_split += split_rows
         c.h2d_bytes += copied_blocks * self.expert_bytes // self.blocks + cpu_rows * row_bytes
-        c.d2h_bytes += cpu_rows * row_bytes + flat.numel() * flat.element_size()
+        sent_down = hidden.shape[0] if self.uses_cpu else 0  # every layer's hidden states, with its routing
+        c.d2h_bytes += sent_down * row_bytes + flat.numel() * flat.element_size()
         c.predicted_s += plan.predicted_s
