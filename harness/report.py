@@ -284,6 +284,34 @@ def tables_markdown(summary: pd.DataFrame, compared: list[str] | None = None) ->
     return "\n".join(parts) + "\n"
 
 
+def provenance_markdown(raw: list[dict]) -> str:
+    """Which commit measured how many rows of each system: a sweep resumed over several sessions
+    can span versions of the code, and a table mixing them must say so."""
+    counts: dict[str, dict[str, int]] = {}
+    for row in raw:
+        if row.get("status") in ("ok", "time-limited"):
+            commit = str(row.get("git_commit") or "")[:COMMIT_CHARS] or "not recorded"
+            per_system = counts.setdefault(row["system"], {})
+            per_system[commit] = per_system.get(commit, 0) + 1
+    if not counts:
+        return ""
+    commits = {c for per_system in counts.values() for c in per_system}
+    parts = [
+        "",
+        "## Measured by",
+        "",
+        "One commit measured every row." if len(commits) == 1 else "Rows measured by more than one commit:",
+        "",
+        "| system | commit: measured rows |",
+        "|---|---|",
+    ]
+    for system, per_system in counts.items():
+        cells = ", ".join(f"`{c}`: {n}" for c, n in sorted(per_system.items()))
+        parts.append(f"| {system} | {cells} |")
+    return "\n".join(parts) + "\n"
+
+
+COMMIT_CHARS = 7  # commits shown abbreviated, as git does
 BOUND_SYSTEMS = ("fiddler-hybrid", "fiddler-paper")
 BOUND_TARGET = 0.85  # issue 8: fiddler-hybrid's decode at least 85% of the bound
 PREFILL_TARGET = 1.2  # issue 8: Fiddler's long-prefill TTFT within 1.2x of the copy-bound limit
@@ -438,7 +466,7 @@ def render(run_dir: str | Path) -> pd.DataFrame:
     tmp = run_dir / ".summary.csv.tmp"
     summary.to_csv(tmp, index=False)
     tmp.replace(run_dir / "summary.csv")  # atomically, like every result file
-    tables = tables_markdown(summary, matrix.get("compared"))
+    tables = tables_markdown(summary, matrix.get("compared")) + provenance_markdown(raw)
     if (run_dir / "calibration.json").exists():  # a sweep's own calibration (experiments/gpu_campaign.sh)
         calibration = json.loads((run_dir / "calibration.json").read_text())
         tables += bounds_markdown(summary, calibration, raw, matrix.get("compared") or matrix["systems"])

@@ -3,7 +3,7 @@
 Contract: ``run_sweep(spec)`` writes into ``spec.out`` (the run folder): ``env.json`` (machine,
 software, settings), ``matrix.json`` (the cells and the generations that measure them),
 ``raw.csv`` (one row per prompt run: token ids, TTFT, every decode step's time, what moved,
-peak memory, telemetry, status) and, through ``harness.report``, the summaries, tables and
+peak memory, telemetry, status, the commit that measured it) and, through ``harness.report``, the summaries, tables and
 plots. The sweep runs in rounds of prompts: every system's first prompt of every cell, then
 every second prompt, and so on, so that a sweep cut short has whole tables on fewer prompts.
 In each round the systems run one after another, each loaded once (a system refused, or
@@ -41,7 +41,7 @@ from fiddler.timing import Clock
 from fiddler.tokenizer import find_tokenizer
 from harness import prompts as prompt_sources
 from harness.scenarios import Cell, Run, runs
-from harness.telemetry import NvmlSampler, environment, process_rss_gb
+from harness.telemetry import NvmlSampler, environment, git_commit, process_rss_gb
 from harness.timing import steps_within
 
 log = logging.getLogger(__name__)
@@ -60,6 +60,7 @@ RAW_COLUMNS = [
     "beam_width",
     "prompt_index",
     "gpu_memory_gb",
+    "git_commit",
     "status",
     "reason",
     "generated_tokens",
@@ -193,6 +194,8 @@ def run_sweep(spec: SweepSpec) -> Path:
         "device": spec.device,
         "dataset": spec.dataset,
         "gpu_memory_gb": spec.gpu_memory_gb,
+        # the code that measured the row: a sweep resumed across sessions may span engine versions
+        "git_commit": git_commit()["git_commit"] or "",
     }
 
     def record(name: str, todo: list[tuple[Run, int]], status: str, reason: str) -> None:

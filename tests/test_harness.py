@@ -125,6 +125,28 @@ def test_sweep_outputs_and_schema(sweep):
     assert "expert-lru" in tables and "Fiddler (best policy per cell) over each baseline" in tables
     env = json.loads((sweep / "env.json").read_text())
     assert "git_commit" in env and env["settings"]["prompts"]["dataset"] == "sharegpt"
+    # every row names the commit that measured it, and the tables say which measured what
+    rows = read_raw(sweep / "raw.csv")
+    assert {str(r["git_commit"]) for r in rows} == {str(env["git_commit"] or "")}
+    assert "## Measured by" in tables
+
+
+def test_tables_say_when_rows_span_commits():
+    from harness.report import provenance_markdown
+
+    rows = [
+        {"system": "fiddler-hybrid", "status": "ok", "git_commit": "a" * 40},
+        {"system": "fiddler-hybrid", "status": "ok", "git_commit": "b" * 40},
+        {"system": "expert-lru", "status": "time-limited", "git_commit": "b" * 40},
+        {"system": "expert-lru", "status": "refused", "git_commit": "c" * 40},  # measured nothing
+        {"system": "cpu-only", "status": "ok", "git_commit": ""},
+    ]
+    text = provenance_markdown(rows)
+    assert "more than one commit" in text
+    assert "| fiddler-hybrid | `aaaaaaa`: 1, `bbbbbbb`: 1 |" in text
+    assert "| expert-lru | `bbbbbbb`: 1 |" in text and "ccccccc" not in text
+    assert "| cpu-only | `not recorded`: 1 |" in text
+    assert "One commit measured every row." in provenance_markdown(rows[1:3])
 
 
 def test_resume_after_a_crash_loses_and_duplicates_nothing(tmp_path, monkeypatch):
