@@ -336,7 +336,8 @@ def _measure(system, run: Run, prompt: list[int], spec: SweepSpec, limits: dict[
         "rss_gb": process_rss_gb(),
         "telemetry": json.dumps(sampler.summary()),
         "stats": json.dumps(
-            {k: v for k, v in stats.items() if k != "engine"} | {"decode_gpu_hit_rate": decode_hit_rate(result)},
+            {k: v for k, v in stats.items() if k != "engine"}
+            | {"decode_gpu_hit_rate": decode_hit_rate(result), "prefill_predicted_s": prefill_predicted_s(result)},
             default=str,
         ),
         **system.peak_gpu_memory(),
@@ -354,6 +355,14 @@ def decode_hit_rate(result: GenerationResult) -> float | None:
     rows = result.decode_counters(ROUTED_ROWS)
     total = sum(rows.values())
     return rows["rows_gpu"] / total if total else None
+
+
+def prefill_predicted_s(result: GenerationResult) -> float | None:
+    """The executor's own latency-model prediction for the prefill's MoE layers (what TTFT is
+    checked against when a simulated TTFT misses: the planner's or the machine's fault); None
+    for systems without one."""
+    before = result.stats_after_prefill or {}
+    return before.get("predicted_s")
 
 
 class _Progress:

@@ -129,6 +129,13 @@ def test_sweep_outputs_and_schema(sweep):
     rows = read_raw(sweep / "raw.csv")
     assert {str(r["git_commit"]) for r in rows} == {str(env["git_commit"] or "")}
     assert "## Measured by" in tables
+    # Fiddler's rows carry its own prediction for the prefill's MoE layers (TTFT's yardstick)
+    for r in rows:
+        stats = json.loads(r["stats"])
+        if r["system"] == "fiddler-paper":
+            assert 0 < stats["prefill_predicted_s"] < stats["predicted_s"]
+        else:
+            assert stats["prefill_predicted_s"] is None
 
 
 def test_tables_say_when_rows_span_commits():
