@@ -170,9 +170,21 @@ def speed(args, calibration_path: Path) -> dict:
             # where the time goes, layer by layer: plan, predicted, measured, CPU compute and wait
             "sample": decode_layers[:LAYER_LOG_SAMPLE],
         }
+        # the prefill's layers of the same timed run: where TTFT goes, against the planner's prediction
+        prefill_layers = [e for e in executor.layer_log if sum(e["tokens"].values()) > config.num_experts_per_token]
+        row["layer_timing_prefill"] = {
+            "layers": len(prefill_layers),
+            "predicted_ms_total": 1e3 * sum(e["predicted_s"] for e in prefill_layers),
+            "measured_ms_total": 1e3 * sum(e["measured_s"] for e in prefill_layers),
+            "cpu_compute_ms_total": 1e3 * sum(e["cpu_compute_s"] for e in prefill_layers),
+            "timed_ttft_s": timed.ttft_s,
+            "timeline_ms_median": timeline_medians(prefill_layers),
+            "sample": prefill_layers[:LAYER_LOG_SAMPLE],
+        }
         result["policies"][name] = row
         shown = {k: v for k, v in row.items() if k != "token_ids"}
-        shown["layer_timing_decode"] = {k: v for k, v in row["layer_timing_decode"].items() if k != "sample"}
+        for part in ("layer_timing_decode", "layer_timing_prefill"):
+            shown[part] = {k: v for k, v in row[part].items() if k != "sample"}
         print("speed", name, shown, flush=True)
     executor.cpu_inline = False
     if torch.cuda.is_available():
