@@ -63,7 +63,8 @@ pack() {  # into a file of its own, renamed when complete: a packer killed mid-w
 # until $SWEEP_SECONDS after this script started (the device call's limit is 600 s). The run
 # works on its copy under $OUT, so the packer returns whatever it finished; SIGINT stops it
 # between runs' atomic writes of raw.csv. DIR's calibration is measured once and reused, so
-# every piece plans with the same latencies.
+# every piece plans with the same latencies. Each generation runs at most $RUN_TIME_LIMIT s (60;
+# pieces 1-2 of sweep24 ran at 120): longer cells are extrapolated from the steps measured, marked.
 sweep() {
   local name="$1" dir="$2"
   shift 2
@@ -77,7 +78,7 @@ sweep() {
     return
   fi
   stage "$name" timeout -k 30 --signal=INT "$left" python3 -m harness run --model mixtral-8x7b \
-    --prompts-per-cell 3 --reference '' --run-time-limit 120 --calibration "$dir/calibration.json" \
+    --prompts-per-cell 3 --reference '' --run-time-limit "${RUN_TIME_LIMIT:-60}" --calibration "$dir/calibration.json" \
     --out "$OUT/$dir" "$@"
 }
 for name in "$@"; do

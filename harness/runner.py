@@ -10,7 +10,8 @@ In each round the systems run one after another, each loaded once (a system refu
 broken while loading or generating, is not loaded again) and warmed up with one generation
 before its first measured one. Every row is written to ``raw.csv`` atomically as soon as it is measured, so
 an interrupted sweep resumes where it stopped, with no duplicate or lost row
-(``spec.out`` found with a ``raw.csv``: finished runs are skipped). A per-run time limit
+(``spec.out`` found with a ``raw.csv``: finished runs are skipped; only the folder and the
+time limit may differ from the settings that started it). A per-run time limit
 makes slow systems generate only the steps that fit (the cells beyond are extrapolated by the
 report, marked so). A system that cannot run within its budget gets one ``refused`` row per
 generation it would have run; one that cannot do a scenario (beam search) gets
@@ -280,6 +281,12 @@ def _failure(system: str, phase: str, err: Exception) -> str:
     return f"{phase}: {type(err).__name__}: {message[0] if message else ''}"[:FAILURE_REASON_CHARS]
 
 
+# Settings a resumed sweep may change: where it writes, and how long a slow generation may run
+# (a row cut short by the limit says so in its reason, and its cells say how many steps stand
+# behind them); everything else defines what is measured and must stay.
+RESUMABLE_WITH_OTHER = ("out", "run_time_limit_s")
+
+
 def _check_resumable(spec: SweepSpec) -> None:
     """A folder resumes only the sweep that started it: same model, budget, cells, data..."""
     env = spec.out / "env.json"
@@ -287,7 +294,7 @@ def _check_resumable(spec: SweepSpec) -> None:
         return
     saved = json.loads(env.read_text()).get("settings", {})
     current = json.loads(json.dumps(spec.settings(), default=str))
-    differ = sorted(k for k in current if k != "out" and saved.get(k) != current[k])
+    differ = sorted(k for k in current if k not in RESUMABLE_WITH_OTHER and saved.get(k) != current[k])
     if differ:
         raise ValueError(
             f"{spec.out} holds a sweep with other settings ({', '.join(differ)}); resume it with the same ones, "

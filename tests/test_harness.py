@@ -332,6 +332,10 @@ def test_resuming_with_other_settings_is_refused(sweep):
     )
     with pytest.raises(ValueError, match=r"other settings .*gpu_memory_gb"):
         run_sweep(dc.replace(spec_, gpu_memory_gb=0.02))
+    # the time limit only bounds effort: a sweep resumes under another one (nothing is left to run)
+    before = (sweep / "raw.csv").read_text()
+    run_sweep(dc.replace(spec_, run_time_limit_s=60.0))
+    assert (sweep / "raw.csv").read_text() == before
 
 
 def test_the_reference_is_not_a_baseline_and_runs_uncapped(sweep):
