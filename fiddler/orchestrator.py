@@ -2,8 +2,9 @@
 (activations cross) or copied into staging buffers, as each layer's plan says.
 
 Contract: ``FiddlerExecutor`` is an ``ExpertExecutor``. Per layer it reads the routing on the
-host (one synchronisation, which also brings the layer's hidden states into host memory when
-the executor may use the CPU at all), asks ``fiddler.planner.plan_layer`` for a plan (cached by
+host (one synchronisation of the compute stream; beside it, when the executor may use the CPU
+at all, the layer's hidden states go down into host memory on a stream of their own), asks
+``fiddler.planner.plan_layer`` for a plan (cached by
 routing pattern), then runs the plan with the paths overlapping: first the CPU rows go to a
 worker thread, which gathers them on the host and computes them (the CPU path usually ends a
 layer, so it starts before anything else is queued); then copies are queued on a side stream
@@ -12,8 +13,9 @@ it) and the accelerator runs the resident experts and then each copied expert on
 has landed; the CPU results come back in one transfer. (Why this order: the GPU host's layer
 timelines, results/orchestration-h200/threads-ab/, showed hybrid's CPU work beginning
 0.7-1.1 ms into a ~6 ms decode layer, after the copies had been queued and the CPU rows
-gathered on the accelerator and sent down. The planner still charges the CPU path the rows'
-transfer down: tens of microseconds.) With ``cpu_inline`` set, the main thread
+gathered on the accelerator and sent down. The planner charges the CPU path the transfer of
+the whole pass's hidden states: tens of microseconds in decode, milliseconds in a long prefill,
+where it runs beside the copies, in the other direction.) With ``cpu_inline`` set, the main thread
 computes the CPU rows itself once it has queued all of the accelerator's work (which then runs
 on its own), instead of handing them to the worker: no thread hand-off, a later start. An
 expert the plan divides runs its first blocks on the CPU and the rest after a copy of only
@@ -61,7 +63,7 @@ from fiddler.expert_layout import split_ffn, split_shapes
 from fiddler.loading import HostWeights
 from fiddler.moe import Routing, combine
 from fiddler.placement import Placement
-from fiddler.planner import LayerPlan, plan_layer
+from fiddler.planner import COPY_EXPERTS, LayerPlan, plan_layer
 from fiddler.streams import elapsed_ms, host_wait, new_stream, on_stream, record, wait
 from fiddler.timing import Clock
 
@@ -163,12 +165,13 @@ class FiddlerExecutor:
         self._next_slot = 0
         self.expert_bytes = sum(t.numel() * t.element_size() for t in (self.slots[0].w13b, self.slots[0].w2b))
         self.copy_stream = new_stream(device)
+        # hidden states go down on a stream of their own: the routing read does not wait for
+        # them, and the device->host direction is otherwise idle while experts are copied up
+        self.down_stream = new_stream(device)
         self.cpu_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fiddler-cpu")
         self._host_hidden = self._host_out = torch.empty(0)
         self._host_out_free: torch.cuda.Event | None = None  # last transfer out of _host_out
         self._plans: dict[tuple, LayerPlan] = {}
-        # whether any layer may compute on the CPU (else the hidden states stay on the device)
-        self.uses_cpu = policy != "copy-experts" and placement.num_resident < config.num_layers * config.num_experts
         self.adapt_cpu = adapt_cpu
         self.cpu_factor = 1.0
         # the excess of cpu_factor over 1 halves over config.num_layers layers without CPU work
@@ -181,6 +184,13 @@ class FiddlerExecutor:
         self.counters = ExpertCounters()
 
     # ---- the executor interface ---------------------------------------------------------
+
+    @property
+    def uses_cpu(self) -> bool:
+        """Whether any layer may compute on the CPU under the current policy (else the hidden
+        states stay on the device). A property: experiments switch ``policy`` on one executor."""
+        every_expert = self.config.num_layers * self.config.num_experts
+        return self.policy != COPY_EXPERTS and self.placement.num_resident < every_expert
 
     @property
     def planning_corrections(self) -> tuple[float, float]:
@@ -205,7 +215,10 @@ class FiddlerExecutor:
         if plan is None:
             if len(self._plans) >= PLAN_CACHE_SIZE:
                 self._plans.clear()
-            plan = plan_layer(tokens, resident, self.policy, self.planning_model(), len(self.slots), self.blocks)
+            rows_down = sum(tokens.values()) // self.config.num_experts_per_token if self.uses_cpu else None
+            plan = plan_layer(
+                tokens, resident, self.policy, self.planning_model(), len(self.slots), self.blocks, rows_down
+            )
             self._plans[key] = plan
         return plan
 
@@ -241,8 +254,8 @@ class FiddlerExecutor:
         num_tokens, top_k = routing.experts.shape
         flat = routing.experts.reshape(-1)
         order = torch.argsort(flat, stable=True)  # rows sorted by expert, on the accelerator
-        host_hidden = self._send_hidden_down(hidden)  # lands with the routing ids
-        flat_host = flat.cpu()  # the one sync
+        host_hidden, hidden_landed = self._send_hidden_down(hidden)  # beside the routing read
+        flat_host = flat.cpu()  # the one sync (of the compute stream only)
         counts = torch.bincount(flat_host, minlength=self.config.num_experts).tolist()
         offsets = [0]
         for count in counts:
@@ -261,7 +274,7 @@ class FiddlerExecutor:
             # the accelerator's stable sort, repeated on the host: rows come back in its order
             token_of_row_host = torch.argsort(flat_host, stable=True) // top_k
             cpu_tokens = torch.cat([token_of_row_host[offsets[e] : offsets[e + 1]] for e in cpu_experts])
-            cpu_job = self._start_cpu(layer, plan, counts, host_hidden, cpu_tokens)
+            cpu_job = self._start_cpu(layer, plan, counts, host_hidden, hidden_landed, cpu_tokens)
         if clock:
             marks["cpu_submitted"] = host.now()
         token_of_row = order // top_k
@@ -316,6 +329,9 @@ class FiddlerExecutor:
         else:
             self._relax_cpu_factor()
         outputs = torch.empty_like(sorted_out).index_copy_(0, order, sorted_out)
+        # the hidden states' memory is the allocator's again once the layer's work is: order the
+        # layer's end after their transfer down (long done in decode; beside the copies in prefill)
+        wait(hidden_landed)
         self._count(plan, tokens, flat, hidden)
         if clock:
             end = clock.now()
@@ -394,19 +410,24 @@ class FiddlerExecutor:
             landed = record(self.device, self.copy_stream, timing=self.layer_timing)
         return expert, slot, landed, count
 
-    def _send_hidden_down(self, hidden: torch.Tensor) -> torch.Tensor | None:
-        """Queue the layer's hidden states into host memory ahead of the routing read, so the
-        CPU path starts with its inputs in place (no gather and no transfer after planning).
-        ``None`` when this executor never computes on the CPU."""
+    def _send_hidden_down(self, hidden: torch.Tensor) -> tuple[torch.Tensor | None, torch.cuda.Event | None]:
+        """Queue the layer's hidden states into host memory on the down stream, beside the
+        routing read, so the CPU path starts with its inputs in place (no gather and no transfer
+        after planning). Returns the host tensor and the event of its landing; ``None``s when
+        the executor never computes on the CPU. The host buffer is reused by the next layer,
+        whose transfer follows this one on the same stream, after this layer's CPU job."""
         if not self.uses_cpu:
-            return None
+            return None, None
         rows, width = hidden.shape
         if self._host_hidden.shape[0] < rows:
             pin = self.device.type == "cuda"
             self._host_hidden = torch.empty(rows, width, dtype=self.dtype, pin_memory=pin)
         host_hidden = self._host_hidden[:rows]
-        host_hidden.copy_(hidden, non_blocking=True)
-        return host_hidden
+        wait(record(self.device), self.down_stream)  # the hidden states have been computed
+        with on_stream(self.down_stream):
+            host_hidden.copy_(hidden, non_blocking=True)
+            landed = record(self.device, self.down_stream)
+        return host_hidden, landed
 
     def _start_cpu(
         self,
@@ -414,26 +435,38 @@ class FiddlerExecutor:
         plan: LayerPlan,
         counts: list[int],
         host_hidden: torch.Tensor | None,
+        hidden_landed: torch.cuda.Event | None,
         cpu_tokens: torch.Tensor,
     ) -> Future | _InlineJob:
         """Hand the CPU rows (the tokens ``cpu_tokens``, by expert in plan order) to the worker,
         or keep them for the main thread when ``cpu_inline``."""
-        assert host_hidden is not None, "a plan with CPU work from an executor that never uses the CPU"
+        if host_hidden is None:
+            raise RuntimeError(f"policy {self.policy!r} planned CPU work, but its hidden states were not sent down")
         self._ensure_host_out(cpu_tokens.shape[0], host_hidden.shape[-1])
         work = [(counts[e], *self.host.experts[layer][e]) for e in plan.cpu]
         if plan.split:
             w13b, w2b = self.host.experts[layer][plan.split.expert]
             blocks = plan.split.cpu_blocks
             work.append((counts[plan.split.expert], w13b[: 2 * blocks * self.block], w2b[:blocks]))
-        args = (work, host_hidden, cpu_tokens, self._host_out, self._host_out_free)
+        args = (work, host_hidden, hidden_landed, cpu_tokens, self._host_out, self._host_out_free)
         if self.cpu_inline:
             return _InlineJob(functools.partial(self._cpu_work, *args))
         return self.cpu_worker.submit(self._cpu_work, *args)
 
-    def _cpu_work(self, work, host_hidden, tokens, host_out, out_free) -> _CpuJob:
-        """Runs in the worker thread; returns when it computed."""
+    def _cpu_work(
+        self,
+        work: list[tuple[int, torch.Tensor, torch.Tensor]],
+        host_hidden: torch.Tensor,
+        hidden_landed: torch.cuda.Event | None,
+        tokens: torch.Tensor,
+        host_out: torch.Tensor,
+        out_free: torch.cuda.Event | None,
+    ) -> _CpuJob:
+        """The CPU rows of one layer, on the worker thread (or the main thread when
+        ``cpu_inline``); returns when they are computed."""
         clock = Clock("cpu")
         picked = clock.now()
+        host_wait(hidden_landed)  # the layer's hidden states are in host memory
         host_in = host_hidden.index_select(0, tokens)
         host_wait(out_free)  # the previous layer's results have left host_out
         begin = clock.now()

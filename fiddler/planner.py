@@ -15,7 +15,8 @@ model that the engine, the benchmarks and the simulator share. Policies:
   finish first.
 - ``cpu-experts`` / ``copy-experts``: every missing expert on the CPU / copied (ablations).
 
-Timeline (``predict_layer``): the CPU path moves its rows' activations down in one transfer,
+Timeline (``predict_layer``): the CPU path waits for its rows' activations to come down (or,
+given ``hidden_rows``, the whole pass's, as Fiddler's executor sends them all ahead of planning),
 runs its experts one after another (a divided expert costs what the calibration measured for
 that share) and moves the results up; the copy engine brings the divided expert's
 remainder first, then whole experts, at most ``staging_slots`` ahead of the accelerator using
@@ -31,7 +32,8 @@ import math
 
 from fiddler.cost_model import LatencyModel
 
-POLICIES = ("paper", "hybrid", "cpu-experts", "copy-experts")
+COPY_EXPERTS = "copy-experts"  # the one policy that never computes on the CPU
+POLICIES = ("paper", "hybrid", "cpu-experts", COPY_EXPERTS)
 BALANCE_NEIGHBOURS = 2  # block counts tried on each side of the proportional balance point
 
 
@@ -63,6 +65,7 @@ def predict_layer(
     model: LatencyModel,
     staging_slots: int,
     split: Split | None = None,
+    hidden_rows: int | None = None,
 ) -> float:
     both = bool(cpu or split) and bool(copy or split)
     cpu_slow = model.cpu_slowdown if both else 1.0
@@ -71,7 +74,10 @@ def predict_layer(
     cpu_compute = sum(model.cpu(tokens[e]) for e in cpu)
     if split:
         cpu_compute += model.cpu_part(tokens[split.expert], split.cpu_fraction)
-    cpu_end = (model.act_d2h(cpu_rows) + cpu_compute * cpu_slow + model.act_h2d(cpu_rows)) if cpu_rows else 0.0
+    # the CPU path starts once the hidden states it reads are in host memory: its own rows, or
+    # the whole pass's when the executor sends every row down ahead of planning
+    down = cpu_rows if hidden_rows is None else hidden_rows
+    cpu_end = (model.act_d2h(down) + cpu_compute * cpu_slow + model.act_h2d(cpu_rows)) if cpu_rows else 0.0
 
     # (copy seconds, accelerator seconds) per copied item, the divided expert's remainder first
     items = [(copy_time, model.gpu(tokens[e])) for e in copy]
@@ -96,8 +102,10 @@ def plan_layer(
     model: LatencyModel,
     staging_slots: int,
     blocks: int = 1,
+    hidden_rows: int | None = None,
 ) -> LayerPlan:
-    """tokens: expert -> number of tokens routed to it (experts with none are left out)."""
+    """tokens: expert -> number of tokens routed to it (experts with none are left out);
+    hidden_rows: the hidden-state rows the CPU path waits for (None: only its own rows)."""
     if staging_slots < 1:
         raise ValueError("at least one staging slot is needed to run copied experts")
     gpu = tuple(sorted(e for e in tokens if e in resident))
@@ -106,12 +114,12 @@ def plan_layer(
     def make(cpu: list[int], copy: list[int], split: Split | None = None) -> LayerPlan:
         copy_order = tuple(sorted(copy, key=lambda e: (-tokens[e], e)))  # big ones first: overlap
         cpu_order = tuple(sorted(cpu))
-        predicted = predict_layer(tokens, gpu, cpu_order, copy_order, model, staging_slots, split)
+        predicted = predict_layer(tokens, gpu, cpu_order, copy_order, model, staging_slots, split, hidden_rows)
         return LayerPlan(gpu, cpu_order, copy_order, predicted, split)
 
     if policy == "cpu-experts":
         return make(missing, [])
-    if policy == "copy-experts":
+    if policy == COPY_EXPERTS:
         return make([], missing)
     if policy == "paper":
         on_cpu = [e for e in missing if model.cpu_path(tokens[e]) <= model.copy_path(tokens[e])]

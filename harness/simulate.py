@@ -42,7 +42,7 @@ from fiddler.calibrate import calibration_matches
 from fiddler.config import ModelConfig
 from fiddler.cost_model import LatencyModel
 from fiddler.placement import GB, budget_breakdown, check_popularity, plan_placement
-from fiddler.planner import POLICIES, plan_layer
+from fiddler.planner import COPY_EXPERTS, POLICIES, plan_layer
 from harness.scenarios import Cell, runs
 
 log = logging.getLogger(__name__)
@@ -240,7 +240,7 @@ class _Simulator:
         total = self.head_s(tokens, on_cpu)
         hits = rows = h2d = 0
         for layer, routed in enumerate(layers):
-            moe, layer_hits, layer_h2d = self.moe_layer(system, layer, routed, state)
+            moe, layer_hits, layer_h2d = self.moe_layer(system, layer, routed, state, tokens)
             dense = self.dense_layer_s(tokens, kv_len, on_cpu)
             if system == "layer-streaming":  # the next layer's copy runs under this layer's compute
                 total += max(state["layer_bytes"] / (self.hw.h2d_pinned_gb_per_s * GB), dense + moe)
@@ -254,12 +254,16 @@ class _Simulator:
             state["streamed"] = True  # passes find it prefetched during the previous pass's last layer
         return total, hits, rows, h2d
 
-    def moe_layer(self, system: str, layer: int, routed: dict[int, int], state: dict) -> tuple[float, int, int]:
+    def moe_layer(
+        self, system: str, layer: int, routed: dict[int, int], state: dict, tokens: int
+    ) -> tuple[float, int, int]:
         m = self.model
         if system.startswith("fiddler-") or system == "gpu-resident":
             resident = state["resident"][layer]
-            policy = system.removeprefix("fiddler-") if system != "gpu-resident" else "copy-experts"
-            plan = plan_layer(routed, resident, policy, m, STAGING_SLOTS, self.blocks)
+            policy = system.removeprefix("fiddler-") if system != "gpu-resident" else COPY_EXPERTS
+            # the executor sends every row of the pass down when its policy may use the CPU
+            down = tokens if policy != COPY_EXPERTS else None
+            plan = plan_layer(routed, resident, policy, m, STAGING_SLOTS, self.blocks, down)
             hits = sum(routed[e] for e in plan.gpu)
             copied = len(plan.copy) + ((self.blocks - plan.split.cpu_blocks) / self.blocks if plan.split else 0)
             return plan.predicted_s, hits, int(copied * self.expert_bytes)

@@ -90,7 +90,8 @@ def replay_plans(engine, policy, latency, slots):
     for entry in executor.layer_log:
         resident = executor.resident_by_layer[entry["layer"]]
         model = latency.with_cpu_factor(entry["cpu_factor"], entry["cpu_slowdown"])  # the corrections it planned with
-        plan = plan_layer(entry["tokens"], resident, policy, model, slots, executor.blocks)
+        rows_down = sum(entry["tokens"].values()) // CONFIG.num_experts_per_token if executor.uses_cpu else None
+        plan = plan_layer(entry["tokens"], resident, policy, model, slots, executor.blocks, rows_down)
         split = (plan.split.expert, plan.split.cpu_blocks, plan.split.blocks) if plan.split else None
         assert (plan.gpu, plan.cpu, plan.copy, split) == (entry["gpu"], entry["cpu"], entry["copy"], entry["split"])
         expected["experts_gpu"] += len(plan.gpu)
@@ -143,6 +144,25 @@ def test_copy_experts_copies_every_miss_and_cpu_experts_copies_none():
     assert cpu["experts_gpu"] == copy["experts_gpu"] and cpu["rows_gpu"] == copy["rows_gpu"]
     assert cpu["h2d_bytes"] < copy["h2d_bytes"]
     assert 0 < copy["gpu_hit_rate"] < 1
+
+
+def test_switching_policy_on_one_executor_follows_the_new_policy(reference):
+    """Experiments switch ``policy`` on a built executor: whether hidden states go down to the
+    CPU follows the policy in force, both ways."""
+    settings = GenerationSettings(max_new_tokens=4)
+    want = generate(reference, PROMPT, settings).token_ids
+    placement = placement_with({(0, 0), (1, 1)})
+    for built, switched in (("hybrid", "copy-experts"), ("copy-experts", "cpu-experts")):
+        engine = fiddler_engine(placement, built)
+        executor = engine.model.experts
+        executor.policy = switched
+        result = generate(engine, PROMPT, settings)
+        assert result.token_ids == want
+        routing_ids = (len(PROMPT) + 3) * CONFIG.num_experts_per_token * CONFIG.num_layers * 8
+        hidden = result.stats["d2h_bytes"] - routing_ids
+        assert executor.uses_cpu == (switched != "copy-experts")
+        assert (hidden == 0) == (switched == "copy-experts")
+        engine.close()
 
 
 def test_hybrid_divides_an_expert_when_that_balances_the_paths(reference):

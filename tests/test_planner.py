@@ -66,6 +66,22 @@ def test_staging_slots_bound_the_copy_pipeline():
     assert many == pytest.approx(4 * 50e-3 + 4e-3)
 
 
+def test_the_cpu_path_waits_for_the_hidden_rows_sent_down():
+    """The executor sends a pass's every hidden row down before planning: a CPU path that
+    computes a few rows of a long pass starts only once all of them have landed."""
+    model = LatencyModel([1, 512], [6e-3, 3.0], [1e-3, 4e-3], [1e-5, 1e-3], [1e-5, 1e-3], 50e-3, 1.0, 1.0)
+    tokens = {0: 1, 1: 511}
+    own = predict_layer(tokens, (), (0,), (1,), model, 2)
+    same = predict_layer(tokens, (), (0,), (1,), model, 2, hidden_rows=1)
+    whole = predict_layer(tokens, (), (0,), (1,), model, 2, hidden_rows=512)
+    assert own == same
+    cpu_alone = predict_layer(tokens, (), (0,), (), model, 2, hidden_rows=512)
+    assert cpu_alone == pytest.approx(1e-3 + 6e-3 + 1e-5)
+    assert whole >= own
+    plan = plan_layer(tokens, set(), "hybrid", model, 2, hidden_rows=512)
+    assert plan.predicted_s == predict_layer(tokens, (), plan.cpu, plan.copy, model, 2, plan.split, 512)
+
+
 def test_bad_policy_and_slots():
     with pytest.raises(ValueError, match="unknown policy"):
         plan_layer({0: 1}, set(), "fastest", HOST_LIKE, 2)

@@ -72,6 +72,7 @@ def test_decode_step_is_the_planners_prediction_summed_over_layers(tmp_path):
             model,
             2,
             calibration["split_blocks"],
+            hidden_rows=1,  # the pass's one token: the executor sends every row down
         )
         expected += sim.dense_layer_s(1, 2 + 0) + plan.predicted_s
     assert 1 / row["decode_tokens_per_s"] == pytest.approx(expected)
