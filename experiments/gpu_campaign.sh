@@ -47,8 +47,12 @@ stage() {
   local start=$SECONDS
   ( while sleep 60; do pack; done ) &  # a call cut short by its time limit keeps what was written
   local packer=$!
+  local status
   if "$@" >>"$OUT/$name.log" 2>&1; then status=ok; else status="failed ($?)"; fi
-  kill "$packer" 2>/dev/null; wait "$packer" 2>/dev/null
+  # the packer's own children first (a tar cut off mid-way), then the packer; no partial
+  # archive may stay in $OUT, where it would take one of the few files that come back
+  pkill -P "$packer" 2>/dev/null; kill "$packer" 2>/dev/null; wait "$packer" 2>/dev/null
+  rm -f "$OUT"/.campaign.*.tar.gz
   echo "=== $name: $status after $((SECONDS - start)) s" | tee -a "$OUT/campaign.log"
   tail -5 "$OUT/$name.log"
   pack

@@ -318,6 +318,8 @@ def main() -> int:
     unknown = sorted(set(args.cpu_modes.split(",")) - set(CPU_MODES))
     if unknown:  # before calibration spends minutes of the GPU host's time
         parser.error(f"--cpu-modes takes {', '.join(CPU_MODES)}; got {', '.join(unknown)}")
+    if args.new_tokens < 2 or args.repeats < 1:  # decode rates need a decode step, medians a run
+        parser.error("--new-tokens must be at least 2 and --repeats at least 1")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "orchestration.json"

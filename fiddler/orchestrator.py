@@ -104,6 +104,8 @@ class _InlineJob:
 
 @dataclasses.dataclass
 class _Slot:
+    """One staging buffer on the accelerator for a copied expert (or its copied blocks)."""
+
     w13b: torch.Tensor
     w2b: torch.Tensor
     free: torch.cuda.Event | None = None  # the accelerator's last use of this slot
@@ -111,6 +113,8 @@ class _Slot:
 
 @dataclasses.dataclass
 class ExpertCounters:
+    """Running totals of what ran where and what crossed PCIe (see the module's ``stats()``)."""
+
     layers: int = 0
     experts_gpu: int = 0
     experts_cpu: int = 0
@@ -131,6 +135,9 @@ class ExpertCounters:
 
 
 class FiddlerExecutor:
+    """The executor of the module docstring; ``policy`` and ``cpu_inline`` may be switched
+    between generations."""
+
     capturable = False
 
     def __init__(

@@ -1,10 +1,11 @@
 """Sweeps: scenarios x systems x prompts, one timing protocol, raw rows first.
 
 Contract: ``run_sweep(spec)`` writes into ``spec.out`` (the run folder): ``env.json`` (machine,
-software, settings), ``matrix.json`` (the cells and the generations that measure them),
-``raw.csv`` (one row per prompt run: token ids, TTFT, every decode step's time, what moved,
-peak memory, telemetry, status, the commit that measured it) and, through ``harness.report``, the summaries, tables and
-plots. The sweep runs in rounds of prompts: every system's first prompt of every cell, then
+software, settings; a resumed sweep's earlier invocations under ``previous``), ``matrix.json``
+(the cells and the generations that measure them), ``raw.csv`` (one row per prompt run: token
+ids, TTFT, every decode step's time, what moved, peak memory, telemetry, status, the commit that
+measured it) and, through ``harness.report``, the summaries, tables and plots. The sweep runs
+in rounds of prompts: every system's first prompt of every cell, then
 every second prompt, and so on, so that a sweep cut short has whole tables on fewer prompts.
 In each round the systems run one after another, each loaded once (a system refused, or
 broken while loading or generating, is not loaded again) and warmed up with one generation
@@ -17,7 +18,8 @@ report, marked so). A system that cannot run within its budget gets one ``refuse
 generation it would have run; one that cannot do a scenario (beam search) gets
 ``unsupported`` rows. A system that raises while loading or generating gets ``failed`` rows
 (the reason in the row, the traceback in the log) for the runs it had left, and the sweep goes
-on with the next system; a resumed sweep runs failed rows again. The reference system (for
+on with the next system; a resumed sweep runs failed rows again (each stays on record until it is
+measured anew). The reference system (for
 token agreement) runs like the others.
 """
 
@@ -171,7 +173,7 @@ def run_sweep(spec: SweepSpec) -> Path:
     plan = runs(list(spec.cells))
     systems = list(dict.fromkeys([*spec.systems, *([spec.reference] if spec.reference else [])]))
     _check_resumable(spec)
-    write_json_atomic(spec.out / "env.json", environment(spec.device, spec.settings() | {"prompts": bank.describe()}))
+    write_json_atomic(spec.out / "env.json", _environment_with_history(spec, bank))
     write_json_atomic(
         spec.out / "matrix.json",
         {
@@ -183,8 +185,10 @@ def run_sweep(spec: SweepSpec) -> Path:
         },
     )
     raw_path = spec.out / "raw.csv"
-    rows = [r for r in read_raw(raw_path) if r["status"] != "failed"]  # a resumed sweep retries failures
-    done = {_key(r) for r in rows}
+    # by key: a resumed sweep runs failed rows again, and each keeps its place (and its failure on
+    # record) until its run is measured anew
+    rows = {_key(r): r for r in read_raw(raw_path)}
+    done = {key for key, r in rows.items() if r["status"] != "failed"}
     longest = max(r.input_tokens + r.output_tokens for r in plan)
     total = len(systems) * len(plan) * spec.prompts_per_cell
     progress = _Progress(total, len(done))
@@ -202,9 +206,10 @@ def run_sweep(spec: SweepSpec) -> Path:
     def record(name: str, todo: list[tuple[Run, int]], status: str, reason: str) -> None:
         """One row per run the system still had to do, all with the same status."""
         for run, index in todo:
-            rows.append(base | _row_key(name, run, index) | {"status": status, "reason": reason})
+            row = base | _row_key(name, run, index) | {"status": status, "reason": reason}
+            rows[_key(row)] = row
             progress.step(name, run, index)
-        _write_raw(raw_path, rows)
+        _write_raw(raw_path, list(rows.values()))
 
     given_up: dict[str, tuple[str, str]] = {}  # refused, or broke: not loaded again in this invocation
     step_limits: dict[str, dict[Run, int]] = {}  # per system: new tokens within the time limit, per run
@@ -247,9 +252,9 @@ def run_sweep(spec: SweepSpec) -> Path:
                 run, index = todo[0]
                 prompt = bank.prompts(run.scenario, run.input_tokens)[index]
                 row = base | _row_key(name, run, index) | _measure(system, run, prompt, spec, limits)
-                rows.append(row)
+                rows[_key(row)] = row
                 todo.pop(0)
-                _write_raw(raw_path, rows)  # atomically, after every run
+                _write_raw(raw_path, list(rows.values()))  # atomically, after every run
                 progress.step(name, run, index)
         except Exception as err:  # as before rounds: its other runs are not tried again in this sweep
             given_up[name] = ("failed", _failure(name, "generating", err))
@@ -272,6 +277,18 @@ def run_sweep(spec: SweepSpec) -> Path:
                 run_system(name, todo)
     render(spec.out)
     return spec.out
+
+
+def _environment_with_history(spec: SweepSpec, bank: PromptBank) -> dict[str, object]:
+    """This invocation's environment, with the earlier invocations' (a resumed sweep's pieces
+    ran on other machines, code and time limits) under ``previous``, oldest first."""
+    current = environment(spec.device, spec.settings() | {"prompts": bank.describe()})
+    path = spec.out / "env.json"
+    if not path.exists() or not (spec.out / "raw.csv").exists():
+        return current
+    saved = json.loads(path.read_text())
+    previous = saved.pop("previous", [])
+    return current | {"previous": [*previous, saved]}
 
 
 def _failure(system: str, phase: str, err: Exception) -> str:

@@ -37,6 +37,8 @@ def validate(run_dir: str | Path, hardware: str, calibration: str | Path, sample
         raise ValueError(f"{path} has no measured cells")
     budgets = measured.gpu_memory_gb.dropna().unique()
     models = measured[["model", "num_layers"]].drop_duplicates()
+    if len(budgets) == 0:
+        raise ValueError(f"{path} records no GPU budget: validation simulates a run made with --gpu-memory-gb")
     if len(budgets) != 1 or len(models) != 1:
         raise ValueError(f"{path} mixes budgets or models; validate one sweep at a time")
     name, layers = models.iloc[0]
@@ -55,7 +57,8 @@ def validate(run_dir: str | Path, hardware: str, calibration: str | Path, sample
         samples=samples,
         calibration=str(calibration),
     )
-    predicted = pd.DataFrame(simulate(spec))
+    # columns even when none of the run's systems is simulated (each is then listed, not dropped)
+    predicted = pd.DataFrame(simulate(spec), columns=[*CELL_KEY, *METRICS, "status"])
     joined = measured.merge(predicted, on=CELL_KEY, suffixes=("_measured", "_predicted"), how="left")
     rows = []
     for r in joined.itertuples():

@@ -251,6 +251,23 @@ def test_a_failing_system_is_recorded_and_the_sweep_goes_on(tmp_path, monkeypatc
     assert set(summary[summary.system == "fiddler-paper"].status) == {"failed"}
     assert "failed" in (tmp_path / "run" / "tables.md").read_text()
 
+    # a resume cut short after re-measuring one failed row keeps the other on record
+    measured = []
+
+    def cut_short(self, prompt_ids, settings):
+        if self.record["policy"] == "paper" and settings.max_new_tokens > 2:
+            if measured:
+                raise KeyboardInterrupt
+            measured.append(settings)
+        return original(self, prompt_ids, settings)
+
+    monkeypatch.setattr(engine_systems.EngineSystem, "generate", cut_short)
+    with pytest.raises(KeyboardInterrupt):
+        main(args)
+    rows = read_raw(tmp_path / "run" / "raw.csv")
+    paper = sorted((r["prompt_index"], r["status"]) for r in rows if r["system"] == "fiddler-paper")
+    assert paper == [(0, "ok"), (1, "failed")] and len(rows) == 4
+
     monkeypatch.setattr(engine_systems.EngineSystem, "generate", original)
     assert main(args) == 0  # the resume runs the failed rows again, and only those
     rows = read_raw(tmp_path / "run" / "raw.csv")
@@ -334,8 +351,13 @@ def test_resuming_with_other_settings_is_refused(sweep):
         run_sweep(dc.replace(spec_, gpu_memory_gb=0.02))
     # the time limit only bounds effort: a sweep resumes under another one (nothing is left to run)
     before = (sweep / "raw.csv").read_text()
+    earlier = json.loads((sweep / "env.json").read_text())
     run_sweep(dc.replace(spec_, run_time_limit_s=60.0))
     assert (sweep / "raw.csv").read_text() == before
+    # and the earlier invocations' environment stays on record
+    env = json.loads((sweep / "env.json").read_text())
+    assert env["settings"]["run_time_limit_s"] == 60.0
+    assert env["previous"][-1]["settings"] == earlier["settings"] and "previous" not in env["previous"][-1]
 
 
 def test_the_reference_is_not_a_baseline_and_runs_uncapped(sweep):
