@@ -268,13 +268,23 @@ def run_sweep(spec: SweepSpec) -> Path:
 
     # In rounds: every system's first prompt of every cell, then every second prompt, ...: a sweep
     # cut short (the GPU host's calls are 10 minutes) has whole tables, on fewer prompts, early.
-    for round_index in range(spec.prompts_per_cell):
-        for name in systems:
-            todo = [(r, round_index) for r in plan if _key(_row_key(name, r, round_index)) not in done]
-            if todo and name in given_up:
-                record(name, todo, *given_up[name])
-            elif todo:
-                run_system(name, todo)
+    try:
+        for round_index in range(spec.prompts_per_cell):
+            for name in systems:
+                todo = [(r, round_index) for r in plan if _key(_row_key(name, r, round_index)) not in done]
+                if todo and name in given_up:
+                    record(name, todo, *given_up[name])
+                elif todo:
+                    run_system(name, todo)
+    except BaseException:
+        # a sweep cut short (the GPU host's time limit interrupts it) still leaves its tables in
+        # step with raw.csv; a failure to render must not hide why the sweep stopped
+        if rows:
+            try:
+                render(spec.out)
+            except Exception:
+                log.exception("could not render %s after the sweep stopped", spec.out)
+        raise
     render(spec.out)
     return spec.out
 

@@ -262,11 +262,14 @@ def test_a_failing_system_is_recorded_and_the_sweep_goes_on(tmp_path, monkeypatc
         return original(self, prompt_ids, settings)
 
     monkeypatch.setattr(engine_systems.EngineSystem, "generate", cut_short)
+    (tmp_path / "run" / "summary.csv").unlink()
     with pytest.raises(KeyboardInterrupt):
         main(args)
     rows = read_raw(tmp_path / "run" / "raw.csv")
     paper = sorted((r["prompt_index"], r["status"]) for r in rows if r["system"] == "fiddler-paper")
     assert paper == [(0, "ok"), (1, "failed")] and len(rows) == 4
+    # and its tables were rendered from the rows it has (removed before it began)
+    assert (tmp_path / "run" / "summary.csv").exists()
 
     monkeypatch.setattr(engine_systems.EngineSystem, "generate", original)
     assert main(args) == 0  # the resume runs the failed rows again, and only those
