@@ -33,7 +33,9 @@
 #   sweep48        the same grid at 48 GB: Fiddler's policies and the two strongest baselines
 #   prefill24      long-prefill TTFT (512-8192 tokens) at 24 GB: Fiddler, layer-streaming, expert-lru
 #   beam24         beam search (widths 4, 8, 16) at 24 GB: Fiddler and the strongest baselines
-# The tree there has no .git: pass FIDDLER_GIT_COMMIT=<sha> so run records name the commit.
+# The tree there has no .git: pass FIDDLER_GIT_COMMIT=<sha> so run records name the commit
+# (FIDDLER_GIT_COMMIT=$(git rev-parse HEAD)$(git diff --quiet HEAD || echo -dirty) says when the
+# carried tree holds uncommitted changes).
 # The GPU host lacks mistral-common and network: carry .carry/ (tokenizer.model from
 # mistral-common, llama.cpp-src.tar.gz from `bash tools/build_llama_cpp.sh --pack`).
 set -u

@@ -290,7 +290,7 @@ def provenance_markdown(raw: list[dict]) -> str:
     counts: dict[str, dict[str, int]] = {}
     for row in raw:
         if row.get("status") in ("ok", "time-limited"):
-            commit = str(row.get("git_commit") or "")[:COMMIT_CHARS] or "not recorded"
+            commit = _short_commit(str(row.get("git_commit") or ""))
             per_system = counts.setdefault(row["system"], {})
             per_system[commit] = per_system.get(commit, 0) + 1
     if not counts:
@@ -300,7 +300,13 @@ def provenance_markdown(raw: list[dict]) -> str:
         "",
         "## Measured by",
         "",
-        "One commit measured every row." if len(commits) == 1 else "Rows measured by more than one commit:",
+        (
+            "Rows measured by more than one commit:"
+            if len(commits) > 1
+            else "The measuring commit was not recorded."
+            if commits == {NOT_RECORDED}
+            else "One commit measured every row."
+        ),
         "",
         "| system | commit: measured rows |",
         "|---|---|",
@@ -312,6 +318,16 @@ def provenance_markdown(raw: list[dict]) -> str:
 
 
 COMMIT_CHARS = 7  # commits shown abbreviated, as git does
+DIRTY = "-dirty"  # a commit measured with uncommitted changes in the tree (harness.runner)
+NOT_RECORDED = "not recorded"
+
+
+def _short_commit(commit: str) -> str:
+    dirty = commit.endswith(DIRTY)
+    short = commit.removesuffix(DIRTY)[:COMMIT_CHARS]
+    return (short + DIRTY if dirty else short) or NOT_RECORDED
+
+
 BOUND_SYSTEMS = ("fiddler-hybrid", "fiddler-paper")
 BOUND_TARGET = 0.85  # issue 8: fiddler-hybrid's decode at least 85% of the bound
 PREFILL_TARGET = 1.2  # issue 8: Fiddler's long-prefill TTFT within 1.2x of the copy-bound limit

@@ -127,7 +127,8 @@ def test_sweep_outputs_and_schema(sweep):
     assert "git_commit" in env and env["settings"]["prompts"]["dataset"] == "sharegpt"
     # every row names the commit that measured it, and the tables say which measured what
     rows = read_raw(sweep / "raw.csv")
-    assert {str(r["git_commit"]) for r in rows} == {str(env["git_commit"] or "")}
+    dirty = "-dirty" if env["git_commit"] and env["git_dirty"] else ""
+    assert {str(r["git_commit"]) for r in rows} == {str(env["git_commit"] or "") + dirty}
     assert "## Measured by" in tables
     # Fiddler's rows carry its own prediction for the prefill's MoE layers (TTFT's yardstick)
     for r in rows:
@@ -154,6 +155,9 @@ def test_tables_say_when_rows_span_commits():
     assert "| expert-lru | `bbbbbbb`: 1 |" in text and "ccccccc" not in text
     assert "| cpu-only | `not recorded`: 1 |" in text
     assert "One commit measured every row." in provenance_markdown(rows[1:3])
+    dirty = [{"system": "fiddler-hybrid", "status": "ok", "git_commit": "a" * 40 + "-dirty"}, rows[0]]
+    assert "| fiddler-hybrid | `aaaaaaa`: 1, `aaaaaaa-dirty`: 1 |" in provenance_markdown(dirty)
+    assert "was not recorded" in provenance_markdown(rows[4:])
 
 
 def test_resume_after_a_crash_loses_and_duplicates_nothing(tmp_path, monkeypatch):
