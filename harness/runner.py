@@ -212,7 +212,7 @@ def run_sweep(spec: SweepSpec) -> Path:
         _write_raw(raw_path, list(rows.values()))
 
     given_up: dict[str, tuple[str, str]] = {}  # refused, or broke: not loaded again in this invocation
-    step_limits: dict[str, dict[Run, int]] = {}  # per system: new tokens within the time limit, per run
+    step_budgets: dict[str, _StepBudget] = {}  # per system, kept across rounds
 
     def run_system(name: str, todo: list[tuple[Run, int]]) -> None:
         """Load one system, measure its runs in ``todo``, close it."""
@@ -247,11 +247,11 @@ def run_sweep(spec: SweepSpec) -> Path:
                 warm_up = GenerationSettings(max_new_tokens=min(2, first.output_tokens), beam_width=width)
                 with contextlib.suppress(Unsupported):  # its rows will say so
                     system.generate(bank.prompts(first.scenario, first.input_tokens)[0], warm_up)
-            limits = step_limits.setdefault(name, {})  # probed once per run, kept across rounds
+            budget = step_budgets.setdefault(name, _StepBudget())
             while todo:
                 run, index = todo[0]
                 prompt = bank.prompts(run.scenario, run.input_tokens)[index]
-                row = base | _row_key(name, run, index) | _measure(system, run, prompt, spec, limits)
+                row = base | _row_key(name, run, index) | _measure(system, run, prompt, spec, budget)
                 rows[_key(row)] = row
                 todo.pop(0)
                 _write_raw(raw_path, list(rows.values()))  # atomically, after every run
@@ -348,22 +348,42 @@ def _row_key(system: str, run: Run, index: int) -> dict:
     }
 
 
-def _measure(system, run: Run, prompt: list[int], spec: SweepSpec, limits: dict[Run, int]) -> dict:
+@dataclasses.dataclass
+class _StepBudget:
+    """One system's new tokens per run within the time limit (kept across rounds, so every
+    prompt of a cell gets the same), estimated from the pace of its last generation at the same
+    beam width, or from a short probe before its first: a probe of a slow system costs what a
+    few of its tokens do (accelerate-offload: ~30 s)."""
+
+    tokens: dict[Run, int] = dataclasses.field(default_factory=dict)
+    pace: dict[int, tuple[float, float]] = dataclasses.field(default_factory=dict)  # width -> (TTFT, step) s
+
+    def learn(self, width: int, result: GenerationResult) -> None:
+        if result.step_times_s:
+            self.pace[width] = (result.ttft_s, result.decode_s / len(result.step_times_s))
+
+
+def _measure(system, run: Run, prompt: list[int], spec: SweepSpec, budget: _StepBudget) -> dict:
     wanted = run.output_tokens
-    if spec.run_time_limit_s is not None and run not in limits and wanted > PROBE_TOKENS:
-        try:
-            probe = system.generate(prompt, GenerationSettings(max_new_tokens=PROBE_TOKENS, beam_width=run.beam_width))
-        except Unsupported as err:
-            return {"status": "unsupported", "reason": str(err)}
-        step = probe.decode_s / max(len(probe.step_times_s), 1)
-        limits[run] = 1 + steps_within(spec.run_time_limit_s, probe.ttft_s, step, wanted - 1)
-    new_tokens = limits.get(run, wanted)
+    if spec.run_time_limit_s is not None and run not in budget.tokens and wanted > PROBE_TOKENS:
+        if run.beam_width not in budget.pace:
+            try:
+                probe = system.generate(
+                    prompt, GenerationSettings(max_new_tokens=PROBE_TOKENS, beam_width=run.beam_width)
+                )
+            except Unsupported as err:
+                return {"status": "unsupported", "reason": str(err)}
+            budget.learn(run.beam_width, probe)
+        ttft, step = budget.pace.get(run.beam_width, (0.0, 0.0))
+        budget.tokens[run] = 1 + steps_within(spec.run_time_limit_s, ttft, step, wanted - 1)
+    new_tokens = budget.tokens.get(run, wanted)
     settings = GenerationSettings(max_new_tokens=new_tokens, beam_width=run.beam_width)
     try:
         with NvmlSampler() as sampler:
             result = system.generate(prompt, settings)
     except Unsupported as err:
         return {"status": "unsupported", "reason": str(err)}
+    budget.learn(run.beam_width, result)
     stats = result.stats
     return {
         "status": "ok" if new_tokens == wanted else "time-limited",
