@@ -4,6 +4,11 @@
 # (kernels + orchestration ~6 min; baselines ~8 min; quick ~8 min). Results are packed into $OUT/campaign.tar.gz (the device tool
 # returns at most 8 files). Usage, on the GPU host from the repository root:
 #   bash experiments/gpu_campaign.sh kernels orchestration baselines quick
+# What is left, in the order that gives readers whole tables soonest (2026-12-01 plan, ~30 GPU
+# minutes a session): `orchestration prefill24` in one call (measures the engine since f894888,
+# and the whole long-prefill scenario, ~4 min of it); `sweep24` until its round 0 is whole;
+# `llama-build` + `llama` with LLAMA_RUN_DIR=results/h200-llama-8layers-v2 (issue 9 again, on
+# the newer engine); `beam24`; `sweep48` round 0; then rounds 1-2 of the sweeps.
 # Stages (in the order given):
 #   kernels        issue 6: CPU expert paths x tokens x threads, alone and beside copies
 #   orchestration  issues 3/6: calibration (kernel chosen by measurement), correctness, every
