@@ -22,7 +22,7 @@
 #                  may keep all 16 cores busy between CPU jobs while the engine's main thread
 #                  and CPU worker wait for a core; default / OMP_WAIT_POLICY=PASSIVE / 15
 #                  threads; layer timelines in each orchestration.json
-#                  (python experiments/threads_ab_report.py DIR renders them side by side)
+#                  (python experiments/orchestration_report.py DIR renders them side by side)
 #   quick          issue 5: make reproduce-quick (measured cells for issue 7's validation)
 #   llama          issue 9: CUDA build of llama.cpp (~5 min), then llama-cpp vs Fiddler and the
 #                  baselines on Mixtral-8x7B truncated to 8 layers, 14 of 64 experts resident,

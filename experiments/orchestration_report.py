@@ -1,14 +1,15 @@
-"""Side-by-side table of the `threads-ab` stage of experiments/gpu_campaign.sh: one
-orchestration run per CPU thread setting (``<dir>/ab-<variant>/orchestration.json`` beside the
-``calibration.json`` it measured), each policy's decode tokens/s and TTFT, the calibration's CPU
-expert time and slowdown beside copies, and the median timeline of its timed decode layers (ms
-from the layer's start, as ``fiddler.orchestrator`` records it); then, from the sampled timed
-layers, the rate at which each path moved expert bytes while it was busy (CPU: the experts'
-bytes it computed over cpu_begin..cpu_end; copies: the bytes copied over
-copies_begin..copies_landed), all missing experts' bytes over the whole layers, and the mean
-time before the CPU began and after the main thread's wait was over.
+"""Orchestration runs side by side: the `orchestration` stage of experiments/gpu_campaign.sh (a
+folder holding ``orchestration.json``) or its `threads-ab` stage (one run per CPU thread setting,
+``<dir>/ab-<variant>/orchestration.json``), each beside the ``calibration.json`` it measured.
+Tables: each policy's decode tokens/s and TTFT, the calibration's CPU expert time and slowdown
+beside copies, and the median timeline of its timed decode layers (ms from the layer's start,
+as ``fiddler.orchestrator`` records it); from the sampled timed layers, the rate at which each
+path moved expert bytes while it was busy (CPU: the experts' bytes it computed over
+cpu_begin..cpu_end; copies: the bytes copied over copies_begin..copies_landed), all missing
+experts' bytes over the whole layers, and the mean time before the CPU began and after the main
+thread's wait was over; and the timed prefill against the planner's prediction (where TTFT goes).
 
-Usage: python experiments/threads_ab_report.py DIR [--out FILE]   (markdown on stdout or FILE)
+Usage: python experiments/orchestration_report.py DIR [--out FILE]   (markdown on stdout or FILE)
 """
 
 from __future__ import annotations
@@ -103,12 +104,44 @@ def rate_rows(run: dict, variant: str) -> list[str]:
     return rows
 
 
-def report(directory: Path) -> str:
+def prefill_rows(run: dict, variant: str) -> list[str]:
+    """One row per policy: its timed prefill's MoE layers, predicted and measured."""
+    rows = []
+    for policy, result in run.get("speed", {}).get("policies", {}).items():
+        timing = result.get("layer_timing_prefill")
+        if not timing:
+            continue
+        timeline = timing.get("timeline_ms_median", {})
+        cells = [
+            _cell(result.get("ttft_s")),
+            _cell(timing.get("timed_ttft_s")),
+            str(timing.get("layers", 0)),
+            _cell(timing.get("predicted_ms_total"), 1),
+            _cell(timing.get("measured_ms_total"), 1),
+            _cell(timing.get("cpu_compute_ms_total"), 1),
+        ] + [_cell(timeline.get(mark)) for mark in MARKS]
+        rows.append(f"| {variant} | {policy} | " + " | ".join(cells) + " |")
+    return rows
+
+
+def runs_in(directory: Path) -> list[tuple[str, Path]]:
+    """(variant, orchestration.json) pairs: the folder's own run, or its ab-* variants."""
+    own = directory / "orchestration.json"
+    if own.exists():
+        return [(directory.name, own)]
     runs = sorted(directory.glob("ab-*/orchestration.json"))
     if not runs:
-        raise FileNotFoundError(f"{directory} has no ab-*/orchestration.json: run the threads-ab stage into it")
+        raise FileNotFoundError(
+            f"{directory} has neither orchestration.json nor ab-*/orchestration.json: "
+            "give the folder of an orchestration or threads-ab stage"
+        )
+    return [(path.parent.name.removeprefix("ab-"), path) for path in runs]
+
+
+def report(directory: Path) -> str:
+    runs = runs_in(directory)
     lines = [
-        f"# CPU thread settings side by side ({directory})",
+        f"# Orchestration runs side by side ({directory})",
         "",
         "Decode tokens/s and TTFT as measured untimed; the calibration's CPU expert at one token; "
         "the mean timed decode layer and the median of each timeline mark (ms from the layer's start).",
@@ -126,14 +159,28 @@ def report(directory: Path) -> str:
         "| variant | policy | layers | CPU GB/s | copy GB/s | all GB/s | before CPU ms | after wait ms |",
         "|" + "---|" * 8,
     ]
-    for path in runs:
-        variant = path.parent.name.removeprefix("ab-")
+    prefill = [
+        "",
+        "The timed prefill (one generation with layer timing on, which synchronises each layer): TTFT "
+        "untimed and timed, its MoE layers' time as the planner predicted it and as measured, the CPU "
+        "worker's compute, and the median timeline of those layers (ms).",
+        "",
+        "| variant | policy | TTFT s | timed TTFT s | layers | predicted ms | measured ms | CPU compute ms | "
+        + " | ".join(MARKS)
+        + " |",
+        "|" + "---|" * (8 + len(MARKS)),
+    ]
+    has_prefill = False
+    for variant, path in runs:
         calibration_path = path.parent / "calibration.json"
         calibration = json.loads(calibration_path.read_text()) if calibration_path.exists() else {}
         run = json.loads(path.read_text())
         lines += variant_rows(run, calibration, variant)
         rates += rate_rows(run, variant)
-    return "\n".join(lines + rates) + "\n"
+        rows = prefill_rows(run, variant)
+        prefill += rows
+        has_prefill = has_prefill or bool(rows)
+    return "\n".join(lines + rates + (prefill if has_prefill else [])) + "\n"
 
 
 def main() -> int:

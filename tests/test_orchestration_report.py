@@ -1,5 +1,6 @@
-"""The threads-ab report: one row per variant and policy, the timeline's marks in order, and a
-clear error for a folder without runs."""
+"""The orchestration report: one row per variant and policy, the timeline's marks in order, the
+timed prefill beside the planner's prediction, one run's folder as well as the threads-ab
+variants, and a clear error for a folder without runs."""
 
 import json
 import sys
@@ -8,7 +9,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "experiments"))
-from threads_ab_report import MARKS, path_rates, report
+from orchestration_report import MARKS, path_rates, report
 
 
 def write_variant(root: Path, variant: str, decode: float, timeline: dict) -> None:
@@ -41,8 +42,27 @@ def test_rows_per_variant_with_the_timeline(tmp_path):
 
 
 def test_a_folder_without_runs_is_a_clear_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match="threads-ab stage"):
+    with pytest.raises(FileNotFoundError, match="orchestration or threads-ab stage"):
         report(tmp_path)
+
+
+def test_one_runs_folder_with_its_timed_prefill(tmp_path):
+    """The orchestration stage's folder holds one run; its prefill table appears when timed."""
+    write_variant(tmp_path, "default", 5.78, {"routed": 0.1, "end": 6.9})
+    one = tmp_path / "ab-default"
+    assert "timed prefill" not in report(one)  # no prefill timing recorded: no table
+    run = json.loads((one / "orchestration.json").read_text())
+    run["speed"]["policies"]["hybrid"]["layer_timing_prefill"] = {
+        "layers": 32,
+        "predicted_ms_total": 520.0,
+        "measured_ms_total": 610.5,
+        "cpu_compute_ms_total": 300.25,
+        "timed_ttft_s": 0.75,
+        "timeline_ms_median": {"routed": 0.3, "cpu_begin": 0.6},
+    }
+    (one / "orchestration.json").write_text(json.dumps(run))
+    text = report(one)
+    assert "| ab-default | hybrid | 0.50 | 0.75 | 32 | 520.0 | 610.5 | 300.2 | 0.30 | - | - | 0.60 |" in text
 
 
 def test_path_rates_count_a_divided_experts_share_on_each_path():
