@@ -2,8 +2,9 @@
 (activations cross) or copied into staging buffers, as each layer's plan says.
 
 Contract: ``FiddlerExecutor`` is an ``ExpertExecutor``. Per layer it reads the routing on the
-host (one synchronisation of the compute stream; beside it, when the executor may use the CPU
-at all, the layer's hidden states go down into host memory on a stream of their own), asks
+host (one synchronisation of the compute stream; after that read, when the executor may use
+the CPU at all, the layer's hidden states go down into host memory on a stream of their own,
+which nothing but the CPU path waits for), asks
 ``fiddler.planner.plan_layer`` for a plan (cached by
 routing pattern), then runs the plan with the paths overlapping: first the CPU rows go to a
 worker thread, which gathers them on the host and computes them (the CPU path usually ends a
@@ -177,6 +178,7 @@ class FiddlerExecutor:
         self.down_stream = new_stream(device)
         self.cpu_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fiddler-cpu")
         self._host_hidden = self._host_out = torch.empty(0)
+        self._host_routing = torch.empty(0, dtype=torch.long)  # the routing ids read each layer
         self._host_out_free: torch.cuda.Event | None = None  # last transfer out of _host_out
         self._plans: dict[tuple, LayerPlan] = {}
         self.adapt_cpu = adapt_cpu
@@ -261,8 +263,12 @@ class FiddlerExecutor:
         num_tokens, top_k = routing.experts.shape
         flat = routing.experts.reshape(-1)
         order = torch.argsort(flat, stable=True)  # rows sorted by expert, on the accelerator
-        host_hidden, hidden_landed = self._send_hidden_down(hidden)  # beside the routing read
-        flat_host = flat.cpu()  # the one sync (of the compute stream only)
+        routed = self._read_routing(flat)
+        # queued after the routing read, so that a long pass's hidden states (tens of MB) do not
+        # hold the small read up on the device->host copy engine
+        host_hidden, hidden_landed = self._send_hidden_down(hidden)
+        flat_host = self._host_routing[: flat.shape[0]]
+        host_wait(routed)  # the one sync: the compute stream up to the routing read
         counts = torch.bincount(flat_host, minlength=self.config.num_experts).tolist()
         offsets = [0]
         for count in counts:
@@ -416,6 +422,14 @@ class FiddlerExecutor:
             slot.w2b[:count].copy_(w2b[first_block:], non_blocking=True)
             landed = record(self.device, self.copy_stream, timing=self.layer_timing)
         return expert, slot, landed, count
+
+    def _read_routing(self, flat: torch.Tensor) -> torch.cuda.Event | None:
+        """Queue the routing ids' copy into page-locked host memory on the compute stream;
+        returns the event of its landing (``self._host_routing`` holds them then)."""
+        if self._host_routing.shape[0] < flat.shape[0]:
+            self._host_routing = torch.empty(flat.shape[0], dtype=flat.dtype, pin_memory=self.device.type == "cuda")
+        self._host_routing[: flat.shape[0]].copy_(flat, non_blocking=True)
+        return record(self.device)
 
     def _send_hidden_down(self, hidden: torch.Tensor) -> tuple[torch.Tensor | None, torch.cuda.Event | None]:
         """Queue the layer's hidden states into host memory on the down stream, beside the
