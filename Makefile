@@ -2,7 +2,7 @@
 PYTHON ?= python3
 TORCH_CPU_PIN := torch==2.13.0
 
-.PHONY: help install test lint format demo reproduce reproduce-quick simulate llama-cpp bench
+.PHONY: help install test lint format demo reproduce reproduce-quick simulate llama-cpp carry bench
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed -e 's/:.*## /\t/'
@@ -36,6 +36,11 @@ simulate:  ## the simulated reproduction on the paper's machines only (seconds)
 
 llama-cpp:  ## build llama.cpp (llama-server, llama-bench) into third_party/ from PyPI's llama-cpp-python sdist; CUDA=1 for GPU
 	PYTHON=$(PYTHON) bash tools/build_llama_cpp.sh
+
+carry:  ## .carry/ for the GPU host (no network there): the Mistral v1 tokenizer and llama.cpp's source
+	mkdir -p .carry
+	$(PYTHON) -c "import mistral_common, pathlib, shutil; shutil.copy(pathlib.Path(mistral_common.__file__).parent / 'data' / 'tokenizer.model.v1', '.carry/tokenizer.model')"
+	PYTHON=$(PYTHON) bash tools/build_llama_cpp.sh --pack-only
 
 bench:  ## pytest-benchmark: every system's decode on a small model; JSON under results/benchmarks/
 	mkdir -p results/benchmarks

@@ -41,8 +41,8 @@
 # The tree there has no .git: pass FIDDLER_GIT_COMMIT=<sha> so run records name the commit
 # (FIDDLER_GIT_COMMIT=$(git rev-parse HEAD)$(git diff --quiet HEAD || echo -dirty) says when the
 # carried tree holds uncommitted changes).
-# The GPU host lacks mistral-common and network: carry .carry/ (tokenizer.model from
-# mistral-common, llama.cpp-src.tar.gz from `bash tools/build_llama_cpp.sh --pack`).
+# The GPU host lacks mistral-common and network: carry .carry/ (`make carry` writes it:
+# tokenizer.model from mistral-common, llama.cpp-src.tar.gz from PyPI's llama-cpp-python).
 set -u
 export PYTHONPATH="$PWD" PYTHONUNBUFFERED=1
 [ -f .carry/tokenizer.model ] && export FIDDLER_TOKENIZER="$PWD/.carry/tokenizer.model"

@@ -7,6 +7,7 @@
 #                                            git): the tree without models/docs, to carry to a
 #                                            host without network (experiments/gpu_campaign.sh
 #                                            unpacks it there into third_party/)
+#   bash tools/build_llama_cpp.sh --pack-only  the same archive, without building here
 # Targets: llama-server (what baselines/llama_cpp.py runs) and llama-bench.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,10 +23,11 @@ if [ ! -f "$DEST/convert_hf_to_gguf.py" ]; then
   mv "$work/llama_cpp_python-$VERSION/vendor/llama.cpp" "$DEST"
   rm -rf "$DEST/models" "$DEST/docs" "$DEST/media"
 fi
-if [ "${1:-}" = "--pack" ]; then
+if [ "${1:-}" = "--pack" ] || [ "${1:-}" = "--pack-only" ]; then
   mkdir -p .carry
   tar -czf .carry/llama.cpp-src.tar.gz -C third_party --exclude=llama.cpp/build llama.cpp
   ls -la .carry/llama.cpp-src.tar.gz
+  [ "$1" = "--pack-only" ] && exit 0
 fi
 flags=(-DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF)
 if [ "${CUDA:-0}" = "1" ]; then
