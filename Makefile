@@ -39,7 +39,7 @@ llama-cpp:  ## build llama.cpp (llama-server, llama-bench) into third_party/ fro
 
 carry:  ## .carry/ for the GPU host (no network there): the Mistral v1 tokenizer and llama.cpp's source
 	mkdir -p .carry
-	$(PYTHON) -c "import mistral_common, pathlib, shutil; shutil.copy(pathlib.Path(mistral_common.__file__).parent / 'data' / 'tokenizer.model.v1', '.carry/tokenizer.model')"
+	$(PYTHON) -c "import shutil; from fiddler.tokenizer import mistral_v1_path; shutil.copy(mistral_v1_path(), '.carry/tokenizer.model')"
 	PYTHON=$(PYTHON) bash tools/build_llama_cpp.sh --pack-only
 
 bench:  ## pytest-benchmark: every system's decode on a small model; JSON under results/benchmarks/

@@ -170,17 +170,15 @@ def report(directory: Path) -> str:
         + " |",
         "|" + "---|" * (8 + len(MARKS)),
     ]
-    has_prefill = False
+    prefill_body: list[str] = []
     for variant, path in runs:
         calibration_path = path.parent / "calibration.json"
         calibration = json.loads(calibration_path.read_text()) if calibration_path.exists() else {}
         run = json.loads(path.read_text())
         lines += variant_rows(run, calibration, variant)
         rates += rate_rows(run, variant)
-        rows = prefill_rows(run, variant)
-        prefill += rows
-        has_prefill = has_prefill or bool(rows)
-    return "\n".join(lines + rates + (prefill if has_prefill else [])) + "\n"
+        prefill_body += prefill_rows(run, variant)
+    return "\n".join(lines + rates + (prefill + prefill_body if prefill_body else [])) + "\n"
 
 
 def main() -> int:

@@ -432,7 +432,7 @@ class FiddlerExecutor:
         return record(self.device)
 
     def _send_hidden_down(self, hidden: torch.Tensor) -> tuple[torch.Tensor | None, torch.cuda.Event | None]:
-        """Queue the layer's hidden states into host memory on the down stream, beside the
+        """Queue the layer's hidden states into host memory on the down stream, after the
         routing read, so the CPU path starts with its inputs in place (no gather and no transfer
         after planning). Returns the host tensor and the event of its landing; ``None``s when
         the executor never computes on the CPU. The host buffer is reused by the next layer,

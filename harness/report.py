@@ -24,6 +24,7 @@ import pandas as pd
 
 from fiddler.files import write_text_atomic
 from harness.scenarios import Cell, Run
+from harness.telemetry import DIRTY
 from harness.timing import cell_metrics
 
 SUMMARY_COLUMNS = [
@@ -318,7 +319,6 @@ def provenance_markdown(raw: list[dict]) -> str:
 
 
 COMMIT_CHARS = 7  # commits shown abbreviated, as git does
-DIRTY = "-dirty"  # a commit measured with uncommitted changes in the tree (harness.runner)
 NOT_RECORDED = "not recorded"
 
 

@@ -44,7 +44,7 @@ from fiddler.timing import Clock
 from fiddler.tokenizer import find_tokenizer
 from harness import prompts as prompt_sources
 from harness.scenarios import Cell, Run, runs
-from harness.telemetry import NvmlSampler, environment, git_commit, process_rss_gb
+from harness.telemetry import NvmlSampler, environment, measuring_commit, process_rss_gb
 from harness.timing import steps_within
 
 log = logging.getLogger(__name__)
@@ -200,7 +200,7 @@ def run_sweep(spec: SweepSpec) -> Path:
         "dataset": spec.dataset,
         "gpu_memory_gb": spec.gpu_memory_gb,
         # the code that measured the row: a sweep resumed across sessions may span engine versions
-        "git_commit": _measuring_commit(),
+        "git_commit": measuring_commit(),
     }
 
     def record(name: str, todo: list[tuple[Run, int]], status: str, reason: str) -> None:
@@ -287,14 +287,6 @@ def run_sweep(spec: SweepSpec) -> Path:
         raise
     render(spec.out)
     return spec.out
-
-
-def _measuring_commit() -> str:
-    """The commit of the code running, marked ``-dirty`` when the tree has uncommitted changes
-    (the launcher on a host without .git states it in FIDDLER_GIT_COMMIT, suffix included)."""
-    info = git_commit()
-    commit = info["git_commit"] or ""
-    return f"{commit}-dirty" if commit and info["git_dirty"] and not commit.endswith("-dirty") else commit
 
 
 def _environment_with_history(spec: SweepSpec, bank: PromptBank) -> dict[str, object]:

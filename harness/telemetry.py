@@ -97,6 +97,17 @@ def git_commit() -> dict[str, object]:
         return {"git_commit": os.environ.get("FIDDLER_GIT_COMMIT"), "git_dirty": None}
 
 
+DIRTY = "-dirty"  # a commit label's suffix when the tree held uncommitted changes
+
+
+def measuring_commit() -> str:
+    """The commit of the code running, marked ``-dirty`` when the tree has uncommitted changes
+    (the launcher on a host without .git states it in FIDDLER_GIT_COMMIT, suffix included)."""
+    info = git_commit()
+    commit = info["git_commit"] or ""
+    return commit + DIRTY if commit and info["git_dirty"] and not commit.endswith(DIRTY) else commit
+
+
 def _gpu_details() -> dict[str, object]:
     nvml = _nvml()
     if nvml is None:
