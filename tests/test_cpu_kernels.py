@@ -61,6 +61,10 @@ def test_kernels_match_float64(kernel_name, d, f, blocks):
             )
 
 
+STALL_SHARE_OF_CALL = 0.1  # a gap in the main thread's loop longer than this share of a call is a stall
+MAX_STALLED_FRACTION = 0.5  # of the measuring window
+
+
 @pytest.mark.parametrize(("kernel_name", "tokens"), [("avx512-bf16", 16), ("amx-bf16", 64)])
 def test_native_kernels_release_the_gil(kernel_name, tokens):
     """The engine's main thread issues GPU work while a worker thread computes CPU experts: a
@@ -93,8 +97,13 @@ def test_native_kernels_release_the_gil(kernel_name, tokens):
         worker.join()
     finally:
         torch.set_num_threads(threads)
-    longest_stall = max(b - a for a, b in itertools.pairwise(ticks))
-    assert longest_stall < 0.5 * statistics.median(calls), (longest_stall, calls)
+    # Holding the GIL stalls this loop for every call, nearly the whole window (0.96 measured with
+    # a GIL-holding C call); a kernel that releases it leaves only the scheduler's preemptions on
+    # a busy 2-core machine (one 30 ms gap failed the longest-gap version of this check in CI).
+    call = statistics.median(calls)
+    gaps = [b - a for a, b in itertools.pairwise(ticks)]
+    stalled = sum(gap for gap in gaps if gap > STALL_SHARE_OF_CALL * call) / (ticks[-1] - ticks[0])
+    assert stalled < MAX_STALLED_FRACTION, (stalled, max(gaps), calls)
 
 
 def test_native_kernel_bound_and_bad_input():
