@@ -80,6 +80,12 @@ sweep() {
   local name="$1" dir="$2"
   shift 2
   mkdir -p "$dir"
+  # a new run folder takes this machine's calibration when the orchestration stage just measured
+  # one (the same `calibrate`, same kernel choice): it saves the minute a second one costs
+  if [ ! -f "$dir/calibration.json" ] && [ -f "$OUT/orchestration/calibration.json" ]; then
+    cp "$OUT/orchestration/calibration.json" "$dir/calibration.json"
+    echo "=== $name: calibration from the orchestration stage of this call" | tee -a "$OUT/campaign.log"
+  fi
   [ -f "$dir/calibration.json" ] || stage "$name-calibration" python3 -m fiddler.cli calibrate \
     --model mixtral-8x7b --out "$dir/calibration.json"
   mkdir -p "$OUT/$dir" && cp -r "$dir/." "$OUT/$dir/"
