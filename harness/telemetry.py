@@ -90,11 +90,15 @@ def git_commit() -> dict[str, object]:
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
 
+    # the launcher's word first: the GPU host's copy of the tree may carry a .git from an older
+    # snapshot than the files beside it (it labelled rows of 61c16b3 as ae5dc7f-dirty)
+    stated = os.environ.get("FIDDLER_GIT_COMMIT")
+    if stated:
+        return {"git_commit": stated, "git_dirty": None}
     try:
         return {"git_commit": git("rev-parse", "HEAD"), "git_dirty": bool(git("status", "--porcelain"))}
     except (OSError, subprocess.CalledProcessError):
-        # a copy of the tree without .git (the GPU host's): the launcher may state the commit
-        return {"git_commit": os.environ.get("FIDDLER_GIT_COMMIT"), "git_dirty": None}
+        return {"git_commit": None, "git_dirty": None}
 
 
 DIRTY = "-dirty"  # a commit label's suffix when the tree held uncommitted changes

@@ -160,6 +160,16 @@ def test_tables_say_when_rows_span_commits():
     assert "was not recorded" in provenance_markdown(rows[4:])
 
 
+def test_the_launchers_stated_commit_wins_over_a_stale_git_beside_the_tree(monkeypatch):
+    from harness.telemetry import measuring_commit
+
+    monkeypatch.delenv("FIDDLER_GIT_COMMIT", raising=False)
+    from_git = measuring_commit()  # this checkout's own HEAD (a test run has a .git)
+    stated = "f" * 40 + "-dirty"
+    monkeypatch.setenv("FIDDLER_GIT_COMMIT", stated)
+    assert measuring_commit() == stated != from_git
+
+
 def test_resume_after_a_crash_loses_and_duplicates_nothing(tmp_path, monkeypatch):
     from baselines import engine_systems
 
