@@ -5,7 +5,8 @@ simulates each of its systems that the simulator models, for the same cells, mod
 budget, on ``hardware`` (the measured machine's profile) with ``calibration`` (the calibration
 file the run used) in place of the profile's latencies, and returns one row per (system,
 cell, metric): measured, predicted, ``error`` = predicted / measured - 1, and whether it lies
-within ``TOLERANCE``. A measured figure that was extrapolated says so (``measured_status``).
+within ``TOLERANCE`` (a metric the cell did not measure, such as decode at one output token,
+has no row). A measured figure that was extrapolated says so (``measured_status``).
 Systems the simulator does not model are listed, not dropped silently.
 ``validation_markdown`` renders the rows.
 """
@@ -65,6 +66,8 @@ def validate(run_dir: str | Path, hardware: str, calibration: str | Path, sample
         simulated = r.system in SIMULATED_SYSTEMS
         for metric in METRICS:
             value, guess = getattr(r, f"{metric}_measured"), getattr(r, f"{metric}_predicted", None)
+            if pd.isna(value):  # nothing measured to hold a prediction against (no decode at 1 output token)
+                continue
             error = guess / value - 1 if simulated and pd.notna(value) and pd.notna(guess) and value else None
             rows.append(
                 {
@@ -90,6 +93,7 @@ def validation_markdown(rows: pd.DataFrame, run_dir: str | Path, hardware: str, 
         f"+-{TOLERANCE:.0%} (decode tokens/s and TTFT). `extrapolated`: the measured end-to-end figure was "
         "itself extrapolated from the steps that fit the run's time limit.",
         "",
+        *_summary_lines(rows),
         "| system | cell (in/out, beams) | metric | measured | predicted | error | within |",
         "|---|---|---|---|---|---|---|",
     ]
@@ -103,3 +107,19 @@ def validation_markdown(rows: pd.DataFrame, run_dir: str | Path, hardware: str, 
             f"| {r.system} | {cell} | {r.metric} | {r.measured:.3g}{status} | {predicted} | {error} | {within} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _summary_lines(rows: pd.DataFrame) -> list[str]:
+    """Per system and metric: cells held against a prediction, how many lie within the
+    tolerance, and the error range (the whole table follows)."""
+    checked = rows.dropna(subset=["error"])
+    if checked.empty:
+        return []
+    lines = ["| system | metric | cells | within | error range |", "|---|---|---|---|---|"]
+    for (system, metric), group in checked.groupby(["system", "metric"], sort=False):
+        errors = group.error.astype(float)
+        lines.append(
+            f"| {system} | {metric} | {len(group)} | {int(group.within_tolerance.astype(bool).sum())} | "
+            f"{errors.min():+.0%} .. {errors.max():+.0%} |"
+        )
+    return [*lines, "", "Every cell:", ""]

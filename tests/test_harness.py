@@ -442,7 +442,14 @@ def test_validation_sets_the_simulator_against_the_measured_cells(sweep, tmp_pat
         )
         == 0
     )
-    assert "| fiddler-paper |" in (tmp_path / "v" / "validation.md").read_text()
+    text = (tmp_path / "v" / "validation.md").read_text()
+    assert "| fiddler-paper |" in text
+    cells = len(summary[summary.system == "fiddler-paper"])
+    assert f"| fiddler-paper | ttft_s | {cells} |" in text  # the summary above the whole table
+    one_token = shutil.copytree(sweep, tmp_path / "one-token")
+    summary.assign(decode_tokens_per_s=float("nan")).to_csv(one_token / "summary.csv", index=False)
+    # a cell of one output token measures no decode: no decode rows, rather than rows of nan
+    assert "decode_tokens_per_s" not in set(validate(one_token, "h200-host", calibration, samples=2).metric)
     with pytest.raises(FileNotFoundError, match="run folder"):
         validate(tmp_path, "h200-host", calibration)
 
