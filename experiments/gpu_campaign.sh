@@ -4,11 +4,18 @@
 # (kernels + orchestration ~6 min; baselines ~8 min; quick ~8 min). Results are packed into $OUT/campaign.tar.gz (the device tool
 # returns at most 8 files). Usage, on the GPU host from the repository root:
 #   bash experiments/gpu_campaign.sh kernels orchestration baselines quick
-# What is left, in the order that gives readers whole tables soonest (2026-12-01 plan, ~30 GPU
-# minutes a session): `orchestration prefill24` in one call (measures the engine since f894888,
-# and the whole long-prefill scenario, ~4 min of it); `sweep24` until its round 0 is whole;
-# `llama-build` + `llama` with LLAMA_RUN_DIR=results/h200-llama-8layers-v2 (issue 9 again, on
-# the newer engine); `beam24`; `sweep48` round 0; then rounds 1-2 of the sweeps.
+# What is left (plan of 2026-12-01, seventh session; ~30 GPU minutes a session, a fresh machine
+# costs ~1 minute of it). Done: orchestration run 10, prefill24 (whole). After each call copy
+# what came back into the tree and commit it BEFORE the next call: the tree travels with each
+# call, and a sweep resumes from the rows it carries (the seventh session re-measured a piece
+# for want of this). Next, in order:
+#   1. `llama-build llama` with LLAMA_RUN_DIR=results/h200-llama-8layers-v2 and
+#      FIDDLER_CACHE=$PWD/third_party/cache (issue 9 on the engine of run 10: build ~5 min,
+#      calibration ~1, GGUF conversion ~2, then the runs), then `llama` again on the warm machine
+#      to finish it; copy $OUT/llama-bin/ parts into .carry/ (later machines skip the build).
+#   2. `beam24` (smoke-tested on 2 layers: results/h200-beam-smoke-2layers/).
+#   3. `sweep24` until round 0 is whole (accelerate-offload, expert-lru-prefetch and the two
+#      ablations: ~3 calls), then `sweep48` round 0, then rounds 1-2 of both.
 # Stages (in the order given):
 #   kernels        issue 6: CPU expert paths x tokens x threads, alone and beside copies
 #   orchestration  issues 3/6: calibration (kernel chosen by measurement), correctness, every
@@ -29,7 +36,9 @@
 #                  resumable like the sweeps (results/h200-llama-8layers/; LLAMA_RUN_DIR=DIR
 #                  measures into another folder, e.g. after an engine change)
 #   llama-build    the build alone: give it to one call and `llama` to the next while the
-#                  machine is still warm (third_party/ survives between calls on one machine)
+#                  machine is still warm (third_party/ survives between calls on one machine).
+#                  The built programs come back in $OUT/llama-bin/ (parts of 15 MiB): copy them
+#                  into .carry/ and later machines unpack them instead of building
 #   sweep24        issue 8: the paper-v3 single-batch grid at 24 GB, every system (in rounds of
 #                  prompts, and in order of importance within a round, so a sweep cut short has
 #                  whole tables on fewer prompts, the main comparison first), 3 prompts per
@@ -67,7 +76,7 @@ stage() {
 pack() {  # into a file of its own, renamed when complete: a packer killed mid-way renames nothing
   local tmp
   tmp=$(mktemp "$OUT/.campaign.XXXXXX.tar.gz")
-  tar -czf "$tmp" -C "$OUT" --exclude='*.tar.gz' . 2>/dev/null
+  tar -czf "$tmp" -C "$OUT" --exclude='*.tar.gz' --exclude=./llama-bin . 2>/dev/null
   mv "$tmp" "$OUT/campaign.tar.gz"
 }
 # sweep NAME DIR HARNESS-ARGS...: (HARNESS-ARGS come last, so they override the defaults here) resume the tracked run folder DIR (carried here with the tree)
@@ -128,8 +137,10 @@ for name in "$@"; do
       if [ ! -f third_party/llama.cpp/convert_hf_to_gguf.py ] && [ -f .carry/llama.cpp-src.tar.gz ]; then
         mkdir -p third_party && tar -xzf .carry/llama.cpp-src.tar.gz -C third_party
       fi
-      # incremental: a machine still warm from a call that built it rebuilds nothing
-      stage llama-build env CUDA=1 bash tools/build_llama_cpp.sh
+      # incremental: a machine still warm from a call that built it rebuilds nothing; a build
+      # returns its programs in parts ($OUT/llama-bin/, 15 MiB each): copied into .carry/, they
+      # spare the next fresh machine the build (tools/build_llama_cpp.sh unpacks them if they run)
+      stage llama-build env CUDA=1 bash tools/build_llama_cpp.sh --pack-binaries "$OUT/llama-bin"
       [ "$name" = llama-build ] && continue
       # 8 layers keep Mixtral-8x7B's expert sizes; the budget keeps 14 of 64 experts (56/256)
       budget=$(python3 -c "from fiddler.config import ModelConfig; from fiddler.placement import budget_breakdown; import torch; c=ModelConfig.preset('mixtral-8x7b').with_layers(8); b=budget_breakdown(c,0,torch.bfloat16,2048+32,1,2); print((b.dense+b.kv_cache+b.staging+b.workspace+14.5*b.expert)/1e9)")

@@ -8,6 +8,12 @@
 #                                            host without network (experiments/gpu_campaign.sh
 #                                            unpacks it there into third_party/)
 #   bash tools/build_llama_cpp.sh --pack-only  the same archive, without building here
+#   bash tools/build_llama_cpp.sh --pack-binaries DIR  after building, write the built programs
+#                                            and their libraries as DIR/llama-bin-<flavour>-<version>
+#                                            .tar.gz.part-aa, -ab, ... (15 MiB each: the GPU host
+#                                            returns files of at most 16 MiB). Parts put into .carry/
+#                                            are unpacked instead of building, when they run there:
+#                                            a fresh GPU host then skips the ~5-minute CUDA build.
 # Targets: llama-server (what baselines/llama_cpp.py runs) and llama-bench.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -29,10 +35,35 @@ if [ "${1:-}" = "--pack" ] || [ "${1:-}" = "--pack-only" ]; then
   ls -la .carry/llama.cpp-src.tar.gz
   [ "$1" = "--pack-only" ] && exit 0
 fi
-flags=(-DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF)
+FLAVOUR=cpu
+[ "${CUDA:-0}" = "1" ] && FLAVOUR=cuda
+BIN="$DEST/build/bin"
+PREBUILT=".carry/llama-bin-$FLAVOUR-$VERSION.tar.gz"
+works() { "$BIN/llama-server" --version >/dev/null 2>&1 && "$BIN/llama-bench" --help >/dev/null 2>&1; }
+if [ ! -f "$DEST/build/CMakeCache.txt" ] && compgen -G "$PREBUILT.part-*" >/dev/null; then
+  mkdir -p "$BIN"
+  cat "$PREBUILT".part-* | tar -xzf - -C "$BIN"
+  if works; then
+    echo "llama.cpp: prebuilt $FLAVOUR programs from $PREBUILT.part-* (no build)"
+    ls -la "$BIN/llama-server" "$BIN/llama-bench"
+    exit 0
+  fi
+  echo "llama.cpp: the prebuilt programs in $PREBUILT.part-* do not run here; building" >&2
+  rm -rf "$DEST/build"
+fi
+flags=(-DCMAKE_BUILD_TYPE=Release -DCMAKE_BUILD_RPATH_USE_ORIGIN=ON -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF)
 if [ "${CUDA:-0}" = "1" ]; then
   flags+=(-DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90)
 fi
 cmake -S "$DEST" -B "$DEST/build" "${flags[@]}" >/dev/null
 cmake --build "$DEST/build" --target llama-server llama-bench -j"$(nproc)"
 ls -la "$DEST/build/bin/llama-server" "$DEST/build/bin/llama-bench"
+if [ "${1:-}" = "--pack-binaries" ]; then
+  out="${2:?--pack-binaries needs a folder}"
+  mkdir -p "$out"
+  name="$(basename "$PREBUILT")"
+  rm -f "$out/$name".part-*
+  # the programs and the shared libraries beside them (llama.cpp builds its libraries shared)
+  tar -czf - -C "$BIN" . | split -b 15M - "$out/$name.part-"
+  ls -la "$out/$name".part-*
+fi
