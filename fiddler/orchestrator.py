@@ -42,7 +42,10 @@ its own work was done.
 ``stats()`` counts what ran where and what crossed PCIe: ``h2d_bytes`` = copied expert
 weights + CPU results, ``d2h_bytes`` = hidden states sent down with the routing (every layer's,
 unless the executor never uses the CPU) + the routing ids read on the host; ``rows_*`` count
-routed (token, expert) pairs per path (a divided expert's rows count as ``rows_split``).
+routed (token, expert) pairs per path (a divided expert's rows count as ``rows_split``);
+``cpu_jobs``, ``cpu_start_s``, ``cpu_compute_s`` and ``cpu_wait_s`` time the CPU path on the
+host clock in every run (no synchronisation): how long after the routing was known it began
+computing, how long it computed, how long the main thread then waited for it.
 
 Shape legend: N tokens, K experts per token, D hidden, R = N * K routed (token, slot) rows.
 """
@@ -129,6 +132,13 @@ class ExpertCounters:
     d2h_bytes: int = 0
     predicted_s: float = 0.0
     measured_s: float = 0.0  # only with layer timing on
+    # the CPU path on the host clock, always (no device synchronisation): layers it ran in, and
+    # over them the time from the routing known on the host to the CPU computing, its compute,
+    # and the main thread's wait for it after queueing the accelerator's work
+    cpu_jobs: int = 0
+    cpu_start_s: float = 0.0
+    cpu_compute_s: float = 0.0
+    cpu_wait_s: float = 0.0
 
     def to_json(self) -> dict[str, object]:
         rows = self.rows_gpu + self.rows_cpu + self.rows_copied + self.rows_split
@@ -274,8 +284,9 @@ class FiddlerExecutor:
         for count in counts:
             offsets.append(offsets[-1] + count)
         tokens = {e: c for e, c in enumerate(counts) if c}
+        routed_at = host.now()
         if clock:
-            marks["routed"] = host.now()
+            marks["routed"] = routed_at
         planned = self.planning_corrections
         plan = self.plan(layer, tokens)
         split = plan.split
@@ -321,12 +332,16 @@ class FiddlerExecutor:
                 in_flight.append(self._queue_copy(layer, *pending.pop(0), slot))
 
         gpu_done = record(self.device, timing=True) if clock else None
+        issued_at = host.now()
         if clock:
-            marks["issued"] = host.now()
+            marks["issued"] = issued_at
         if cpu_job is not None:
-            self._learn_cpu_factor(plan, tokens, cpu_job.result().seconds)  # re-raises a failure in the worker
+            done = cpu_job.result()  # re-raises a failure in the worker
+            wait_over = host.now()
+            self._learn_cpu_factor(plan, tokens, done.seconds)
+            self._count_cpu_job(done, routed_at, issued_at, wait_over)
             if clock:
-                marks["wait_over"] = host.now()
+                marks["wait_over"] = wait_over
             rows = sum(counts[e] for e in cpu_experts)
             results = self._host_out[:rows].to(self.device, non_blocking=True)
             self._host_out_free = record(self.device)
@@ -508,6 +523,13 @@ class FiddlerExecutor:
     def _run_on_accelerator(self, hidden, token_of_row, sorted_out, offsets, expert, w13b, w2b) -> None:
         rows = slice(offsets[expert], offsets[expert + 1])
         sorted_out[rows] = split_ffn(hidden.index_select(0, token_of_row[rows]), w13b, w2b)
+
+    def _count_cpu_job(self, job: _CpuJob, routed_at: float, issued_at: float, wait_over: float) -> None:
+        c = self.counters
+        c.cpu_jobs += 1
+        c.cpu_start_s += job.begin - routed_at
+        c.cpu_compute_s += job.seconds
+        c.cpu_wait_s += 0.0 if self.cpu_inline else wait_over - issued_at  # inline: it computed
 
     def _count(self, plan: LayerPlan, tokens: dict[int, int], flat: torch.Tensor, hidden: torch.Tensor) -> None:
         c = self.counters

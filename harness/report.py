@@ -9,8 +9,10 @@ peak_gpu_memory_gb, output_matches_reference, source, status``, medians over pro
 failed (``NOT_MEASURED``: the row says why, and the cell has no figures);
 ``output_matches_reference`` is the fraction of the cell's new tokens equal, position by
 position, to the reference system's for the same prompt), ``tables.md`` (systems x
-[input, output] like the paper's figure, Fiddler's speedup over each baseline, and the paper's
-published figures beside ours) and one PNG per scenario. Nothing is measured here.
+[input, output] like the paper's figure, Fiddler's speedup over each baseline, the paper's
+published figures beside ours, which commit measured which rows, Fiddler's CPU path per layer
+on the host clock, and, with the run's calibration, decode and long prefill against their
+bounds) and one PNG per scenario. Nothing is measured here.
 """
 
 from __future__ import annotations
@@ -482,13 +484,62 @@ def render(run_dir: str | Path) -> pd.DataFrame:
     tmp = run_dir / ".summary.csv.tmp"
     summary.to_csv(tmp, index=False)
     tmp.replace(run_dir / "summary.csv")  # atomically, like every result file
-    tables = tables_markdown(summary, matrix.get("compared")) + provenance_markdown(raw)
+    tables = tables_markdown(summary, matrix.get("compared")) + provenance_markdown(raw) + cpu_path_markdown(raw)
     if (run_dir / "calibration.json").exists():  # a sweep's own calibration (experiments/gpu_campaign.sh)
         calibration = json.loads((run_dir / "calibration.json").read_text())
         tables += bounds_markdown(summary, calibration, raw, matrix.get("compared") or matrix["systems"])
     write_text_atomic(run_dir / "tables.md", tables)
     plot(summary, run_dir)
     return summary
+
+
+def _cpu_path_per_job(row: dict) -> dict[str, float] | None:
+    """One row's CPU path in ms per MoE layer that used it, prefill and decode apart."""
+    stats = json.loads(row.get("stats") or "{}")
+    prefill = stats.get("prefill") or {}
+    if not stats.get("cpu_jobs") or "cpu_jobs" not in prefill:
+        return None
+    out = {}
+    for phase, counters in (
+        ("prefill", prefill),
+        ("decode", {k: stats[k] - prefill[k] for k in ("cpu_jobs", "cpu_start_s", "cpu_compute_s", "cpu_wait_s")}),
+    ):
+        jobs = counters["cpu_jobs"]
+        for name in ("start", "compute", "wait"):
+            out[f"{phase}_{name}"] = 1e3 * counters[f"cpu_{name}_s"] / jobs if jobs else math.nan
+    return out
+
+
+def cpu_path_markdown(raw: list[dict]) -> str:
+    """Fiddler's CPU path per MoE layer that used it, on the host clock (every row since the
+    executor counts it): how long after the routing was known it began computing, how long it
+    computed, how long the main thread then waited for it; prefill and decode apart, medians
+    over prompts. A late start is time the planner does not count. Empty when no row says."""
+    cells: dict[tuple, list[dict[str, float]]] = {}
+    for row in raw:
+        timing = _cpu_path_per_job(row) if row["status"] in ("ok", "time-limited") else None
+        if timing:
+            key = (row["system"], row["scenario"], _int(row["input_tokens"]), _int(row["beam_width"]))
+            cells.setdefault(key, []).append(timing)
+    if not cells:
+        return ""
+    columns = [f"{p}_{n}" for p in ("prefill", "decode") for n in ("start", "compute", "wait")]
+    lines = [
+        "",
+        "## Fiddler's CPU path per MoE layer (host clock, ms)",
+        "",
+        "Per layer that used the CPU: start = from the routing known on the host to the CPU computing "
+        "(the planner counts none of it); compute; wait = the main thread's wait for it after queueing the "
+        "accelerator's work. Medians over prompts.",
+        "",
+        "| system | scenario | input tokens | beams | " + " | ".join(c.replace("_", " ") for c in columns) + " |",
+        "|---|---|---|---|" + "---|" * len(columns),
+    ]
+    for (system, scenario, tokens, beams), timings in sorted(cells.items()):
+        values = [_median([t[c] for t in timings if not math.isnan(t[c])]) for c in columns]
+        shown = ["-" if v is None else f"{v:.2f}" for v in values]  # '-': no layer of that phase used the CPU
+        lines.append(f"| {system} | {scenario} | {tokens} | {beams} | " + " | ".join(shown) + " |")
+    return "\n".join(lines) + "\n"
 
 
 # The paper's v1 figures per environment (results/paper/published.csv), for the comparison.

@@ -391,7 +391,11 @@ def _measure(system, run: Run, prompt: list[int], spec: SweepSpec, budget: _Step
         "telemetry": json.dumps(sampler.summary()),
         "stats": json.dumps(
             {k: v for k, v in stats.items() if k != "engine"}
-            | {"decode_gpu_hit_rate": decode_hit_rate(result), "prefill_predicted_s": prefill_predicted_s(result)},
+            | {
+                "decode_gpu_hit_rate": decode_hit_rate(result),
+                "prefill_predicted_s": prefill_predicted_s(result),
+                "prefill": prefill_counters(result),
+            },
             default=str,
         ),
         **system.peak_gpu_memory(),
@@ -417,6 +421,18 @@ def prefill_predicted_s(result: GenerationResult) -> float | None:
     for systems without one."""
     before = result.stats_after_prefill or {}
     return before.get("predicted_s")
+
+
+# the executor's counters at the first token that tell the prefill's CPU path apart from decode's
+PREFILL_COUNTERS = ("predicted_s", "cpu_jobs", "cpu_start_s", "cpu_compute_s", "cpu_wait_s")
+
+
+def prefill_counters(result: GenerationResult) -> dict[str, object] | None:
+    """The executor's prefill counters (``PREFILL_COUNTERS``, those it has) at the first token;
+    decode's are the whole generation's less these. None for systems without them."""
+    before = result.stats_after_prefill or {}
+    counters = {k: before[k] for k in PREFILL_COUNTERS if k in before}
+    return counters or None
 
 
 class _Progress:

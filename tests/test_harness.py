@@ -130,13 +130,18 @@ def test_sweep_outputs_and_schema(sweep):
     dirty = "-dirty" if env["git_commit"] and env["git_dirty"] else ""
     assert {str(r["git_commit"]) for r in rows} == {str(env["git_commit"] or "") + dirty}
     assert "## Measured by" in tables
-    # Fiddler's rows carry its own prediction for the prefill's MoE layers (TTFT's yardstick)
+    # Fiddler's rows carry its own prediction for the prefill's MoE layers (TTFT's yardstick),
+    # and its CPU path's host timing, prefill apart; the tables show it per layer
     for r in rows:
         stats = json.loads(r["stats"])
         if r["system"] == "fiddler-paper":
             assert 0 < stats["prefill_predicted_s"] < stats["predicted_s"]
+            assert stats["prefill"]["predicted_s"] == stats["prefill_predicted_s"]
+            assert 0 <= stats["prefill"]["cpu_jobs"] <= stats["cpu_jobs"]
         else:
-            assert stats["prefill_predicted_s"] is None
+            assert stats["prefill_predicted_s"] is None and stats["prefill"] is None
+    if any(json.loads(r["stats"]).get("cpu_jobs") for r in rows):
+        assert "## Fiddler's CPU path per MoE layer" in tables
 
 
 def test_tables_say_when_rows_span_commits():

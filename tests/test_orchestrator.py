@@ -248,6 +248,27 @@ def test_layer_timeline_is_in_order():
     engine.close()
 
 
+def test_the_cpu_paths_host_timing_is_counted_in_every_run():
+    """Without layer timing too, the counters time the CPU path on the host clock: they agree
+    with the timed layers' own logs, and the prefill's share is read off the snapshot."""
+    engine = fiddler_engine(placement_with(set()), "hybrid", timing=True)
+    result = generate(engine, PROMPT, GenerationSettings(max_new_tokens=3))
+    log = [e for e in engine.model.experts.layer_log if e["cpu"] or e["split"]]
+    stats = result.stats
+    assert stats["cpu_jobs"] == len(log) > 0
+    assert stats["cpu_compute_s"] == pytest.approx(sum(e["cpu_compute_s"] for e in log))
+    assert stats["cpu_wait_s"] == pytest.approx(sum(e["cpu_wait_s"] for e in log))
+    starts = [(e["timeline_ms"]["cpu_begin"] - e["timeline_ms"]["routed"]) / 1e3 for e in log]
+    assert stats["cpu_start_s"] == pytest.approx(sum(starts)) and min(starts) >= 0
+    decode = result.decode_counters(["cpu_jobs", "cpu_start_s"])
+    assert 0 < decode["cpu_jobs"] < stats["cpu_jobs"]  # the prefill's jobs are left out
+    engine.close()
+    untimed = fiddler_engine(placement_with(set()), "hybrid")
+    stats = generate(untimed, PROMPT, GenerationSettings(max_new_tokens=3)).stats
+    assert stats["cpu_jobs"] > 0 and stats["cpu_start_s"] > 0 and stats["cpu_compute_s"] > 0
+    untimed.close()
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the accelerator's timeline needs CUDA events")
 def test_layer_timeline_on_cuda_has_the_accelerators_marks():
     engine = Engine.fiddler(
