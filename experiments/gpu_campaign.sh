@@ -5,8 +5,9 @@
 # returns at most 8 files). Usage, on the GPU host from the repository root:
 #   bash experiments/gpu_campaign.sh kernels orchestration baselines quick
 # What is left (plan of 2026-12-01, seventh session; ~30 GPU minutes a session, a fresh machine
-# costs ~1 minute of it). Done: orchestration run 10, prefill24 (whole). After each call copy
-# what came back into the tree and commit it BEFORE the next call: the tree travels with each
+# costs ~1 minute of it). Done: orchestration run 10, prefill24 (whole). After each call run
+# `bash tools/take_campaign_results.sh DIR` (DIR: the folder its files came back to) and commit
+# BEFORE the next call: the tree travels with each
 # call, and a sweep resumes from the rows it carries (the seventh session re-measured a piece
 # for want of this). Next, in order:
 #   1. `llama-build llama` with LLAMA_RUN_DIR=results/h200-llama-8layers-v2 and
