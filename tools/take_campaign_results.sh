@@ -16,9 +16,17 @@ if grep -q '^\./results/' <<<"$listing"; then
 else
   echo "$archive holds no results/ folder (stages such as orchestration write elsewhere: copy by hand)"
 fi
+# a call carries the tree and .carry/ together, 64 MiB at most: prebuilt parts that would leave
+# too little room for the rest stay out (the next fresh machine then builds, ~5 minutes)
+CARRY_PARTS_MAX_MIB=40
 if compgen -G "$dir/llama-bin/*.part-*" >/dev/null; then
-  mkdir -p .carry
-  cp "$dir"/llama-bin/*.part-* .carry/
-  ls -la .carry/*.part-*
+  mib=$(du -cm "$dir"/llama-bin/*.part-* | tail -1 | cut -f1)
+  if [ "$mib" -le "$CARRY_PARTS_MAX_MIB" ]; then
+    mkdir -p .carry
+    cp "$dir"/llama-bin/*.part-* .carry/
+    ls -la .carry/*.part-*
+  else
+    echo "llama.cpp's prebuilt parts take $mib MiB, more than $CARRY_PARTS_MAX_MIB: not put into .carry/"
+  fi
 fi
 git status --short results
