@@ -104,9 +104,11 @@ sweep() {
     echo "=== $name: only ${left} s left, not started" | tee -a "$OUT/campaign.log"
     return
   fi
+  # no system is loaded in the last $SYSTEM_MARGIN s (150): a load, warm-up and first generation
+  # that cannot finish would only spend device time (the call then ends early)
   stage "$name" timeout -k 30 --signal=INT "$left" python3 -m harness run --model mixtral-8x7b \
     --prompts-per-cell 3 --reference '' --run-time-limit "${RUN_TIME_LIMIT:-60}" --calibration "$dir/calibration.json" \
-    --out "$OUT/$dir" "$@"
+    --no-new-system-after $(( left - ${SYSTEM_MARGIN:-150} )) --out "$OUT/$dir" "$@"
 }
 for name in "$@"; do
   case "$name" in

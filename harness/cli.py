@@ -3,7 +3,8 @@
 - ``run --systems a,b --scenario S [--grid paper-v3 | --inputs 32,64 --outputs 64,128]
   [--beam-widths 4,8] --model <preset|dir> [--layers L] [--gpu-memory-gb G] [--device cuda|cpu]
   [--dtype bfloat16|float32] [--dataset sharegpt|random|FILE] [--prompts-per-cell N]
-  [--reference SYSTEM] [--run-time-limit S] [--out DIR]``: writes everything into DIR (default
+  [--reference SYSTEM] [--run-time-limit S] [--no-new-system-after S] [--out DIR]``: writes
+  everything into DIR (default
   ``results/<date>_<gpu or cpu>_<model>``) and resumes a folder it finds there; exits 1 when
   a system failed (its rows say why; the other systems ran).
 - ``simulate --hardware <paper-env1|paper-env2|paper-env3|h200-host|FILE> --systems ... --scenario S
@@ -102,6 +103,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         prompts_per_cell=args.prompts_per_cell,
         reference=reference or None,
         run_time_limit_s=args.run_time_limit,
+        no_new_system_after_s=args.no_new_system_after,
         calibration=args.calibration,
         cpu_threads=args.cpu_threads,
         out=Path(args.out) if args.out else default_out(args.model, device),
@@ -197,6 +199,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--run-time-limit", type=float, help="seconds per generation; slower runs are extrapolated")
     run.add_argument("--calibration", type=Path)
     run.add_argument("--cpu-threads", type=int)
+    run.add_argument(
+        "--no-new-system-after",
+        type=float,
+        help="seconds: load no further system after this long (the sweep stops, resumable)",
+    )
     run.add_argument("--out")
     run.set_defaults(func=cmd_run)
     sim = sub.add_parser("simulate", help="predict systems on a hardware profile (summary.csv, source simulated)")

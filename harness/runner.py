@@ -11,8 +11,9 @@ In each round the systems run one after another, each loaded once (a system refu
 broken while loading or generating, is not loaded again) and warmed up with one generation
 before its first measured one. Every row is written to ``raw.csv`` atomically as soon as it is measured, so
 an interrupted sweep resumes where it stopped, with no duplicate or lost row
-(``spec.out`` found with a ``raw.csv``: finished runs are skipped; only the folder and the
-time limit may differ from the settings that started it). A per-run time limit
+(``spec.out`` found with a ``raw.csv``: finished runs are skipped; only the folder, the
+time limit and ``no_new_system_after_s`` may differ from the settings that started it; past
+that many seconds no further system is loaded and the sweep returns, to be resumed). A per-run time limit
 makes slow systems generate only the steps that fit (the cells beyond are extrapolated by the
 report, marked so). A system that cannot run within its budget gets one ``refused`` row per
 generation it would have run; one that cannot do a scenario (beam search) gets
@@ -100,6 +101,10 @@ class SweepSpec:
     run_time_limit_s: float | None = None
     calibration: Path | None = None
     cpu_threads: int | None = None
+    # seconds from this invocation's start after which no further system is loaded: the sweep
+    # stops (resumable) once the system running is done, instead of spending the end of a
+    # time-limited call on a load and warm-up that cannot finish a generation
+    no_new_system_after_s: float | None = None
 
     def settings(self) -> dict[str, object]:
         fields = dataclasses.asdict(self)
@@ -268,12 +273,26 @@ def run_sweep(spec: SweepSpec) -> Path:
 
     # In rounds: every system's first prompt of every cell, then every second prompt, ...: a sweep
     # cut short (the GPU host's calls are 10 minutes) has whole tables, on fewer prompts, early.
+    clock = Clock("cpu")
+    started = clock.now()
+
+    def too_late_for(name: str) -> bool:
+        if spec.no_new_system_after_s is None or clock.now() - started <= spec.no_new_system_after_s:
+            return False
+        elapsed = clock.now() - started
+        log.warning("%.0f s into the sweep: %s is not loaded; run the sweep again to resume", elapsed, name)
+        return True
+
     try:
         for round_index in range(spec.prompts_per_cell):
             for name in systems:
                 todo = [(r, round_index) for r in plan if _key(_row_key(name, r, round_index)) not in done]
                 if todo and name in given_up:
                     record(name, todo, *given_up[name])
+                elif todo and too_late_for(name):
+                    if rows:
+                        render(spec.out)
+                    return spec.out
                 elif todo:
                     run_system(name, todo)
     except BaseException:
@@ -311,7 +330,7 @@ def _failure(system: str, phase: str, err: Exception) -> str:
 # Settings a resumed sweep may change: where it writes, and how long a slow generation may run
 # (a row cut short by the limit says so in its reason, and its cells say how many steps stand
 # behind them); everything else defines what is measured and must stay.
-RESUMABLE_WITH_OTHER = ("out", "run_time_limit_s")
+RESUMABLE_WITH_OTHER = ("out", "run_time_limit_s", "no_new_system_after_s")
 
 
 def _check_resumable(spec: SweepSpec) -> None:

@@ -413,6 +413,24 @@ def test_each_system_is_released_before_the_next_loads(tmp_path, monkeypatch):
     assert len(loaded) == 3 * 2  # the reference and both systems, once per round of prompts
 
 
+def test_no_system_is_loaded_past_the_stated_time_and_the_sweep_resumes(tmp_path, monkeypatch):
+    from harness import runner
+
+    loaded: list[str] = []
+    original = runner.load_system
+
+    def tracking(name, options):
+        loaded.append(name)
+        return original(name, options)
+
+    monkeypatch.setattr(runner, "load_system", tracking)
+    out = run_sweep(spec(tmp_path, no_new_system_after_s=0.0))  # past it before the first load
+    assert loaded == [] and not (out / "raw.csv").exists()
+    run_sweep(spec(tmp_path, no_new_system_after_s=3600.0))  # a resume may state another
+    assert len(loaded) == 3 * 2
+    assert {r["status"] for r in read_raw(out / "raw.csv")} <= {"ok", "time-limited"}
+
+
 def test_validation_sets_the_simulator_against_the_measured_cells(sweep, tmp_path):
     from fiddler.calibrate import calibrate, save_calibration
     from harness.cli import main
