@@ -100,7 +100,7 @@ sweep() {
     --model mixtral-8x7b --out "$dir/calibration.json"
   mkdir -p "$OUT/$dir" && cp -r "$dir/." "$OUT/$dir/"
   local left=$(( ${SWEEP_SECONDS:-480} - SECONDS ))
-  if [ "$left" -lt 60 ]; then
+  if [ "$left" -lt $(( ${SYSTEM_MARGIN:-150} + 60 )) ]; then  # too little to load and run a system
     echo "=== $name: only ${left} s left, not started" | tee -a "$OUT/campaign.log"
     return
   fi

@@ -81,7 +81,8 @@ def validate(run_dir: str | Path, hardware: str, calibration: str | Path, sample
                     "note": "" if simulated else "not simulated",
                 }
             )
-    return pd.DataFrame(rows)
+    columns = [*CELL_KEY, "metric", "measured", "predicted", "error", "within_tolerance", "measured_status", "note"]
+    return pd.DataFrame(rows, columns=columns)
 
 
 def validation_markdown(rows: pd.DataFrame, run_dir: str | Path, hardware: str, calibration: str | Path) -> str:

@@ -42,13 +42,13 @@ PREBUILT=".carry/llama-bin-$FLAVOUR-$VERSION.tar.gz"
 works() { "$BIN/llama-server" --version >/dev/null 2>&1 && "$BIN/llama-bench" --help >/dev/null 2>&1; }
 if [ ! -f "$DEST/build/CMakeCache.txt" ] && compgen -G "$PREBUILT.part-*" >/dev/null; then
   mkdir -p "$BIN"
-  cat "$PREBUILT".part-* | tar -xzf - -C "$BIN"
-  if works; then
+  # parts missing or damaged fail the unpack (gzip's check): then build, as when they do not run
+  if cat "$PREBUILT".part-* | tar -xzf - -C "$BIN" && works; then
     echo "llama.cpp: prebuilt $FLAVOUR programs from $PREBUILT.part-* (no build)"
     ls -la "$BIN/llama-server" "$BIN/llama-bench"
     exit 0
   fi
-  echo "llama.cpp: the prebuilt programs in $PREBUILT.part-* do not run here; building" >&2
+  echo "llama.cpp: the prebuilt programs in $PREBUILT.part-* do not unpack or run here; building" >&2
   rm -rf "$DEST/build"
 fi
 flags=(-DCMAKE_BUILD_TYPE=Release -DCMAKE_BUILD_RPATH_USE_ORIGIN=ON -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF)

@@ -19,14 +19,20 @@ fi
 # a call carries the tree and .carry/ together, 64 MiB at most: prebuilt parts that would leave
 # too little room for the rest stay out (the next fresh machine then builds, ~5 minutes)
 CARRY_PARTS_MAX_MIB=40
+# (a call returns at most 8 files: a set of parts may come back incomplete; gzip's check says so)
 if compgen -G "$dir/llama-bin/*.part-*" >/dev/null; then
   mib=$(du -cm "$dir"/llama-bin/*.part-* | tail -1 | cut -f1)
-  if [ "$mib" -le "$CARRY_PARTS_MAX_MIB" ]; then
+  if ! cat "$dir"/llama-bin/*.part-* | tar -tzf - >/dev/null 2>&1; then
+    echo "llama.cpp's prebuilt parts in $dir/llama-bin/ are incomplete or damaged: not put into .carry/"
+  elif [ "$mib" -gt "$CARRY_PARTS_MAX_MIB" ]; then
+    echo "llama.cpp's prebuilt parts take $mib MiB, more than $CARRY_PARTS_MAX_MIB: not put into .carry/"
+  else
     mkdir -p .carry
+    for part in "$dir"/llama-bin/*.part-aa; do  # one set per archive name: an older set goes first
+      rm -f ".carry/$(basename "${part%.part-aa}")".part-*
+    done
     cp "$dir"/llama-bin/*.part-* .carry/
     ls -la .carry/*.part-*
-  else
-    echo "llama.cpp's prebuilt parts take $mib MiB, more than $CARRY_PARTS_MAX_MIB: not put into .carry/"
   fi
 fi
 git status --short results
