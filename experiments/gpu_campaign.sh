@@ -13,7 +13,8 @@
 #   1. `llama-build llama` with LLAMA_RUN_DIR=results/h200-llama-8layers-v2 and
 #      FIDDLER_CACHE=$PWD/third_party/cache (issue 9 on the engine of run 10: build ~5 min,
 #      calibration ~1, GGUF conversion ~2, then the runs), then `llama` again on the warm machine
-#      to finish it; copy $OUT/llama-bin/ parts into .carry/ (later machines skip the build).
+#      to finish it (take_campaign_results.sh puts the returned llama-bin/ parts into .carry/:
+#      later machines skip the build).
 #   2. `beam24` (smoke-tested on 2 layers: results/h200-beam-smoke-2layers/).
 #   3. `sweep24` until round 0 is whole (accelerate-offload, expert-lru-prefetch and the two
 #      ablations: ~3 calls), then `sweep48` round 0, then rounds 1-2 of both.
@@ -99,16 +100,16 @@ sweep() {
   [ -f "$dir/calibration.json" ] || stage "$name-calibration" python3 -m fiddler.cli calibrate \
     --model mixtral-8x7b --out "$dir/calibration.json"
   mkdir -p "$OUT/$dir" && cp -r "$dir/." "$OUT/$dir/"
-  local left=$(( ${SWEEP_SECONDS:-480} - SECONDS ))
-  if [ "$left" -lt $(( ${SYSTEM_MARGIN:-150} + 60 )) ]; then  # too little to load and run a system
+  local left=$(( ${SWEEP_SECONDS:-480} - SECONDS )) margin=${SYSTEM_MARGIN:-150}
+  if [ "$left" -lt $(( margin + 60 )) ]; then  # too little to load and run a system
     echo "=== $name: only ${left} s left, not started" | tee -a "$OUT/campaign.log"
     return
   fi
-  # no system is loaded in the last $SYSTEM_MARGIN s (150): a load, warm-up and first generation
+  # no system is loaded in the last $margin s: a load, warm-up and first generation
   # that cannot finish would only spend device time (the call then ends early)
   stage "$name" timeout -k 30 --signal=INT "$left" python3 -m harness run --model mixtral-8x7b \
     --prompts-per-cell 3 --reference '' --run-time-limit "${RUN_TIME_LIMIT:-60}" --calibration "$dir/calibration.json" \
-    --no-new-system-after $(( left - ${SYSTEM_MARGIN:-150} )) --out "$OUT/$dir" "$@"
+    --no-new-system-after $(( left - margin )) --out "$OUT/$dir" "$@"
 }
 for name in "$@"; do
   case "$name" in

@@ -25,6 +25,7 @@ from pathlib import Path
 import pandas as pd
 
 from fiddler.files import write_text_atomic
+from fiddler.orchestrator import CPU_PATH_COUNTERS
 from harness.scenarios import Cell, Run
 from harness.telemetry import DIRTY
 from harness.timing import cell_metrics
@@ -502,7 +503,7 @@ def _cpu_path_per_job(row: dict) -> dict[str, float] | None:
     out = {}
     for phase, counters in (
         ("prefill", prefill),
-        ("decode", {k: stats[k] - prefill[k] for k in ("cpu_jobs", "cpu_start_s", "cpu_compute_s", "cpu_wait_s")}),
+        ("decode", {k: stats[k] - prefill[k] for k in CPU_PATH_COUNTERS}),
     ):
         jobs = counters["cpu_jobs"]
         for name in ("start", "compute", "wait"):
@@ -536,7 +537,7 @@ def cpu_path_markdown(raw: list[dict]) -> str:
         "|---|---|---|---|" + "---|" * len(columns),
     ]
     for (system, scenario, tokens, beams), timings in sorted(cells.items()):
-        values = [_median([t[c] for t in timings if not math.isnan(t[c])]) for c in columns]
+        values = [_median([t[c] for t in timings]) for c in columns]  # NaN (a phase without CPU work) left out
         shown = ["-" if v is None else f"{v:.2f}" for v in values]  # '-': no layer of that phase used the CPU
         lines.append(f"| {system} | {scenario} | {tokens} | {beams} | " + " | ".join(shown) + " |")
     return "\n".join(lines) + "\n"

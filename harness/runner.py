@@ -40,6 +40,7 @@ from baselines import SystemOptions, SystemRefused, Unsupported, load_system
 from fiddler.config import ModelConfig, resolve_model
 from fiddler.files import write_json_atomic
 from fiddler.generate import GenerationResult, GenerationSettings
+from fiddler.orchestrator import CPU_PATH_COUNTERS
 from fiddler.streams import release_cached_memory
 from fiddler.timing import Clock
 from fiddler.tokenizer import find_tokenizer
@@ -443,7 +444,7 @@ def prefill_predicted_s(result: GenerationResult) -> float | None:
 
 
 # the executor's counters at the first token that tell the prefill's CPU path apart from decode's
-PREFILL_COUNTERS = ("predicted_s", "cpu_jobs", "cpu_start_s", "cpu_compute_s", "cpu_wait_s")
+PREFILL_COUNTERS = ("predicted_s", *CPU_PATH_COUNTERS)
 
 
 def prefill_counters(result: GenerationResult) -> dict[str, object] | None:

@@ -68,7 +68,7 @@ def validate(run_dir: str | Path, hardware: str, calibration: str | Path, sample
             value, guess = getattr(r, f"{metric}_measured"), getattr(r, f"{metric}_predicted", None)
             if pd.isna(value):  # nothing measured to hold a prediction against (no decode at 1 output token)
                 continue
-            error = guess / value - 1 if simulated and pd.notna(value) and pd.notna(guess) and value else None
+            error = guess / value - 1 if simulated and pd.notna(guess) and value else None
             rows.append(
                 {
                     **{k: getattr(r, k) for k in CELL_KEY},

@@ -203,19 +203,25 @@ def test_resume_after_a_crash_loses_and_duplicates_nothing(tmp_path, monkeypatch
     assert not list((tmp_path / "run").glob(".*.tmp*"))
 
 
-def test_a_sweep_runs_in_rounds_of_prompts(tmp_path, monkeypatch):
-    """Every system's first prompt of every cell before any second prompt: a sweep cut short
-    has whole tables on fewer prompts; a system refused while loading is not loaded again."""
+@pytest.fixture
+def loads(monkeypatch) -> list[str]:
+    """The names of the systems the sweep loads, in order."""
     from harness import runner
 
-    loads: list[str] = []
-    original_load = runner.load_system
+    names: list[str] = []
+    original = runner.load_system
 
     def counting(name, options):
-        loads.append(name)
-        return original_load(name, options)
+        names.append(name)
+        return original(name, options)
 
     monkeypatch.setattr(runner, "load_system", counting)
+    return names
+
+
+def test_a_sweep_runs_in_rounds_of_prompts(tmp_path, loads):
+    """Every system's first prompt of every cell before any second prompt: a sweep cut short
+    has whole tables on fewer prompts; a system refused while loading is not loaded again."""
     run = run_sweep(spec(tmp_path, systems=("gpu-resident", "fiddler-paper")))  # gpu-resident: refused here
     rows = read_raw(run / "raw.csv")
     first_second = next(i for i, r in enumerate(rows) if int(r["prompt_index"]) == 1)
@@ -413,21 +419,11 @@ def test_each_system_is_released_before_the_next_loads(tmp_path, monkeypatch):
     assert len(loaded) == 3 * 2  # the reference and both systems, once per round of prompts
 
 
-def test_no_system_is_loaded_past_the_stated_time_and_the_sweep_resumes(tmp_path, monkeypatch):
-    from harness import runner
-
-    loaded: list[str] = []
-    original = runner.load_system
-
-    def tracking(name, options):
-        loaded.append(name)
-        return original(name, options)
-
-    monkeypatch.setattr(runner, "load_system", tracking)
+def test_no_system_is_loaded_past_the_stated_time_and_the_sweep_resumes(tmp_path, loads):
     out = run_sweep(spec(tmp_path, no_new_system_after_s=0.0))  # past it before the first load
-    assert loaded == [] and not (out / "raw.csv").exists()
+    assert loads == [] and not (out / "raw.csv").exists()
     run_sweep(spec(tmp_path, no_new_system_after_s=3600.0))  # a resume may state another
-    assert len(loaded) == 3 * 2
+    assert len(loads) == 3 * 2
     assert {r["status"] for r in read_raw(out / "raw.csv")} <= {"ok", "time-limited"}
 
 
