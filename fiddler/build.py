@@ -18,7 +18,14 @@ from pathlib import Path
 
 import torch
 
-from fiddler.calibrate import QUICK_TOKEN_COUNTS, calibrate, calibration_matches, kernel_tiers, load_calibration
+from fiddler.calibrate import (
+    QUICK_TOKEN_COUNTS,
+    calibrate,
+    calibration_matches,
+    kernel_tiers,
+    load_calibration,
+    recorded_problems,
+)
 from fiddler.config import ModelConfig
 from fiddler.cost_model import LatencyModel
 from fiddler.cpu_experts import AUTO, CpuExpertKernel, set_cpu_threads, tiered_kernel
@@ -138,7 +145,20 @@ def _latency_model(
         )
         # nothing else keeps a quick calibration: the run record carries it (without the machine)
         source = {"file": None, "quick": True, "measured": {k: v for k, v in calibration.items() if k != "machine"}}
+    problems = recorded_problems(calibration)
+    if problems:  # its latencies steer every split: a disturbed file misleads the policies
+        log.warning(
+            "calibration %s was measured on a disturbed host (%s): its policies follow wrong latencies; "
+            "run 'fiddler calibrate' again on an idle host",
+            options.calibration or "(quick)",
+            "; ".join(problems),
+        )
     tiers = kernel_tiers(calibration)
     kernel = tiered_kernel(tiers)
-    source.update(copy_gb_per_s=calibration["copy_gb_per_s"], cpu_kernel=kernel.name, cpu_kernel_tiers=tiers)
+    source.update(
+        copy_gb_per_s=calibration["copy_gb_per_s"],
+        cpu_kernel=kernel.name,
+        cpu_kernel_tiers=tiers,
+        disturbed=problems,
+    )
     return LatencyModel.from_calibration(calibration), kernel, source

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from fiddler.build import RESIDENT, EngineOptions, build_engine
-from fiddler.calibrate import DEFAULT_TOKEN_COUNTS, QUICK_TOKEN_COUNTS, calibrate, save_calibration
+from fiddler.calibrate import DEFAULT_ATTEMPTS, DEFAULT_TOKEN_COUNTS, QUICK_TOKEN_COUNTS, calibrate, save_calibration
 from fiddler.config import resolve_model
 from fiddler.engine import parse_dtype
 from fiddler.generate import GenerationSettings, generate
@@ -128,8 +128,18 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     config, _ = resolve_model(args.model, args.layers)
     device, dtype = device_and_dtype(args, config)
     counts = QUICK_TOKEN_COUNTS if args.quick else DEFAULT_TOKEN_COUNTS
-    result = calibrate(config, device, dtype, args.cpu_threads, args.cpu_kernel, counts, args.repeats, args.seed)
+    result = calibrate(
+        config, device, dtype, args.cpu_threads, args.cpu_kernel, counts, args.repeats, args.seed, args.attempts
+    )
     save_calibration(result, args.out)
+    problems = result["steadiness"]["problems"]
+    if problems:
+        log.warning(
+            "every one of %d attempts was disturbed (%s): the file keeps the least disturbed; "
+            "calibrate again when the host is idle",
+            result["steadiness"]["attempts"],
+            "; ".join(problems),
+        )
     log.info(
         "copy %.2f GB/s; CPU expert 1 token %.2f ms (%.1f GB/s of weights); written to %s",
         result["copy_gb_per_s"],
@@ -209,6 +219,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="auto (measure all, keep the fastest per token count), torch, avx512-bf16, amx-bf16",
     )
     cal.add_argument("--repeats", type=int, default=5)
+    cal.add_argument(
+        "--attempts",
+        type=int,
+        default=DEFAULT_ATTEMPTS,
+        help="measure again while the host looks disturbed (busy cores, a CPU curve out of order), at most this often",
+    )
     cal.add_argument("--quick", action="store_true", help="fewer token counts")
     cal.set_defaults(func=cmd_calibrate)
 

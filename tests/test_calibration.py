@@ -4,7 +4,15 @@ import pytest
 import torch
 
 from fiddler.build import EngineOptions, build_engine
-from fiddler.calibrate import SCHEMA, calibrate, calibration_matches, load_calibration, save_calibration
+from fiddler.calibrate import (
+    SCHEMA,
+    calibrate,
+    calibration_matches,
+    load_calibration,
+    recorded_problems,
+    save_calibration,
+    steadiness_problems,
+)
 from fiddler.config import ModelConfig
 from fiddler.cost_model import LatencyModel
 
@@ -115,3 +123,81 @@ def test_a_kernel_asked_for_by_name_is_kept_and_torch_covers_beyond_its_limit(tm
         else:
             with pytest.raises(ValueError, match="measured with the"):
                 build_engine(options)
+
+
+def _measured(cpu_s: list[float], busy: float = 0.0) -> dict[str, object]:
+    return {"token_counts": [1, 4, 16], "cpu_expert_s": cpu_s, "host_load": {"other_busy_cores": busy}}
+
+
+class _Loads:
+    """Stands for HostLoad: each measurement window reads the next of the given loads."""
+
+    def __init__(self, loads: list[float]):
+        self.loads = iter(loads)
+
+    def __call__(self):
+        return self
+
+    def __enter__(self):
+        self.load = next(self.loads)
+        return self
+
+    def __exit__(self, *exc):
+        pass
+
+    def summary(self):
+        return {"other_busy_cores": self.load}
+
+
+def test_steadiness_problems_name_a_busy_host_and_a_curve_out_of_order():
+    big = 352 * 2**20  # an expert streamed from memory
+    assert steadiness_problems(_measured([3.1e-3, 3.2e-3, 4.0e-3]), big) == []
+    assert steadiness_problems(_measured([3.3e-3, 3.1e-3, 4.0e-3]), big) == []  # within the tolerance
+    out_of_order = steadiness_problems(_measured([8.35e-3, 6.65e-3, 9.0e-3]), big)
+    assert len(out_of_order) == 1 and "8.35 ms for 1 token(s) but 6.65 ms for 4" in out_of_order[0]
+    busy = steadiness_problems(_measured([3.1e-3, 3.2e-3, 4.0e-3], busy=1.5), big)
+    assert len(busy) == 1 and "other processes kept 1.50 cores busy" in busy[0]
+    # a small expert's times are call overheads: their order says nothing about the host
+    assert steadiness_problems(_measured([8.35e-3, 6.65e-3, 9.0e-3]), 2**20) == []
+
+
+def test_a_disturbed_calibration_is_measured_again_and_the_least_disturbed_kept(monkeypatch):
+    import fiddler.calibrate as cal
+
+    monkeypatch.setattr(cal, "CURVE_CHECK_MIN_BYTES", 0)  # the tiny model's expert counts as streamed
+    out_of_order, steady = [8.0e-3, 6.0e-3, 9.0e-3], [3.1e-3, 3.2e-3, 4.0e-3]
+    curves = iter([out_of_order, steady])
+    monkeypatch.setattr(
+        cal, "_measure", lambda *args: {"token_counts": [1, 4, 16], "cpu_expert_s": next(curves), "copy_expert_s": 1e-3}
+    )
+    monkeypatch.setattr(cal, "HostLoad", _Loads([0.0, 0.0]))
+    c = calibrate(TINY, "cpu", torch.float32, token_counts=(1, 4, 16))
+    assert c["steadiness"] == {"attempt": 2, "attempts": 2, "problems": []}
+    assert c["cpu_expert_s"] == steady and c["host_load"] == {"other_busy_cores": 0.0}
+
+    # every attempt disturbed: the one with fewest problems is kept, and says so
+    curves = iter([[9.0e-3, 6.0e-3, 9.5e-3], [7.0e-3, 5.0e-3, 9.0e-3]])
+    monkeypatch.setattr(cal, "HostLoad", _Loads([0.0, 2.0]))  # the second also on a busy host
+    c = calibrate(TINY, "cpu", torch.float32, token_counts=(1, 4, 16), attempts=2)
+    assert c["steadiness"]["attempt"] == 1 and c["steadiness"]["attempts"] == 2
+    assert len(c["steadiness"]["problems"]) == 1 and recorded_problems(c) == c["steadiness"]["problems"]
+    with pytest.raises(ValueError, match="at least 1"):
+        calibrate(TINY, "cpu", torch.float32, attempts=0)
+
+
+def test_an_engine_on_a_disturbed_calibration_warns_and_records_it(tiny_calibration, tmp_path, caplog):
+    disturbed = dict(
+        tiny_calibration, steadiness={"attempt": 3, "attempts": 3, "problems": ["other processes kept 2 cores busy"]}
+    )
+    path = tmp_path / "cal.json"
+    save_calibration(disturbed, path)
+    engine, record = build_engine(
+        EngineOptions(TINY, 64, device="cpu", dtype=torch.float32, gpu_memory_gb=0.2, policy="hybrid", calibration=path)
+    )
+    engine.close()
+    assert record["calibration"]["disturbed"] == ["other processes kept 2 cores busy"]
+    assert "disturbed host" in caplog.text
+    # files from before the steadiness keys are judged by their curve
+    older = {k: v for k, v in tiny_calibration.items() if k != "steadiness"}
+    older |= {"model": older["model"] | {"expert_bytes": 352 * 2**20}, "cpu_expert_s": [8.35e-3, 6.65e-3, 9e-3]}
+    assert len(recorded_problems(older)) == 1
