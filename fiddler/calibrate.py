@@ -272,7 +272,7 @@ def steadiness_problems(calibration: dict[str, object], expert_bytes: int) -> li
                 m, u = faster_for_more
                 problems.append(
                     f"a CPU expert took {t * 1e3:.2f} ms for {n} token(s) but {u * 1e3:.2f} ms for {m}: "
-                    "the host was busy while the smaller count was timed"
+                    "the host was disturbed while the smaller count was timed"
                 )
                 break
     return problems

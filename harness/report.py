@@ -12,7 +12,8 @@ position, to the reference system's for the same prompt), ``tables.md`` (systems
 [input, output] like the paper's figure, Fiddler's speedup over each baseline, the paper's
 published figures beside ours, which commit measured which rows, Fiddler's CPU path per layer
 on the host clock, and, with the run's calibration, decode and long prefill against their
-bounds) and one PNG per scenario. Nothing is measured here.
+bounds; what disturbed the host, where anything did) and one PNG per scenario. Nothing is
+measured here.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from fiddler.calibrate import BUSY_CORES_LIMIT, recorded_problems
 from fiddler.files import write_text_atomic
 from fiddler.orchestrator import CPU_PATH_COUNTERS
 from harness.scenarios import Cell, Run
@@ -486,12 +488,45 @@ def render(run_dir: str | Path) -> pd.DataFrame:
     summary.to_csv(tmp, index=False)
     tmp.replace(run_dir / "summary.csv")  # atomically, like every result file
     tables = tables_markdown(summary, matrix.get("compared")) + provenance_markdown(raw) + cpu_path_markdown(raw)
+    calibration = None
     if (run_dir / "calibration.json").exists():  # a sweep's own calibration (experiments/gpu_campaign.sh)
         calibration = json.loads((run_dir / "calibration.json").read_text())
         tables += bounds_markdown(summary, calibration, raw, matrix.get("compared") or matrix["systems"])
+    tables += disturbance_markdown(raw, calibration)
     write_text_atomic(run_dir / "tables.md", tables)
     plot(summary, run_dir)
     return summary
+
+
+def disturbance_markdown(raw: list[dict], calibration: dict | None) -> str:
+    """What disturbed the measurements, where anything did: a calibration measured on a busy
+    host (every Fiddler row planned with its latencies), and the rows during which other
+    processes or the hypervisor kept more than ``BUSY_CORES_LIMIT`` cores busy (rows from before
+    the harness recorded it say nothing). Empty when nothing is known to have disturbed them."""
+    lines = []
+    problems = recorded_problems(calibration) if calibration else []
+    if problems:
+        lines += [
+            f"The run's calibration was measured on a disturbed host ({'; '.join(problems)}): Fiddler's "
+            "policies in these rows divided the work by its latencies, not the host's.",
+            "",
+        ]
+    busy = []
+    for row in raw:
+        load = json.loads(row.get("telemetry") or "{}")
+        other, steal = load.get("host_other_busy_cores", 0.0), load.get("host_steal_cores", 0.0)
+        if row.get("status") in ("ok", "time-limited") and max(other, steal) > BUSY_CORES_LIMIT:
+            cell = f"{_int(row['input_tokens'])}/{_int(row['run_output_tokens'])} w{_int(row['beam_width'])}"
+            busy.append(f"| {row['system']} | {cell} | {_int(row['prompt_index'])} | {other:.2f} | {steal:.2f} |")
+    if busy:
+        lines += [
+            f"Rows measured while other processes or the hypervisor kept over {BUSY_CORES_LIMIT} cores busy:",
+            "",
+            "| system | input/output, beams | prompt | other processes' cores | hypervisor's (steal) |",
+            "|---|---|---|---|---|",
+            *busy,
+        ]
+    return "\n".join(["", "## Host disturbance", "", *lines]) + "\n" if lines else ""
 
 
 def _cpu_path_per_job(row: dict) -> dict[str, float] | None:

@@ -3,8 +3,9 @@
 Contract: ``run_sweep(spec)`` writes into ``spec.out`` (the run folder): ``env.json`` (machine,
 software, settings; a resumed sweep's earlier invocations under ``previous``), ``matrix.json``
 (the cells and the generations that measure them), ``raw.csv`` (one row per prompt run: token
-ids, TTFT, every decode step's time, what moved, peak memory, telemetry, status, the commit that
-measured it) and, through ``harness.report``, the summaries, tables and plots. The sweep runs
+ids, TTFT, every decode step's time, what moved, peak memory, telemetry (GPU samples; ``host_*``:
+cores that other processes and the hypervisor took meanwhile, ``fiddler.host_load``), status,
+the commit that measured it) and, through ``harness.report``, the summaries, tables and plots. The sweep runs
 in rounds of prompts: every system's first prompt of every cell, then
 every second prompt, and so on, so that a sweep cut short has whole tables on fewer prompts.
 In each round the systems run one after another, each loaded once (a system refused, or
@@ -40,6 +41,7 @@ from baselines import SystemOptions, SystemRefused, Unsupported, load_system
 from fiddler.config import ModelConfig, resolve_model
 from fiddler.files import write_json_atomic
 from fiddler.generate import GenerationResult, GenerationSettings
+from fiddler.host_load import HostLoad
 from fiddler.orchestrator import CPU_PATH_COUNTERS
 from fiddler.streams import release_cached_memory
 from fiddler.timing import Clock
@@ -391,7 +393,7 @@ def _measure(system, run: Run, prompt: list[int], spec: SweepSpec, budget: _Step
     new_tokens = budget.tokens.get(run, wanted)
     settings = GenerationSettings(max_new_tokens=new_tokens, beam_width=run.beam_width)
     try:
-        with NvmlSampler() as sampler:
+        with NvmlSampler() as sampler, HostLoad() as host_load:
             result = system.generate(prompt, settings)
     except Unsupported as err:
         return {"status": "unsupported", "reason": str(err)}
@@ -408,7 +410,11 @@ def _measure(system, run: Run, prompt: list[int], spec: SweepSpec, budget: _Step
         "h2d_bytes": stats.get("h2d_bytes"),
         "d2h_bytes": stats.get("d2h_bytes"),
         "rss_gb": process_rss_gb(),
-        "telemetry": json.dumps(sampler.summary()),
+        # host_*: cores other processes and the hypervisor took meanwhile (a llama-server this
+        # process started counts as its own), for a reader to tell a disturbed row
+        "telemetry": json.dumps(
+            sampler.summary() | {f"host_{k}": v for k, v in host_load.summary().items() if k != "seconds"}
+        ),
         "stats": json.dumps(
             {k: v for k, v in stats.items() if k != "engine"}
             | {

@@ -511,3 +511,19 @@ def test_validation_refuses_a_calibration_of_another_shape(sweep, tmp_path):
     save_calibration(calibrate(ModelConfig.preset("mixtral-small"), "cpu", torch.float32, token_counts=(1,)), other)
     with pytest.raises(ValueError, match="another expert shape"):
         validate(sweep, "h200-host", other)
+
+
+def test_report_names_a_disturbed_calibration_and_rows_measured_on_a_busy_host():
+    from harness.report import disturbance_markdown
+
+    def row(system: str, telemetry: dict, status: str = "ok") -> dict:
+        key = {"input_tokens": 32, "run_output_tokens": 32, "beam_width": 1, "prompt_index": 0}
+        return {"system": system, "status": status, "telemetry": json.dumps(telemetry)} | key
+
+    quiet = [row("fiddler-hybrid", {"host_other_busy_cores": 0.1, "host_steal_cores": 0.0}), row("cpu-only", {})]
+    steady = {"steadiness": {"problems": []}}
+    assert disturbance_markdown(quiet, steady) == "" and disturbance_markdown(quiet, None) == ""
+    busy = [*quiet, row("llama-cpp", {"host_other_busy_cores": 0.2, "host_steal_cores": 1.25})]
+    text = disturbance_markdown(busy, {"steadiness": {"problems": ["other processes kept 2.00 cores busy"]}})
+    assert "calibration was measured on a disturbed host (other processes kept 2.00 cores busy)" in text
+    assert "| llama-cpp | 32/32 w1 | 0 | 0.20 | 1.25 |" in text and "fiddler-hybrid" not in text
