@@ -17,9 +17,10 @@ measured at 113 GB/s ten minutes later). A latency or a calibration measured und
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Callable
 from pathlib import Path
+
+from fiddler.timing import Clock
 
 PROC = Path("/proc")
 # /proc/stat's aggregate "cpu" line: user nice system idle iowait irq softirq steal guest guest_nice;
@@ -103,9 +104,9 @@ def _list_pids() -> list[int]:
 
 
 class HostLoad:
-    def __init__(self, reader: ProcReader | None = None, clock: Callable[[], float] = time.perf_counter):
+    def __init__(self, reader: ProcReader | None = None):
         self.reader = reader or ProcReader()
-        self.clock = clock
+        self.clock = Clock("cpu").now
         self._start: tuple[float, tuple[int, int] | None, int | None] | None = None
         self._summary: dict[str, float] = {}
 

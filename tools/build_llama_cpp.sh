@@ -10,10 +10,12 @@
 #   bash tools/build_llama_cpp.sh --pack-only  the same archive, without building here
 #   bash tools/build_llama_cpp.sh --pack-binaries DIR  after building, write the built programs
 #                                            and their libraries as DIR/llama-bin-<flavour>-<version>
-#                                            .tar.gz.part-aa, -ab, ... (15 MiB each: the GPU host
-#                                            returns files of at most 16 MiB). Parts put into .carry/
-#                                            are unpacked instead of building, when they run there:
-#                                            a fresh GPU host then skips the ~5-minute CUDA build.
+#                                            .tar.xz.part-aa, -ab, ... (15 MiB each: the GPU host
+#                                            returns files of at most 16 MiB; xz: the CUDA build's
+#                                            ~42 MiB, where gzip takes 48, fits beside the tree and
+#                                            the source in the 64 MiB a call carries). Parts put into
+#                                            .carry/ are unpacked instead of building, when they run
+#                                            there: a fresh GPU host then skips the ~5-minute build.
 # Targets: llama-server (what baselines/llama_cpp.py runs) and llama-bench.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -29,21 +31,28 @@ if [ ! -f "$DEST/convert_hf_to_gguf.py" ]; then
   mv "$work/llama_cpp_python-$VERSION/vendor/llama.cpp" "$DEST"
   rm -rf "$DEST/models" "$DEST/docs" "$DEST/media"
 fi
+# what the pack leaves out: what the llama-server/llama-bench build (CPU or CUDA) never reads
+# (tests, examples, benchmarks; other GPU backends), so the pack leaves room in the 64 MiB a GPU
+# call carries for the prebuilt programs (~42 MiB)
+UNUSED=(build tests benches examples pocs tools/ui/tests)
+for backend in cann et hexagon metal opencl openvino sycl virtgpu vulkan webgpu zdnn zendnn; do
+  UNUSED+=("ggml/src/ggml-$backend")
+done
 if [ "${1:-}" = "--pack" ] || [ "${1:-}" = "--pack-only" ]; then
   mkdir -p .carry
-  tar -czf .carry/llama.cpp-src.tar.gz -C third_party --exclude=llama.cpp/build llama.cpp
+  tar -czf .carry/llama.cpp-src.tar.gz -C third_party "${UNUSED[@]/#/--exclude=llama.cpp/}" llama.cpp
   ls -la .carry/llama.cpp-src.tar.gz
   [ "$1" = "--pack-only" ] && exit 0
 fi
 FLAVOUR=cpu
 [ "${CUDA:-0}" = "1" ] && FLAVOUR=cuda
 BIN="$DEST/build/bin"
-PREBUILT=".carry/llama-bin-$FLAVOUR-$VERSION.tar.gz"
+PREBUILT=".carry/llama-bin-$FLAVOUR-$VERSION.tar.xz"
 works() { "$BIN/llama-server" --version >/dev/null 2>&1 && "$BIN/llama-bench" --help >/dev/null 2>&1; }
 if [ ! -f "$DEST/build/CMakeCache.txt" ] && compgen -G "$PREBUILT.part-*" >/dev/null; then
   mkdir -p "$BIN"
-  # parts missing or damaged fail the unpack (gzip's check): then build, as when they do not run
-  if cat "$PREBUILT".part-* | tar -xzf - -C "$BIN" && works; then
+  # parts missing or damaged fail the unpack (xz's check): then build, as when they do not run
+  if cat "$PREBUILT".part-* | tar -xJf - -C "$BIN" && works; then
     echo "llama.cpp: prebuilt $FLAVOUR programs from $PREBUILT.part-* (no build)"
     ls -la "$BIN/llama-server" "$BIN/llama-bench"
     exit 0
@@ -64,6 +73,6 @@ if [ "${1:-}" = "--pack-binaries" ]; then
   name="$(basename "$PREBUILT")"
   rm -f "$out/$name".part-*
   # the programs and the shared libraries beside them (llama.cpp builds its libraries shared)
-  tar -czf - -C "$BIN" . | split -b 15M - "$out/$name.part-"
+  tar -cf - -C "$BIN" . | xz -T0 -6 | split -b 15M - "$out/$name.part-"
   ls -la "$out/$name".part-*
 fi

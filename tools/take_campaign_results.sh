@@ -4,7 +4,8 @@
 #   bash tools/take_campaign_results.sh DIR     DIR: the folder the call's files came back to
 # From DIR/campaign.tar.gz it extracts results/ over the tree's own (run folders: raw rows,
 # summaries, tables, env, calibration), leaving README.md and validation.* alone (written here,
-# not by the run; the tree may have newer ones); llama.cpp's prebuilt parts (DIR/llama-bin/) go into .carry/.
+# not by the run; the tree may have newer ones); llama.cpp's prebuilt parts (DIR/llama-bin/) go into .carry/ when they fit
+# beside the tree and the rest of .carry/ in the 64 MiB a call carries.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 dir="${1:?usage: bash tools/take_campaign_results.sh DIR (the folder a device call returned)}"
@@ -16,21 +17,23 @@ if grep -q '^\./results/' <<<"$listing"; then
 else
   echo "$archive holds no results/ folder (stages such as orchestration write elsewhere: copy by hand)"
 fi
-# a call carries the tree and .carry/ together, 64 MiB at most: prebuilt parts that would leave
-# too little room for the rest stay out (the next fresh machine then builds, ~5 minutes)
-CARRY_PARTS_MAX_MIB=40
-# (a call returns at most 8 files: a set of parts may come back incomplete; gzip's check says so)
+# a call carries the tree and .carry/ together, 64 MiB at most: prebuilt parts go in only when
+# they leave room for both (else the next fresh machine builds, ~5 minutes)
+CALL_CARRY_MIB=64
+MARGIN_MIB=4  # the tree grows by a few results between calls
+tree_mib=$(( $(git ls-files -co --exclude-standard -z | xargs -0 du -cb 2>/dev/null | tail -1 | cut -f1) / 1048576 ))
+# (a call returns at most 8 files: a set of parts may come back incomplete; xz's check says so)
 if compgen -G "$dir/llama-bin/*.part-*" >/dev/null; then
-  mib=$(du -cm "$dir"/llama-bin/*.part-* | tail -1 | cut -f1)
-  if ! cat "$dir"/llama-bin/*.part-* | tar -tzf - >/dev/null 2>&1; then
+  parts_mib=$(du -cm "$dir"/llama-bin/*.part-* | tail -1 | cut -f1)
+  other_carry_mib=$(find .carry -maxdepth 1 -type f ! -name 'llama-bin-*' -exec du -cm {} + 2>/dev/null | tail -1 | cut -f1)
+  room=$(( CALL_CARRY_MIB - MARGIN_MIB - tree_mib - ${other_carry_mib:-0} ))
+  if ! cat "$dir"/llama-bin/*.part-* | tar -tJf - >/dev/null 2>&1; then
     echo "llama.cpp's prebuilt parts in $dir/llama-bin/ are incomplete or damaged: not put into .carry/"
-  elif [ "$mib" -gt "$CARRY_PARTS_MAX_MIB" ]; then
-    echo "llama.cpp's prebuilt parts take $mib MiB, more than $CARRY_PARTS_MAX_MIB: not put into .carry/"
+  elif [ "$parts_mib" -gt "$room" ]; then
+    echo "llama.cpp's prebuilt parts take $parts_mib MiB; the tree and .carry/ leave $room: not put into .carry/"
   else
     mkdir -p .carry
-    for part in "$dir"/llama-bin/*.part-aa; do  # one set per archive name: an older set goes first
-      rm -f ".carry/$(basename "${part%.part-aa}")".part-*
-    done
+    rm -f .carry/llama-bin-*.part-*  # one set: an older one (or one of another format) goes first
     cp "$dir"/llama-bin/*.part-* .carry/
     ls -la .carry/*.part-*
   fi
