@@ -4,18 +4,17 @@
 # (kernels + orchestration ~6 min; baselines ~8 min; quick ~8 min). Results are packed into $OUT/campaign.tar.gz (the device tool
 # returns at most 8 files). Usage, on the GPU host from the repository root:
 #   bash experiments/gpu_campaign.sh kernels orchestration baselines quick
-# What is left (plan of 2026-12-01, seventh session; ~30 GPU minutes a session, a fresh machine
-# costs ~1 minute of it). Done: orchestration run 10, prefill24 (whole). After each call run
+# What is left (plan of 2026-12-01, eighth session; ~30 GPU minutes a session, a fresh machine
+# costs ~1 minute of it). Done: orchestration run 10, prefill24 (whole), llama v2 (on a disturbed
+# calibration: results/h200-llama-8layers-v2/README.md). After each call run
 # `bash tools/take_campaign_results.sh DIR` (DIR: the folder its files came back to) and commit
-# BEFORE the next call: the tree travels with each
-# call, and a sweep resumes from the rows it carries (the seventh session re-measured a piece
-# for want of this). Next, in order:
-#   1. `llama-build llama` with LLAMA_RUN_DIR=results/h200-llama-8layers-v2 and
-#      FIDDLER_CACHE=$PWD/third_party/cache (issue 9 on the engine of run 10: build ~5 min,
-#      calibration ~1, GGUF conversion ~2, then the runs), then `llama` again on the warm machine
-#      to finish it (take_campaign_results.sh puts the returned llama-bin/ parts into .carry/:
-#      later machines skip the build).
-#   2. `beam24` (smoke-tested on 2 layers: results/h200-beam-smoke-2layers/).
+# BEFORE the next call: the tree travels with each call, and a sweep resumes from the rows it
+# carries (the seventh session re-measured a piece for want of this). Pass carry [".carry"]:
+# it holds llama.cpp's CUDA programs (xz parts, unpacked instead of the ~6-minute build). Next:
+#   1. `llama` with LLAMA_RUN_DIR=results/h200-llama-8layers-v3 and FIDDLER_CACHE=$PWD/third_party/cache
+#      (issue 9 on a calibration that passes the steadiness checks: unpack ~10 s, calibration
+#      ~15-40 s, GGUF conversion ~2 min, 48 generations ~7 min: two calls on one warm machine).
+#   2. `beam24` until whole (25 of 36 generations left: ~2 calls).
 #   3. `sweep24` until round 0 is whole (accelerate-offload, expert-lru-prefetch and the two
 #      ablations: ~3 calls), then `sweep48` round 0, then rounds 1-2 of both.
 # Stages (in the order given):
@@ -39,8 +38,9 @@
 #                  measures into another folder, e.g. after an engine change)
 #   llama-build    the build alone: give it to one call and `llama` to the next while the
 #                  machine is still warm (third_party/ survives between calls on one machine).
-#                  The built programs come back in $OUT/llama-bin/ (parts of 15 MiB): copy them
-#                  into .carry/ and later machines unpack them instead of building
+#                  The built programs come back in $OUT/llama-bin/ (xz, parts of 15 MiB) unless
+#                  .carry/ holds them; take_campaign_results.sh puts them into .carry/, and later
+#                  machines unpack them instead of building
 #   sweep24        issue 8: the paper-v3 single-batch grid at 24 GB, every system (in rounds of
 #                  prompts, and in order of importance within a round, so a sweep cut short has
 #                  whole tables on fewer prompts, the main comparison first), 3 prompts per
