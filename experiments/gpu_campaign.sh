@@ -144,13 +144,9 @@ for name in "$@"; do
       # incremental: a machine still warm from a call that built it rebuilds nothing; a build
       # returns its programs in parts ($OUT/llama-bin/, 15 MiB each): copied into .carry/, they
       # spare the next fresh machine the build (tools/build_llama_cpp.sh unpacks them if they run)
-      # the programs come back once: not from a machine that unpacked them, nor again when .carry/
-      # already holds them (each part takes one of the 8 files a call returns)
-      if compgen -G ".carry/llama-bin-cuda-*.part-*" >/dev/null; then
-        stage llama-build env CUDA=1 bash tools/build_llama_cpp.sh
-      else
-        stage llama-build env CUDA=1 bash tools/build_llama_cpp.sh --pack-binaries "$OUT/llama-bin"
-      fi
+      # the programs come back once: not from a machine that unpacked them, nor when .carry/
+      # already holds a whole set of this version (build_llama_cpp.sh checks)
+      stage llama-build env CUDA=1 bash tools/build_llama_cpp.sh --pack-binaries "$OUT/llama-bin"
       [ "$name" = llama-build ] && continue
       # 8 layers keep Mixtral-8x7B's expert sizes; the budget keeps 14 of 64 experts (56/256)
       budget=$(python3 -c "from fiddler.config import ModelConfig; from fiddler.placement import budget_breakdown; import torch; c=ModelConfig.preset('mixtral-8x7b').with_layers(8); b=budget_breakdown(c,0,torch.bfloat16,2048+32,1,2); print((b.dense+b.kv_cache+b.staging+b.workspace+14.5*b.expert)/1e9)")

@@ -18,20 +18,14 @@ from pathlib import Path
 
 import torch
 
-from fiddler.calibrate import (
-    QUICK_TOKEN_COUNTS,
-    calibrate,
-    calibration_matches,
-    kernel_tiers,
-    load_calibration,
-    recorded_problems,
-)
+from fiddler.calibrate import QUICK_TOKEN_COUNTS, calibrate, calibration_matches, kernel_tiers, load_calibration
 from fiddler.config import ModelConfig
 from fiddler.cost_model import LatencyModel
 from fiddler.cpu_experts import AUTO, CpuExpertKernel, set_cpu_threads, tiered_kernel
 from fiddler.engine import Engine
 from fiddler.placement import budget_from_free_memory, load_popularity, plan_placement
 from fiddler.planner import POLICIES
+from fiddler.steadiness import recorded_problems
 from fiddler.weights import open_weights
 
 log = logging.getLogger(__name__)

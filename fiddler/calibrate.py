@@ -30,7 +30,8 @@ schema ``fiddler-calibration`` version 1 (``save_calibration`` writes it atomica
 - ``host_load``: ``fiddler.host_load.HostLoad``'s summary over the measurement kept (cores that
   other processes and the hypervisor took; empty where unknown); ``steadiness``: ``attempt``
   (which measurement was kept), ``attempts`` (how many were made), ``problems`` (what
-  ``steadiness_problems`` found in the one kept: empty for a steady host). A disturbed
+  ``fiddler.steadiness`` found in the one kept: empty for a steady host), ``host_load_known``
+  (false: the host's load could not be read, only the curve was judged). A disturbed
   measurement is taken again, up to ``attempts`` times; files from before these keys say nothing.
 
 Later versions may add keys (the CPU kernel and simulator issues extend this schema); readers
@@ -56,6 +57,7 @@ from fiddler.host_load import HostLoad
 from fiddler.host_memory import HostArena, nbytes_of
 from fiddler.loading import expert_shapes, load_expert_into
 from fiddler.machine import machine_identity
+from fiddler.steadiness import steadiness_problems
 from fiddler.streams import new_stream, on_stream
 from fiddler.timing import Clock, synchronize
 from fiddler.weights import RandomWeights
@@ -73,14 +75,8 @@ CONCURRENT_COPIES = 48  # copies queued while CPU experts are timed alongside th
 CONCURRENT_SAMPLES = 12  # samples of each operation alone and together
 SHARES_MEASURED = (1 / 16, 1 / 8, 1 / 4, 1 / 2, 3 / 4)  # parts of an expert timed on the CPU
 SHARE_REPEATS = 7
-# A calibration is taken again when the host was visibly disturbed while it was measured: other
-# processes or the hypervisor keeping more than this many cores busy on average (one busy core
-# already delays every expert, which the kernels split over all cores), or a smaller token count
-# measuring slower than a larger one by more than the tolerance (repeats of a steady host differ
-# by a few percent; the seventh session's disturbed one by 30%).
-BUSY_CORES_LIMIT = 0.5
-CURVE_TOLERANCE = 0.2
-CURVE_CHECK_MIN_BYTES = 64 * 2**20  # larger than any last-level cache: the time is memory's
+# a disturbed measurement is taken again, up to this many in all: a disturbance that outlasts
+# three (~12 s each on the GPU host) is better reported than waited out
 DEFAULT_ATTEMPTS = 3
 
 
@@ -138,7 +134,7 @@ def calibrate(
     attempts: int = DEFAULT_ATTEMPTS,
 ) -> dict[str, object]:
     """``cpu_kernel`` ``auto`` measures every kernel that runs here and keeps, for each token
-    count, the fastest (``cpu_kernel_tiers``). A measurement that ``steadiness_problems`` finds
+    count, the fastest (``cpu_kernel_tiers``). A measurement that ``fiddler.steadiness`` finds
     disturbed is taken again, up to ``attempts`` in all; the least disturbed is kept and
     ``steadiness`` says what was found (a disturbed file plans every run that reads it)."""
     if attempts < 1:
@@ -153,7 +149,12 @@ def calibrate(
             measured = _measure(config, device, dtype, cold, cpu_kernel, token_counts, repeats, generator)
         measured["host_load"] = load.summary()
         problems = steadiness_problems(measured, cold.expert_bytes)
-        measured["steadiness"] = {"attempt": attempt, "problems": problems}
+        # an empty host_load (no /proc, a window too short to tell) is unknown, not steady
+        measured["steadiness"] = {
+            "attempt": attempt,
+            "problems": problems,
+            "host_load_known": bool(measured["host_load"]),
+        }
         # disturbance only ever slows a measurement: of two disturbed ones the faster is nearer
         rank = (len(problems), measured["cpu_expert_s"][0])
         if kept is None or rank < kept[:2]:
@@ -186,7 +187,16 @@ def calibrate(
     }
 
 
-def _measure(config, device, dtype, cold, cpu_kernel, token_counts, repeats, generator) -> dict[str, object]:
+def _measure(
+    config: ModelConfig,
+    device: torch.device,
+    dtype: torch.dtype,
+    cold: _ColdExperts,
+    cpu_kernel: str,
+    token_counts: tuple[int, ...],
+    repeats: int,
+    generator: torch.Generator,
+) -> dict[str, object]:
     """One whole measurement of the latencies (every key of the file that is timed)."""
     host_clock, device_clock = Clock("cpu"), Clock(device)
     hidden = config.hidden_size
@@ -251,31 +261,6 @@ def _measure(config, device, dtype, cold, cpu_kernel, token_counts, repeats, gen
         "concurrent": _measure_concurrency(device, kernel, cold, slot13, slot2, repeats),
         "cpu_share": _measure_shares(kernel, cold, hidden, dtype, repeats, generator),
     }
-
-
-def steadiness_problems(calibration: dict[str, object], expert_bytes: int) -> list[str]:
-    """What says a calibration was measured on a disturbed host, empty when nothing does:
-    other processes or the hypervisor taking cores (``host_load``), or, for experts too large
-    for a cache (streamed from memory, as real ones are), a CPU expert that measured slower
-    for fewer tokens than for more (more tokens never need less work; small experts' times are
-    call overheads, where the order is noise)."""
-    problems = []
-    load = calibration.get("host_load") or {}
-    for key, what in (("other_busy_cores", "other processes"), ("steal_cores", "the hypervisor")):
-        if load.get(key, 0.0) > BUSY_CORES_LIMIT:
-            problems.append(f"{what} kept {load[key]:.2f} cores busy (limit {BUSY_CORES_LIMIT})")
-    if expert_bytes >= CURVE_CHECK_MIN_BYTES:
-        points = list(zip(calibration["token_counts"], calibration["cpu_expert_s"], strict=True))
-        for i, (n, t) in enumerate(points):
-            faster_for_more = next(((m, u) for m, u in points[i + 1 :] if t > u * (1 + CURVE_TOLERANCE)), None)
-            if faster_for_more:
-                m, u = faster_for_more
-                problems.append(
-                    f"a CPU expert took {t * 1e3:.2f} ms for {n} token(s) but {u * 1e3:.2f} ms for {m}: "
-                    "the host was disturbed while the smaller count was timed"
-                )
-                break
-    return problems
 
 
 def _fastest(curves: dict[str, list[float | None]], i: int) -> tuple[str, float]:
@@ -388,14 +373,6 @@ def _measure_shares(kernel, cold, hidden: int, dtype, repeats: int, generator) -
     times = {b: _median_time(clock, lambda b=b: run(b), max(repeats, SHARE_REPEATS)) for b in counts}
     whole = times[cold.blocks]
     return {"shares": [b / cold.blocks for b in counts], "fraction_of_whole": [times[b] / whole for b in counts]}
-
-
-def recorded_problems(calibration: dict[str, object]) -> list[str]:
-    """What the file says disturbed its measurement; for files from before ``steadiness``, what
-    their curve shows."""
-    if "steadiness" in calibration:
-        return list(calibration["steadiness"]["problems"])
-    return steadiness_problems(calibration, calibration["model"]["expert_bytes"])
 
 
 def save_calibration(calibration: dict[str, object], path: str | Path) -> None:

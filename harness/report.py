@@ -25,9 +25,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from fiddler.calibrate import BUSY_CORES_LIMIT, recorded_problems
 from fiddler.files import write_text_atomic
 from fiddler.orchestrator import CPU_PATH_COUNTERS
+from fiddler.steadiness import BUSY_CORES_LIMIT, recorded_problems
 from harness.scenarios import Cell, Run
 from harness.telemetry import DIRTY
 from harness.timing import cell_metrics

@@ -12,7 +12,10 @@ The model of each system, per decoder layer and forward pass over T new tokens:
 - dense part on the GPU: max(layer bytes / memory bandwidth, FLOPs / throughput) plus the
   profile's per-layer host overhead;
 - Fiddler's policies: the engine's own placement (``fiddler.placement``), latency model
-  (``fiddler.cost_model``) and planner (``fiddler.planner``): the planner's predicted time;
+  (``fiddler.cost_model``) and planner (``fiddler.planner``): the planner's predicted time,
+  plus the profile's host overhead around the CPU path in a layer whose plan uses the CPU
+  (``cpu_path_overhead_per_layer_s``: the planner counts the CPU's compute and the activations'
+  transfers, not the hand-off around them);
 - ``gpu-resident``: every expert on the GPU (refused when it does not fit);
 - ``expert-lru``: the LRU cache replayed over the sampled routing (the baseline's own slot
   count, ``baselines.expert_lru.lru_slots``); each miss costs a pinned copy, copies serialised;
@@ -58,6 +61,7 @@ HARDWARE_FIELDS = (
     "cpu_mem_gb_per_s",
     "cpu_tflops",
     "step_overhead_per_layer_s",
+    "cpu_path_overhead_per_layer_s",
 )
 SIMULATED_SYSTEMS = (
     *(f"fiddler-{p}" for p in POLICIES),
@@ -79,6 +83,7 @@ class Hardware:
     cpu_mem_gb_per_s: float
     cpu_tflops: float
     step_overhead_per_layer_s: float
+    cpu_path_overhead_per_layer_s: float
 
 
 def profile_names() -> list[str]:
@@ -266,7 +271,10 @@ class _Simulator:
             plan = plan_layer(routed, resident, policy, m, STAGING_SLOTS, self.blocks, down)
             hits = sum(routed[e] for e in plan.gpu)
             copied = len(plan.copy) + ((self.blocks - plan.split.cpu_blocks) / self.blocks if plan.split else 0)
-            return plan.predicted_s, hits, int(copied * self.expert_bytes)
+            # the host work around a CPU job (hand-off, gathering rows, results up) that the
+            # planner does not count: the plan is the engine's, its price the host's
+            handoff = self.hw.cpu_path_overhead_per_layer_s if plan.cpu or plan.split else 0.0
+            return plan.predicted_s + handoff, hits, int(copied * self.expert_bytes)
         if system == "expert-lru":  # as baselines.expert_lru: hits first, then misses in order
             cache: collections.OrderedDict = state["lru"][layer]
             needed = sorted(routed)

@@ -4,17 +4,10 @@ import pytest
 import torch
 
 from fiddler.build import EngineOptions, build_engine
-from fiddler.calibrate import (
-    SCHEMA,
-    calibrate,
-    calibration_matches,
-    load_calibration,
-    recorded_problems,
-    save_calibration,
-    steadiness_problems,
-)
+from fiddler.calibrate import SCHEMA, calibrate, calibration_matches, load_calibration, save_calibration
 from fiddler.config import ModelConfig
 from fiddler.cost_model import LatencyModel
+from fiddler.steadiness import recorded_problems, steadiness_problems
 
 TINY = ModelConfig.preset("mixtral-tiny")
 
@@ -163,8 +156,9 @@ def test_steadiness_problems_name_a_busy_host_and_a_curve_out_of_order():
 
 def test_a_disturbed_calibration_is_measured_again_and_the_least_disturbed_kept(monkeypatch):
     import fiddler.calibrate as cal
+    import fiddler.steadiness
 
-    monkeypatch.setattr(cal, "CURVE_CHECK_MIN_BYTES", 0)  # the tiny model's expert counts as streamed
+    monkeypatch.setattr(fiddler.steadiness, "CURVE_CHECK_MIN_BYTES", 0)  # the tiny model's expert counts as streamed
     out_of_order, steady = [8.0e-3, 6.0e-3, 9.0e-3], [3.1e-3, 3.2e-3, 4.0e-3]
     curves = iter([out_of_order, steady])
     monkeypatch.setattr(
@@ -172,7 +166,7 @@ def test_a_disturbed_calibration_is_measured_again_and_the_least_disturbed_kept(
     )
     monkeypatch.setattr(cal, "HostLoad", _Loads([0.0, 0.0]))
     c = calibrate(TINY, "cpu", torch.float32, token_counts=(1, 4, 16))
-    assert c["steadiness"] == {"attempt": 2, "attempts": 2, "problems": []}
+    assert c["steadiness"] == {"attempt": 2, "attempts": 2, "problems": [], "host_load_known": True}
     assert c["cpu_expert_s"] == steady and c["host_load"] == {"other_busy_cores": 0.0}
 
     # every attempt disturbed: the one with fewest problems is kept, and says so

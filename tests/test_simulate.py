@@ -42,7 +42,8 @@ def test_bad_profiles_are_refused(tmp_path):
 
 def test_decode_step_is_the_planners_prediction_summed_over_layers(tmp_path):
     """With a routing trace, one decode step = head + sum over layers of (dense part + the
-    planner's predicted MoE time): the simulator adds nothing of its own to the MoE part."""
+    planner's predicted MoE time + the profile's overhead around the CPU path where the plan
+    uses the CPU): the simulator adds nothing else of its own to the MoE part."""
     config = MIXTRAL.with_layers(2)
     trace = [[[[0, 1]], [[2, 5]]]]  # one step; layer 0 routes its token to experts 0 and 1, layer 1 to 2 and 5
     path = tmp_path / "trace.json"
@@ -52,18 +53,18 @@ def test_decode_step_is_the_planners_prediction_summed_over_layers(tmp_path):
         cells=tuple(cells("single-batch", inputs=(1,), outputs=(2,))),
         config=config,
         hardware="h200-host",
-        gpu_memory_gb=8.0,
+        gpu_memory_gb=3.0,  # some of the trace's experts resident, some not
         routing=str(path),
         samples=1,
     )
     row = simulate(spec)[0]
     calibration, hw = load_profile("h200-host")
     model = LatencyModel.from_calibration(calibration)
-    placement = plan_placement(config, 8.0, torch.bfloat16, 3, 1, 2)
+    placement = plan_placement(config, 3.0, torch.bfloat16, 3, 1, 2)
     from harness.simulate import _Simulator
 
     sim = _Simulator(spec, calibration, hw)
-    expected = sim.head_s(1)
+    expected, cpu_layers = sim.head_s(1), 0
     for layer, experts in enumerate(([0, 1], [2, 5])):
         plan = plan_layer(
             dict.fromkeys(experts, 1),
@@ -74,7 +75,10 @@ def test_decode_step_is_the_planners_prediction_summed_over_layers(tmp_path):
             calibration["split_blocks"],
             hidden_rows=1,  # the pass's one token: the executor sends every row down
         )
-        expected += sim.dense_layer_s(1, 2 + 0) + plan.predicted_s
+        uses_cpu = bool(plan.cpu or plan.split)
+        cpu_layers += uses_cpu
+        expected += sim.dense_layer_s(1, 2 + 0) + plan.predicted_s + uses_cpu * hw.cpu_path_overhead_per_layer_s
+    assert cpu_layers and hw.cpu_path_overhead_per_layer_s > 0, "the trace should send some expert to the CPU"
     assert 1 / row["decode_tokens_per_s"] == pytest.approx(expected)
 
 
@@ -158,7 +162,8 @@ def test_cpu_only_runs_at_the_calibrated_torch_curve(tmp_path):
     not the native kernel's main curve that Fiddler's CPU path runs at."""
     data, _ = load_profile("h200-host")
     plain = {k: v for k, v in data.items() if k not in ("hardware", "profile")}
-    slow_torch = plain | {"cpu_kernel_curves_s": {"torch": [3 * t for t in plain["cpu_expert_s"]]}}
+    torch_curve = plain.get("cpu_kernel_curves_s", {}).get("torch") or plain["cpu_expert_s"]
+    slow_torch = plain | {"cpu_kernel_curves_s": {"torch": [3 * t for t in torch_curve]}}
     decode = {}
     for name, calibration in (("plain", plain), ("slow-torch", slow_torch)):
         path = tmp_path / f"{name}.json"

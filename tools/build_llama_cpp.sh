@@ -4,7 +4,8 @@
 #   bash tools/build_llama_cpp.sh            CPU build
 #   CUDA=1 bash tools/build_llama_cpp.sh     GPU build (sm_90, for the H100/H200)
 #   bash tools/build_llama_cpp.sh --pack     also write .carry/llama.cpp-src.tar.gz (ignored by
-#                                            git): the tree without models/docs, to carry to a
+#                                            git): the tree without models/docs/tests/examples/
+#                                            benches and GPU backends other than CUDA, to carry to a
 #                                            host without network (experiments/gpu_campaign.sh
 #                                            unpacks it there into third_party/)
 #   bash tools/build_llama_cpp.sh --pack-only  the same archive, without building here
@@ -67,7 +68,11 @@ fi
 cmake -S "$DEST" -B "$DEST/build" "${flags[@]}" >/dev/null
 cmake --build "$DEST/build" --target llama-server llama-bench -j"$(nproc)"
 ls -la "$DEST/build/bin/llama-server" "$DEST/build/bin/llama-bench"
-if [ "${1:-}" = "--pack-binaries" ]; then
+if [ "${1:-}" = "--pack-binaries" ] && compgen -G "$PREBUILT.part-*" >/dev/null \
+  && cat "$PREBUILT".part-* | xz -t 2>/dev/null; then
+  # each part takes one of the few files a GPU call returns: none for what .carry/ already holds
+  echo "llama.cpp: $PREBUILT.part-* already hold a whole set; not packed again"
+elif [ "${1:-}" = "--pack-binaries" ]; then
   out="${2:?--pack-binaries needs a folder}"
   mkdir -p "$out"
   name="$(basename "$PREBUILT")"
