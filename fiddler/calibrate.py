@@ -181,7 +181,6 @@ def calibrate(
         "cpu_threads": threads,
         **calibration,
         "split_blocks": cold.blocks,
-        "token_counts": list(token_counts),
         "cpu_weight_gb_per_s": [bytes_ / s / 1e9 for s in calibration["cpu_expert_s"]],
         "copy_gb_per_s": bytes_ / calibration["copy_expert_s"] / 1e9,
     }
