@@ -20,9 +20,11 @@ schema ``fiddler-calibration`` version 1 (``save_calibration`` writes it atomica
   ``gpu_expert_s`` one expert on the accelerator for n tokens;
   ``act_d2h_s`` / ``act_h2d_s`` n hidden vectors accelerator->host / host->accelerator.
 - ``copy_expert_s``: one expert's weights host->accelerator from page-locked memory.
-- ``concurrent``: ``cpu_slowdown`` (CPU expert time while copies run / alone) and
+- ``concurrent``: ``cpu_slowdown`` (CPU expert time while copies run / alone, one token) and
   ``copy_slowdown`` (copy time while CPU experts run / alone); ``measured`` false where there
-  is no accelerator to copy to (then both are 1).
+  is no accelerator to copy to (then both are 1); ``cpu_slowdown_by_tokens`` (token count ->
+  the CPU's slowdown at that count, recorded, not yet read by the planner; files from before
+  it lack it).
 - ``cpu_share``: ``shares`` (parts of an expert, in split blocks) and ``fraction_of_whole``
   (their CPU time for one token over the whole expert's); the planner reads it to divide an
   expert between the paths (added in this version; older files without it mean proportional).
@@ -73,6 +75,9 @@ COLD_SET_BYTES = 2_000_000_000
 GPU_INNER_RUNS = 10  # GPU expert runs per timing sample: one run is too short to time alone
 CONCURRENT_COPIES = 48  # copies queued while CPU experts are timed alongside them
 CONCURRENT_SAMPLES = 12  # samples of each operation alone and together
+# token counts at which the CPU's slowdown beside copies is also recorded: the long prefill's
+# CPU jobs ran 1.4-1.6x slower beside copies where the one-token figure said 1.16
+CONCURRENT_PROBE_TOKENS = (16, 128)
 SHARES_MEASURED = (1 / 16, 1 / 8, 1 / 4, 1 / 2, 3 / 4)  # parts of an expert timed on the CPU
 SHARE_REPEATS = 7
 # a disturbed measurement is taken again, up to this many in all: a disturbance that outlasts
@@ -257,7 +262,7 @@ def _measure(
         "act_d2h_s": d2h_s,
         "act_h2d_s": h2d_s,
         "copy_expert_s": copy_s,
-        "concurrent": _measure_concurrency(device, kernel, cold, slot13, slot2, repeats),
+        "concurrent": _measure_concurrency(device, kernel, cold, slot13, slot2, repeats, token_counts),
         "cpu_share": _measure_shares(kernel, cold, hidden, dtype, repeats, generator),
     }
 
@@ -291,10 +296,12 @@ def kernel_tiers(calibration: dict[str, object]) -> list[list]:
     return [[max_tokens, name], [None, "torch"]] if max_tokens else [[None, "torch"]]
 
 
-def _measure_concurrency(device, kernel, cold, slot13, slot2, repeats) -> dict[str, object]:
+def _measure_concurrency(device, kernel, cold, slot13, slot2, repeats, token_counts) -> dict[str, object]:
     """CPU experts (1 token) while copies stream, and copies while the CPU computes experts,
     each against the same operation alone measured right before (the host is noisy). The CPU
-    reads one set of experts and the copies the other, as in a real layer."""
+    reads one set of experts and the copies the other, as in a real layer. The CPU's slowdown is
+    also taken, for the record, at the larger ``CONCURRENT_PROBE_TOKENS`` the calibration
+    measures (the planner reads the one-token figure; runs found multi-token jobs slowed more)."""
     if device.type != "cuda":
         return {"measured": False, "cpu_slowdown": 1.0, "copy_slowdown": 1.0}
     host_clock = Clock("cpu")
@@ -302,10 +309,28 @@ def _measure_concurrency(device, kernel, cold, slot13, slot2, repeats) -> dict[s
     x = torch.randn(1, slot13.shape[1]).to(slot13.dtype)
     stream = new_stream(device)
 
-    def cpu_once() -> float:
+    def cpu_once(rows: torch.Tensor) -> float:
         start = host_clock.now()
-        kernel(x, *cold.next(0))
+        kernel(rows, *cold.next(0))
         return host_clock.now() - start
+
+    def cpu_beside_copies(rows: torch.Tensor) -> tuple[float, list[float]]:
+        """The CPU alone (median), then its runs that overlapped queued copies from start to end."""
+        alone = statistics.median(cpu_once(rows) for _ in range(samples))
+        with on_stream(stream):  # keep the copy engine busy for the whole CPU measurement
+            for _ in range(CONCURRENT_COPIES):
+                w13, w2 = cold.next(1)
+                slot13.copy_(w13, non_blocking=True)
+                slot2.copy_(w2, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(stream)
+        together = []
+        while not done.query():
+            elapsed = cpu_once(rows)
+            if not done.query():
+                together.append(elapsed)
+        done.synchronize()
+        return alone, together
 
     def timed_copies(count: int) -> list[float]:
         times = []
@@ -321,20 +346,12 @@ def _measure_concurrency(device, kernel, cold, slot13, slot2, repeats) -> dict[s
                 times.append(start.elapsed_time(end) / 1e3)
         return times
 
-    cpu_alone = statistics.median(cpu_once() for _ in range(samples))
-    with on_stream(stream):  # keep the copy engine busy for the whole CPU measurement
-        for _ in range(CONCURRENT_COPIES):
-            w13, w2 = cold.next(1)
-            slot13.copy_(w13, non_blocking=True)
-            slot2.copy_(w2, non_blocking=True)
-        done = torch.cuda.Event()
-        done.record(stream)
-    cpu_samples = []
-    while not done.query():
-        elapsed = cpu_once()
-        if not done.query():  # count only runs that overlapped copies from start to end
-            cpu_samples.append(elapsed)
-    done.synchronize()
+    cpu_alone, cpu_samples = cpu_beside_copies(x)
+    by_tokens = {}
+    for n in sorted(set(CONCURRENT_PROBE_TOKENS) & set(token_counts)):
+        alone, together = cpu_beside_copies(torch.randn(n, slot13.shape[1]).to(slot13.dtype))
+        if together:
+            by_tokens[str(n)] = statistics.median(together) / alone
 
     copy_alone = statistics.median(timed_copies(samples))
     stop = threading.Event()
@@ -355,6 +372,7 @@ def _measure_concurrency(device, kernel, cold, slot13, slot2, repeats) -> dict[s
         "copy_slowdown": copy_together / copy_alone,
         "cpu_alone_s": cpu_alone,
         "cpu_samples": len(cpu_samples),
+        "cpu_slowdown_by_tokens": by_tokens,
     }
 
 
