@@ -31,6 +31,7 @@ from fiddler.planner import POLICIES
 from fiddler.profiling import profile_popularity, save_popularity
 from fiddler.tokenizer import Tokenizer, find_tokenizer
 
+DISTURBED_EXIT = 3  # calibrate --require-steady: every attempt was disturbed
 log = logging.getLogger("fiddler")
 
 
@@ -147,7 +148,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         result["cpu_weight_gb_per_s"][0],
         args.out,
     )
-    return 0
+    # a script that must not plan a sweep with such a file can tell (the file is written anyway)
+    return DISTURBED_EXIT if problems and args.require_steady else 0
 
 
 def read_prompts(path: Path, tokenizer: Tokenizer | None) -> list[list[int]]:
@@ -224,6 +226,11 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=DEFAULT_ATTEMPTS,
         help="measure again while the host looks disturbed (busy cores, a CPU curve out of order), at most this often",
+    )
+    cal.add_argument(
+        "--require-steady",
+        action="store_true",
+        help=f"exit with status {DISTURBED_EXIT} when every attempt was disturbed (the file is still written)",
     )
     cal.add_argument("--quick", action="store_true", help="fewer token counts")
     cal.set_defaults(func=cmd_calibrate)

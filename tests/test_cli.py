@@ -141,3 +141,16 @@ def test_budget_too_small_is_one_clear_error(capsys):
         ]
     )
     assert code == 2 and "cannot hold even the non-expert part" in capsys.readouterr().err
+
+
+def test_calibrate_require_steady_exits_non_zero_on_a_disturbed_host(monkeypatch, tmp_path):
+    import fiddler.calibrate
+    from fiddler.cli import DISTURBED_EXIT
+
+    monkeypatch.setattr(fiddler.calibrate, "steadiness_problems", lambda measured, expert_bytes: ["a busy host"])
+    cal = tmp_path / "cal.json"
+    base = ["calibrate", "--model", "mixtral-tiny", "--device", "cpu", "--quick", "--repeats", "1", "--attempts", "2"]
+    assert main([*base, "--out", str(cal)]) == 0  # disturbed, said in the log, not in the status
+    assert main([*base, "--require-steady", "--out", str(cal)]) == DISTURBED_EXIT
+    written = json.loads(cal.read_text())["steadiness"]
+    assert written["problems"] == ["a busy host"] and written["attempts"] == 2
