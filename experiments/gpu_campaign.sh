@@ -152,11 +152,9 @@ for name in "$@"; do
       if [ ! -f third_party/llama.cpp/convert_hf_to_gguf.py ] && [ -f .carry/llama.cpp-src.tar.gz ]; then
         mkdir -p third_party && tar -xzf .carry/llama.cpp-src.tar.gz -C third_party
       fi
-      # incremental: a machine still warm from a call that built it rebuilds nothing; a build
-      # returns its programs in parts ($OUT/llama-bin/, 15 MiB each): copied into .carry/, they
-      # spare the next fresh machine the build (tools/build_llama_cpp.sh unpacks them if they run)
-      # the programs come back once: not from a machine that unpacked them, nor when .carry/
-      # already holds a whole set of this version (build_llama_cpp.sh checks)
+      # incremental: a machine still warm from a call that built it rebuilds nothing. A build
+      # returns its programs in parts ($OUT/llama-bin/), unless .carry/ already holds a whole set
+      # of this version; put into .carry/, they spare the next fresh machine the build
       stage llama-build env CUDA=1 bash tools/build_llama_cpp.sh --pack-binaries "$OUT/llama-bin"
       [ "$name" = llama-build ] && continue
       # 8 layers keep Mixtral-8x7B's expert sizes; the budget keeps 14 of 64 experts (56/256)

@@ -280,9 +280,9 @@ def run_sweep(spec: SweepSpec) -> Path:
     started = clock.now()
 
     def too_late_for(name: str) -> bool:
-        if spec.no_new_system_after_s is None or clock.now() - started <= spec.no_new_system_after_s:
-            return False
         elapsed = clock.now() - started
+        if spec.no_new_system_after_s is None or elapsed <= spec.no_new_system_after_s:
+            return False
         log.warning("%.0f s into the sweep: %s is not loaded; run the sweep again to resume", elapsed, name)
         return True
 

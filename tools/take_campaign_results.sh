@@ -23,9 +23,9 @@ CALL_CARRY_MIB=64
 MARGIN_MIB=4  # the tree grows by a few results between calls
 # sizes summed by du itself (one total however many files); a file listed but gone counts 0
 total_of() { { du "$1" --files0-from=- 2>/dev/null || true; } | awk '$2 == "total" {t = $1} END {print t + 0}'; }
-tree_mib=$(( $(git ls-files -co --exclude-standard -z | total_of -cb) / 1048576 ))
 # (a call returns at most 8 files: a set of parts may come back incomplete; xz's check says so)
 if compgen -G "$dir/llama-bin/*.part-*" >/dev/null; then
+  tree_mib=$(( $(git ls-files -co --exclude-standard -z | total_of -cb) / 1048576 ))
   parts_mib=$(du -cm "$dir"/llama-bin/*.part-* | tail -1 | cut -f1)
   other_carry_mib=$({ find .carry -maxdepth 1 -type f ! -name 'llama-bin-*' -print0 2>/dev/null || true; } | total_of -cm)
   room=$(( CALL_CARRY_MIB - MARGIN_MIB - tree_mib - other_carry_mib ))
