@@ -26,10 +26,11 @@ expert in one place. The CPU latencies the planner uses are corrected during the
 what the CPU jobs measure: ``cpu_factor`` scales the CPU curve from jobs that ran with no
 copies beside them, ``cpu_slowdown`` replaces the calibrated slowdown beside copies from jobs
 that had copies (calibration runs alone and briefly; a run has the GPU, its own threads and
-copies beside it). A ``cpu_factor`` above 1 that leaves a layer with no CPU work relaxes
-toward the calibration (its excess halves over one pass through the model's layers): a plan
-that no longer uses the CPU measures nothing that could lower it, and a few slow jobs would
-otherwise keep the CPU path shut for the whole run.
+copies beside it); a job beside copies that beat the curve's time alone lowers the curve too
+(copies never speed the CPU up: the curve was measured slow). A ``cpu_factor`` above 1 that
+leaves a layer with no CPU work relaxes toward the calibration (its excess halves over one
+pass through the model's layers): a plan that no longer uses the CPU measures nothing that
+could lower it, and a few slow jobs would otherwise keep the CPU path shut for the whole run.
 
 With ``layer_timing`` on, each layer is timed between two device synchronisations and
 ``layer_log`` records its plan, predicted and measured time and a timeline in ms from the
@@ -78,6 +79,14 @@ CPU_FACTOR_SMOOTHING = 0.2
 CPU_FACTOR_STEP = 0.05
 CPU_FACTOR_BOUNDS = (0.25, 4.0)
 CPU_SLOWDOWN_BOUNDS = (1.0, 4.0)  # copies never speed the CPU up
+
+
+def _smoothed(current: float, measured: float, bounds: tuple[float, float]) -> float:
+    """One step of the in-run corrections' exponential average, kept within ``bounds``."""
+    value = (1 - CPU_FACTOR_SMOOTHING) * current + CPU_FACTOR_SMOOTHING * measured
+    return min(max(value, bounds[0]), bounds[1])
+
+
 # the counters that time the CPU path on the host clock (ExpertCounters, stats())
 CPU_PATH_COUNTERS = ("cpu_jobs", "cpu_start_s", "cpu_compute_s", "cpu_wait_s")
 
@@ -255,11 +264,15 @@ class FiddlerExecutor:
             return
         if plan.copy or plan.split:  # both paths were busy
             ratio = seconds / (alone * self.cpu_factor)
-            slowdown = (1 - CPU_FACTOR_SMOOTHING) * self.cpu_slowdown + CPU_FACTOR_SMOOTHING * ratio
-            self.cpu_slowdown = min(max(slowdown, CPU_SLOWDOWN_BOUNDS[0]), CPU_SLOWDOWN_BOUNDS[1])
+            if ratio < CPU_SLOWDOWN_BOUNDS[0]:
+                # faster beside copies than the corrected curve says alone, and copies never
+                # speed the CPU up: the curve itself is slow (a calibration taken on a disturbed
+                # host), and seconds / alone bounds its true scale from above. Under hybrid
+                # every CPU job runs beside copies, so no other job could ever lower it.
+                self.cpu_factor = _smoothed(self.cpu_factor, seconds / alone, CPU_FACTOR_BOUNDS)
+            self.cpu_slowdown = _smoothed(self.cpu_slowdown, ratio, CPU_SLOWDOWN_BOUNDS)
         else:
-            factor = (1 - CPU_FACTOR_SMOOTHING) * self.cpu_factor + CPU_FACTOR_SMOOTHING * seconds / alone
-            self.cpu_factor = min(max(factor, CPU_FACTOR_BOUNDS[0]), CPU_FACTOR_BOUNDS[1])
+            self.cpu_factor = _smoothed(self.cpu_factor, seconds / alone, CPU_FACTOR_BOUNDS)
 
     def _relax_cpu_factor(self) -> None:
         """A layer without CPU work: let a raised CPU correction decay toward the calibration."""
