@@ -4,18 +4,17 @@
 # (kernels + orchestration ~6 min; baselines ~8 min; quick ~8 min). Results are packed into $OUT/campaign.tar.gz (the device tool
 # returns at most 8 files). Usage, on the GPU host from the repository root:
 #   bash experiments/gpu_campaign.sh kernels orchestration baselines quick
-# What is left (plan of 2026-12-01, eighth session; ~30 GPU minutes a session, a fresh machine
-# costs ~1 minute of it). Done: orchestration run 10, prefill24 (whole), llama v2 (on a disturbed
-# calibration: results/h200-llama-8layers-v2/README.md). After each call run
+# What is left (plan of 2026-12-01, ninth session; ~30 GPU minutes a session, a fresh machine
+# costs ~1 minute of it). Done: orchestration run 10, prefill24 (whole), llama v1 and v3 (v2 on a
+# disturbed calibration), beam24 prompts 0-1. After each call run
 # `bash tools/take_campaign_results.sh DIR` (DIR: the folder its files came back to) and commit
 # BEFORE the next call: the tree travels with each call, and a sweep resumes from the rows it
-# carries (the seventh session re-measured a piece for want of this). Pass carry [".carry"]:
-# it holds llama.cpp's CUDA programs (xz parts, unpacked instead of the ~6-minute build). Next:
-#   1. `llama` with LLAMA_RUN_DIR=results/h200-llama-8layers-v3 and FIDDLER_CACHE=$PWD/third_party/cache
-#      (issue 9 on a calibration that passes the steadiness checks: unpack ~10 s, calibration
-#      ~15-40 s, GGUF conversion ~2 min, 48 generations ~7 min: two calls on one warm machine).
-#   2. `beam24` until whole (25 of 36 generations left: ~2 calls).
-#   3. `sweep24` until round 0 is whole (accelerate-offload, expert-lru-prefetch and the two
+# carries (the seventh session re-measured a piece for want of this). Pass carry [".carry"]
+# (the tokenizer; llama.cpp's CUDA programs as xz parts, unpacked instead of the ~6-minute build).
+# Sweeps count SWEEP_SECONDS from the script's start, so stages chain within one call. Next:
+#   1. `cpu-sustained beam24 sweep24` (~1 min, then beam24's prompt 2: 12 generations, ~1.5
+#      calls, then sweep24 in the time left), SWEEP_SECONDS=560.
+#   2. `sweep24` until round 0 is whole (accelerate-offload, expert-lru-prefetch and the two
 #      ablations: ~3 calls), then `sweep48` round 0, then rounds 1-2 of both.
 # Stages (in the order given):
 #   kernels        issue 6: CPU expert paths x tokens x threads, alone and beside copies
@@ -32,6 +31,10 @@
 #                  threads; layer timelines in each orchestration.json
 #                  (python experiments/orchestration_report.py DIR renders them side by side)
 #   quick          issue 5: make reproduce-quick (measured cells for issue 7's validation)
+#   cpu-sustained  issue 7: the CPU kernels (AMX, AVX512-BF16) in calibration's bursts against
+#                  seconds of back-to-back calls and of calls with idle gaps (~1 min, CPU only):
+#                  do prefill's and beam's CPU jobs run slower than calibrated because they last?
+#                  Into results/cpu-sustained-h200/
 #   llama          issue 9: CUDA build of llama.cpp (~5 min), then llama-cpp vs Fiddler and the
 #                  baselines on Mixtral-8x7B truncated to 8 layers, 14 of 64 experts resident,
 #                  resumable like the sweeps (results/h200-llama-8layers/; LLAMA_RUN_DIR=DIR
@@ -148,6 +151,8 @@ for name in "$@"; do
           --cpu-modes thread,inline ${threads[@]+"${threads[@]}"}
       done ;;
     quick) stage quick python3 -m harness.reproduce --quick --results "$OUT/runs" ;;
+    cpu-sustained) stage cpu-sustained python3 experiments/cpu_sustained.py --out "$OUT/results/cpu-sustained-h200" \
+                     --kernels amx-bf16,avx512-bf16 --tokens 1,4,16,128 --seconds 3 ;;
     llama-build | llama)
       if [ ! -f third_party/llama.cpp/convert_hf_to_gguf.py ] && [ -f .carry/llama.cpp-src.tar.gz ]; then
         mkdir -p third_party && tar -xzf .carry/llama.cpp-src.tar.gz -C third_party

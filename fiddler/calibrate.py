@@ -47,6 +47,7 @@ import logging
 import math
 import statistics
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -85,7 +86,8 @@ SHARE_REPEATS = 7
 DEFAULT_ATTEMPTS = 3
 
 
-def _median_time(clock: Clock, fn, repeats: int) -> float:
+def median_time(clock: Clock, fn: Callable[[], object], repeats: int) -> float:
+    """Median seconds of ``repeats`` calls of ``fn`` after one warm-up call (calibration's burst)."""
     fn()  # warm-up
     samples = []
     for _ in range(repeats):
@@ -95,7 +97,7 @@ def _median_time(clock: Clock, fn, repeats: int) -> float:
     return statistics.median(samples)
 
 
-class _ColdExperts:
+class ColdExperts:
     """Two rotations of distinct experts (split layout) in (page-locked) host memory: the CPU
     reads one while copies read the other, each set larger than any last-level cache."""
 
@@ -146,7 +148,7 @@ def calibrate(
         raise ValueError(f"attempts is {attempts}: a calibration needs at least 1")
     device = torch.device(device)
     threads = set_cpu_threads(cpu_threads)
-    cold = _ColdExperts(config, dtype, seed, device)
+    cold = ColdExperts(config, dtype, seed, device)
     generator = torch.Generator().manual_seed(seed)
     kept: tuple[int, float, dict[str, object]] | None = None
     for attempt in range(1, attempts + 1):
@@ -195,7 +197,7 @@ def _measure(
     config: ModelConfig,
     device: torch.device,
     dtype: torch.dtype,
-    cold: _ColdExperts,
+    cold: ColdExperts,
     cpu_kernel: str,
     token_counts: tuple[int, ...],
     repeats: int,
@@ -217,7 +219,7 @@ def _measure(
                 curve.append(None)
                 continue
             x = torch.randn(n, hidden, generator=generator).to(dtype)
-            curve.append(_median_time(host_clock, lambda x=x, k=kernel: k(x, *cold.next()), repeats))
+            curve.append(median_time(host_clock, lambda x=x, k=kernel: k(x, *cold.next()), repeats))
         return curve
 
     for name in candidates:
@@ -237,7 +239,7 @@ def _measure(
         slot13.copy_(w13, non_blocking=True)
         slot2.copy_(w2, non_blocking=True)
 
-    copy_s = _median_time(device_clock, copy_one, repeats)
+    copy_s = median_time(device_clock, copy_one, repeats)
 
     gpu_s, d2h_s, h2d_s = [], [], []
     staging = torch.empty(max(token_counts), hidden, dtype=dtype, pin_memory=device.type == "cuda")
@@ -248,9 +250,9 @@ def _measure(
             for _ in range(GPU_INNER_RUNS):
                 split_ffn(x, slot13, slot2)
 
-        gpu_s.append(_median_time(device_clock, gpu_runs, repeats) / GPU_INNER_RUNS)
-        d2h_s.append(_median_time(device_clock, lambda x=x, n=n: staging[:n].copy_(x, non_blocking=True), repeats))
-        h2d_s.append(_median_time(device_clock, lambda x=x, n=n: x.copy_(staging[:n], non_blocking=True), repeats))
+        gpu_s.append(median_time(device_clock, gpu_runs, repeats) / GPU_INNER_RUNS)
+        d2h_s.append(median_time(device_clock, lambda x=x, n=n: staging[:n].copy_(x, non_blocking=True), repeats))
+        h2d_s.append(median_time(device_clock, lambda x=x, n=n: x.copy_(staging[:n], non_blocking=True), repeats))
 
     return {
         "cpu_kernel": kernel.name,
@@ -387,7 +389,7 @@ def _measure_shares(kernel, cold, hidden: int, dtype, repeats: int, generator) -
         w13b, w2b = cold.next()
         kernel(x, w13b[: 2 * blocks * cold.block], w2b[:blocks])
 
-    times = {b: _median_time(clock, lambda b=b: run(b), max(repeats, SHARE_REPEATS)) for b in counts}
+    times = {b: median_time(clock, lambda b=b: run(b), max(repeats, SHARE_REPEATS)) for b in counts}
     whole = times[cold.blocks]
     return {"shares": [b / cold.blocks for b in counts], "fraction_of_whole": [times[b] / whole for b in counts]}
 

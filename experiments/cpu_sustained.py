@@ -1,0 +1,137 @@
+"""Does a CPU expert kernel slow down when it computes for longer than calibration's bursts? (issue 7)
+
+On the GPU host the CPU jobs of long prefills and beam-search steps took 1.2-1.6x their
+calibrated time (the executor's in-run corrections, ``stats.cpu_factor`` / ``cpu_slowdown`` in
+results/h200-long-prefill-24gb/ and results/h200-beam-search-24gb/), while single-token decode
+jobs ran as calibrated. Calibration times each token count in a burst (one warm-up call, then a
+few); those runs keep the CPU computing for seconds, at several tokens per expert, and
+compute-bound vector or tile work may run at a lower clock when sustained. Per kernel and token
+count this measures:
+
+- ``burst``: calibration's own measurement (``fiddler.calibrate.median_time``);
+- ``sustained``: calls back to back on cold experts (``fiddler.calibrate.ColdExperts``, as
+  calibration rotates them) for ``--seconds``: the median call in the first quarter second and
+  in the last second, each against the burst;
+- ``gapped``: the same with the CPU idle between calls for a share ``1 - --duty`` of the time,
+  as in a beam step (the CPU computing ~12 of each ~16 ms layer).
+
+Writes ``<out>/cpu_sustained.json`` (atomically, after each kernel), with each series' call
+times thinned to at most ``SERIES_POINTS`` points.
+Usage: ``python experiments/cpu_sustained.py --out DIR [--kernels amx-bf16,avx512-bf16]
+[--tokens 1,4,16,128] [--seconds 3] [--duty 0.75] [--device cuda]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from fiddler.calibrate import ColdExperts, median_time
+from fiddler.config import resolve_model
+from fiddler.cpu_experts import available_kernels, kernel_limit, make_kernel, set_cpu_threads
+from fiddler.files import write_json_atomic
+from fiddler.machine import machine_identity
+from fiddler.timing import Clock
+
+BURST_REPEATS = 5  # calibration's default
+FIRST_WINDOW_S = 0.25  # "the start" of a sustained series
+LAST_WINDOW_S = 1.0  # "the end" of it
+SERIES_POINTS = 200
+
+
+def run_series(kernel, cold: ColdExperts, x: torch.Tensor, seconds: float, duty: float) -> list[tuple[float, float]]:
+    """(start since the series began, duration) of each call, for ``seconds``; after each call
+    the CPU idles for (1 - duty) / duty of the call's time."""
+    clock = Clock("cpu")
+    series, origin = [], clock.now()
+    while (now := clock.now()) - origin < seconds:
+        kernel(x, *cold.next())
+        took = clock.now() - now
+        series.append((now - origin, took))
+        if duty < 1.0:
+            time.sleep(took * (1.0 - duty) / duty)
+    return series
+
+
+def summarise(series: list[tuple[float, float]], burst: float, seconds: float) -> dict[str, object]:
+    first = [d for t, d in series if t < FIRST_WINDOW_S] or [series[0][1]]
+    last = [d for t, d in series if t >= seconds - LAST_WINDOW_S] or [series[-1][1]]
+    step = max(1, len(series) // SERIES_POINTS)
+    return {
+        "calls": len(series),
+        "first_s": statistics.median(first),
+        "last_s": statistics.median(last),
+        "first_over_burst": statistics.median(first) / burst,
+        "last_over_burst": statistics.median(last) / burst,
+        "series": [[round(t, 4), round(d, 6)] for t, d in series[::step]],
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--model", default="mixtral-8x7b")
+    parser.add_argument("--kernels", help="comma-separated; default every kernel that runs here")
+    parser.add_argument("--tokens", default="1,4,16,128")
+    parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--duty", type=float, default=0.75, help="computing share of the gapped series")
+    parser.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
+    parser.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="where the random experts are generated (then kept in host memory)",
+    )
+    args = parser.parse_args()
+    if not 0.0 < args.duty <= 1.0:
+        parser.error(f"--duty must lie in (0, 1], got {args.duty}")
+    if args.seconds <= LAST_WINDOW_S:
+        parser.error(f"--seconds must exceed the last window ({LAST_WINDOW_S} s), got {args.seconds}")
+    names = args.kernels.split(",") if args.kernels else available_kernels()
+    unavailable = sorted(set(names) - set(available_kernels()))
+    if unavailable:
+        parser.error(f"kernels {unavailable} do not run here; this machine has {available_kernels()}")
+    tokens = [int(t) for t in args.tokens.split(",")]
+
+    config, _ = resolve_model(args.model)
+    threads = set_cpu_threads(args.threads)
+    cold = ColdExperts(config, torch.bfloat16, 0, torch.device(args.device))
+    generator = torch.Generator().manual_seed(0)
+    record: dict[str, object] = {
+        "machine": machine_identity(torch.device(args.device)),
+        "model": args.model,
+        "threads": threads,
+        "seconds": args.seconds,
+        "duty": args.duty,
+        "results": [],
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    clock = Clock("cpu")
+    for name in names:
+        kernel, limit = make_kernel(name), kernel_limit(name)
+        for n in tokens:
+            if limit is not None and n > limit:
+                continue  # beyond its limit the kernel hands over to torch's: not this kernel
+            x = torch.randn(n, config.hidden_size, generator=generator).bfloat16()
+            burst = median_time(clock, lambda x=x, k=kernel: k(x, *cold.next()), BURST_REPEATS)
+            row = {"kernel": name, "tokens": n, "burst_s": burst}
+            for label, duty in (("sustained", 1.0), ("gapped", args.duty)):
+                row[label] = summarise(run_series(kernel, cold, x, args.seconds, duty), burst, args.seconds)
+            record["results"].append(row)
+            print(
+                f"{name} {n:>4} tokens: burst {burst * 1e3:.2f} ms; sustained start/end "
+                f"{row['sustained']['first_over_burst']:.2f}x / {row['sustained']['last_over_burst']:.2f}x; "
+                f"gapped {row['gapped']['first_over_burst']:.2f}x / {row['gapped']['last_over_burst']:.2f}x",
+                flush=True,
+            )
+        write_json_atomic(args.out / "cpu_sustained.json", record)
+    cold.arena.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
