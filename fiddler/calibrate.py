@@ -29,6 +29,9 @@ schema ``fiddler-calibration`` version 1 (``save_calibration`` writes it atomica
   (their CPU time for one token over the whole expert's); the planner reads it to divide an
   expert between the paths (added in this version; older files without it mean proportional).
 - derived for reading: ``cpu_weight_gb_per_s`` per n, ``copy_gb_per_s``.
+- ``host_memory``: ``huge_page_share``, the share of the measured experts' host memory on
+  transparent huge pages (``fiddler.host_memory``; null where /proc does not say): the engine's
+  rows record their process's, to compare.
 - ``host_load``: ``fiddler.host_load.HostLoad``'s summary over the measurement kept (cores that
   other processes and the hypervisor took; empty where unknown); ``steadiness``: ``attempt``
   (which measurement was kept), ``attempts`` (how many were made), ``problems`` (what
@@ -169,6 +172,7 @@ def calibrate(
         if not problems:
             break
         log.warning("calibration attempt %d of %d disturbed: %s", attempt, attempts, "; ".join(problems))
+    huge_pages = cold.arena.huge_page_share()
     cold.arena.close()
     calibration = kept[2]
     calibration["steadiness"]["attempts"] = attempt
@@ -187,6 +191,7 @@ def calibrate(
         "device": device.type,
         "cpu_threads": threads,
         **calibration,
+        "host_memory": {"huge_page_share": huge_pages},
         "split_blocks": cold.blocks,
         "cpu_weight_gb_per_s": [bytes_ / s / 1e9 for s in calibration["cpu_expert_s"]],
         "copy_gb_per_s": bytes_ / calibration["copy_expert_s"] / 1e9,

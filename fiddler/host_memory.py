@@ -12,6 +12,11 @@ registrations were measured to slow each other down on a fresh VM (28 s vs 21 s 
 caller fills early chunks while later ones are still being prepared. No block straddles two
 registrations, so every copy from a block is one DMA. Without CUDA the arena is ordinary
 memory and the same code runs in CPU tests. ``timings`` records the preparation work.
+
+``huge_page_share()`` is the share of this process's resident anonymous memory that the kernel
+backs with transparent huge pages (an arena's own with ``HostArena.huge_page_share()``): the
+CPU path streams experts from this memory, and on small pages it pays a TLB miss every 4 KB, so
+a calibration whose arena got huge pages and an engine whose 93 GB did not would disagree.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import mmap
 import threading
 import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
 
 import torch
 
@@ -41,6 +47,36 @@ class _Chunk:
     end: int
     ready: Future | None = None
     registered: bool = False
+
+
+SMAPS = Path("/proc/self/smaps")  # per mapping
+SMAPS_ROLLUP = Path("/proc/self/smaps_rollup")  # the whole process, summed by the kernel
+
+
+def smaps_huge_page_share(text: str, start: int | None = None, end: int | None = None) -> float | None:
+    """AnonHugePages / Anonymous over the mappings of an smaps text that lie within [start,
+    end) (every mapping when no range is given); None when nothing anonymous is resident."""
+    anonymous = huge = 0
+    inside = start is None
+    for line in text.splitlines():
+        head = line.split(maxsplit=1)[0] if line.strip() else ""
+        if "-" in head and not head.endswith(":"):  # a mapping's header: lo-hi perms ...
+            lo, hi = (int(a, 16) for a in head.split("-"))
+            inside = start is None or (lo >= start and hi <= end)
+        elif inside and head == "Anonymous:":
+            anonymous += int(line.split()[1])
+        elif inside and head == "AnonHugePages:":
+            huge += int(line.split()[1])
+    return huge / anonymous if anonymous else None
+
+
+def huge_page_share(start: int | None = None, end: int | None = None) -> float | None:
+    """This process's share (or that of its mappings within [start, end)) of resident anonymous
+    memory on transparent huge pages; None where /proc does not say."""
+    try:
+        return smaps_huge_page_share((SMAPS if start is not None else SMAPS_ROLLUP).read_text(), start, end)
+    except OSError:
+        return None
 
 
 def _unregister(pointers: list[int]) -> None:
@@ -140,6 +176,11 @@ class HostArena:
     @property
     def pinned(self) -> bool:
         return self.pin and all(c.registered for c in self._chunks)
+
+    def huge_page_share(self) -> float | None:
+        """The share of this arena's resident memory on transparent huge pages."""
+        base = self.bytes.data_ptr()
+        return huge_page_share(base, base + self.nbytes)
 
     def wait_ready(self) -> float:
         """Block until every chunk is prepared; seconds since the arena was created."""

@@ -42,6 +42,7 @@ from fiddler.config import ModelConfig, resolve_model
 from fiddler.files import write_json_atomic
 from fiddler.generate import GenerationResult, GenerationSettings
 from fiddler.host_load import HostLoad
+from fiddler.host_memory import huge_page_share
 from fiddler.orchestrator import CPU_PATH_COUNTERS
 from fiddler.streams import release_cached_memory
 from fiddler.timing import Clock
@@ -413,7 +414,10 @@ def _measure(system, run: Run, prompt: list[int], spec: SweepSpec, budget: _Step
         # host_*: cores other processes and the hypervisor took meanwhile (a llama-server this
         # process started counts as its own), for a reader to tell a disturbed row
         "telemetry": json.dumps(
-            sampler.summary() | {f"host_{k}": v for k, v in host_load.summary().items() if k != "seconds"}
+            sampler.summary()
+            | {f"host_{k}": v for k, v in host_load.summary().items() if k != "seconds"}
+            # the CPU path streams experts from this memory: small pages cost it TLB misses
+            | {"host_huge_page_share": huge_page_share()}
         ),
         "stats": json.dumps(
             {k: v for k, v in stats.items() if k != "engine"}

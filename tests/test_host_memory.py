@@ -1,7 +1,9 @@
+from pathlib import Path
+
 import pytest
 import torch
 
-from fiddler.host_memory import ALIGNMENT, HostArena
+from fiddler.host_memory import ALIGNMENT, HostArena, smaps_huge_page_share
 from fiddler.loading import load_host_weights
 from fiddler.weights import RandomWeights, expert_name, load
 
@@ -43,3 +45,35 @@ def test_host_weights_hold_every_expert_in_the_split_layout(tiny_config):
             assert torch.equal(w2b[1], w2[:, g : 2 * g])
     assert torch.equal(host.dense["model.norm.weight"], torch.ones(tiny_config.hidden_size))
     host.close()
+
+
+SMAPS_TEXT = """\
+7f0000000000-7f0040000000 rw-p 00000000 00:00 0
+Rss:             1048576 kB
+Anonymous:       1048576 kB
+AnonHugePages:    786432 kB
+7f0040000000-7f0040001000 r--p 00000000 08:01 1234                       /usr/lib/libc.so
+Rss:                   4 kB
+Anonymous:             0 kB
+AnonHugePages:         0 kB
+7f0050000000-7f0050100000 rw-p 00000000 00:00 0
+Anonymous:          1024 kB
+AnonHugePages:         0 kB
+"""
+
+
+def test_huge_page_share_of_a_range_and_of_the_whole():
+    """The arena's own mappings (within its addresses) against the process's whole."""
+    arena = smaps_huge_page_share(SMAPS_TEXT, 0x7F0000000000, 0x7F0040000000)
+    assert arena == pytest.approx(0.75)
+    assert smaps_huge_page_share(SMAPS_TEXT) == pytest.approx(786432 / (1048576 + 1024))
+    assert smaps_huge_page_share(SMAPS_TEXT, 0x7F0040000000, 0x7F0040001000) is None  # nothing anonymous
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="needs Linux's /proc")
+def test_an_arenas_huge_page_share_is_read_from_proc():
+    arena = HostArena([1 << 22, 1 << 22], pin=False)
+    arena.wait_ready()
+    share = arena.huge_page_share()
+    assert share is not None and 0.0 <= share <= 1.0
+    arena.close()
