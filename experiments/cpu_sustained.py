@@ -33,7 +33,7 @@ import torch
 
 from fiddler.calibrate import ColdExperts, median_time
 from fiddler.config import resolve_model
-from fiddler.cpu_experts import available_kernels, kernel_limit, make_kernel, set_cpu_threads
+from fiddler.cpu_experts import CpuExpertKernel, available_kernels, kernel_limit, make_kernel, set_cpu_threads
 from fiddler.files import write_json_atomic
 from fiddler.machine import machine_identity
 from fiddler.timing import Clock
@@ -42,11 +42,16 @@ BURST_REPEATS = 5  # calibration's default
 FIRST_WINDOW_S = 0.25  # "the start" of a sustained series
 LAST_WINDOW_S = 1.0  # "the end" of it
 SERIES_POINTS = 200
+REST_S = 1.0  # idle before each series
 
 
-def run_series(kernel, cold: ColdExperts, x: torch.Tensor, seconds: float, duty: float) -> list[tuple[float, float]]:
-    """(start since the series began, duration) of each call, for ``seconds``; after each call
-    the CPU idles for (1 - duty) / duty of the call's time."""
+def run_series(
+    kernel: CpuExpertKernel, cold: ColdExperts, x: torch.Tensor, seconds: float, duty: float
+) -> list[tuple[float, float]]:
+    """(start since the series began, duration) of each call, for ``seconds``, after the CPU
+    rested ``REST_S`` (a series must not begin warm from the one before); after each call the
+    CPU idles for (1 - duty) / duty of the call's time."""
+    time.sleep(REST_S)
     clock = Clock("cpu")
     series, origin = [], clock.now()
     while (now := clock.now()) - origin < seconds:
@@ -62,8 +67,11 @@ def summarise(series: list[tuple[float, float]], burst: float, seconds: float) -
     first = [d for t, d in series if t < FIRST_WINDOW_S] or [series[0][1]]
     last = [d for t, d in series if t >= seconds - LAST_WINDOW_S] or [series[-1][1]]
     step = max(1, len(series) // SERIES_POINTS)
+    elapsed = series[-1][0] + series[-1][1]
     return {
         "calls": len(series),
+        # the computing share achieved: sleeps of tens of microseconds overshoot
+        "duty": sum(d for _, d in series) / elapsed,
         "first_s": statistics.median(first),
         "last_s": statistics.median(last),
         "first_over_burst": statistics.median(first) / burst,
@@ -100,7 +108,6 @@ def main() -> int:
     config, _ = resolve_model(args.model)
     threads = set_cpu_threads(args.threads)
     cold = ColdExperts(config, torch.bfloat16, 0, torch.device(args.device))
-    generator = torch.Generator().manual_seed(0)
     record: dict[str, object] = {
         "machine": machine_identity(torch.device(args.device)),
         "model": args.model,
@@ -110,17 +117,36 @@ def main() -> int:
         "results": [],
     }
     args.out.mkdir(parents=True, exist_ok=True)
+    try:
+        measure(names, tokens, cold, config.hidden_size, args.seconds, args.duty, args.out, record)
+    finally:
+        cold.arena.close()
+    return 0
+
+
+def measure(
+    names: list[str],
+    tokens: list[int],
+    cold: ColdExperts,
+    hidden: int,
+    seconds: float,
+    duty: float,
+    out: Path,
+    record: dict[str, object],
+) -> None:
+    """Every kernel and token count: burst, sustained and gapped; the record written after each kernel."""
+    generator = torch.Generator().manual_seed(0)
     clock = Clock("cpu")
     for name in names:
         kernel, limit = make_kernel(name), kernel_limit(name)
         for n in tokens:
             if limit is not None and n > limit:
                 continue  # beyond its limit the kernel hands over to torch's: not this kernel
-            x = torch.randn(n, config.hidden_size, generator=generator).bfloat16()
+            x = torch.randn(n, hidden, generator=generator).bfloat16()
             burst = median_time(clock, lambda x=x, k=kernel: k(x, *cold.next()), BURST_REPEATS)
             row = {"kernel": name, "tokens": n, "burst_s": burst}
-            for label, duty in (("sustained", 1.0), ("gapped", args.duty)):
-                row[label] = summarise(run_series(kernel, cold, x, args.seconds, duty), burst, args.seconds)
+            for label, share in (("sustained", 1.0), ("gapped", duty)):
+                row[label] = summarise(run_series(kernel, cold, x, seconds, share), burst, seconds)
             record["results"].append(row)
             print(
                 f"{name} {n:>4} tokens: burst {burst * 1e3:.2f} ms; sustained start/end "
@@ -128,9 +154,7 @@ def main() -> int:
                 f"gapped {row['gapped']['first_over_burst']:.2f}x / {row['gapped']['last_over_burst']:.2f}x",
                 flush=True,
             )
-        write_json_atomic(args.out / "cpu_sustained.json", record)
-    cold.arena.close()
-    return 0
+        write_json_atomic(out / "cpu_sustained.json", record)
 
 
 if __name__ == "__main__":

@@ -56,6 +56,7 @@ from pathlib import Path
 import torch
 
 from fiddler.config import ModelConfig
+from fiddler.cost_model import SHARE_CURVE_TOKENS
 from fiddler.cpu_experts import AUTO, available_kernels, kernel_limit, make_kernel, set_cpu_threads, tiered_kernel
 from fiddler.expert_layout import split_blocks, split_ffn, split_shapes, to_split_layout
 from fiddler.files import read_json, write_json_atomic
@@ -384,10 +385,10 @@ def _measure_concurrency(device, kernel, cold, slot13, slot2, repeats, token_cou
 
 
 def _measure_shares(kernel, cold, hidden: int, dtype, repeats: int, generator) -> dict[str, list[float]]:
-    """CPU time of the first b of B blocks of an expert (1 token), as a fraction of the whole:
+    """CPU time of the first b of B blocks of an expert (``SHARE_CURVE_TOKENS``), as a fraction of the whole:
     a part costs more than its share (fixed costs per call), which the planner must know."""
     clock = Clock("cpu")
-    x = torch.randn(1, hidden, generator=generator).to(dtype)
+    x = torch.randn(SHARE_CURVE_TOKENS, hidden, generator=generator).to(dtype)
     counts = sorted({max(1, round(cold.blocks * s)) for s in SHARES_MEASURED} | {cold.blocks})
 
     def run(blocks: int) -> None:

@@ -16,6 +16,10 @@ from __future__ import annotations
 import bisect
 import dataclasses
 
+# calibration times the shares of a divided expert at this many tokens; ``cpu_part`` applies
+# that curve at every count, where fixed per-call costs weigh less (so it prices parts high)
+SHARE_CURVE_TOKENS = 1
+
 
 def _share_curve(calibration: dict[str, object]) -> dict[str, tuple[float, ...]]:
     """(0, 0) plus the calibration's measured (share, cost of share / cost of whole) points."""

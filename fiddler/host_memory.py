@@ -54,15 +54,18 @@ SMAPS_ROLLUP = Path("/proc/self/smaps_rollup")  # the whole process, summed by t
 
 
 def smaps_huge_page_share(text: str, start: int | None = None, end: int | None = None) -> float | None:
-    """AnonHugePages / Anonymous over the mappings of an smaps text that lie within [start,
-    end) (every mapping when no range is given); None when nothing anonymous is resident."""
+    """AnonHugePages / Anonymous over the mappings of an smaps text that overlap [start, end)
+    (every mapping when no range is given; the kernel may have merged a neighbour into the
+    range's mapping, whose pages then count too); None when nothing anonymous is resident."""
+    if (start is None) != (end is None):
+        raise ValueError("give both ends of the address range, or neither")
     anonymous = huge = 0
     inside = start is None
     for line in text.splitlines():
         head = line.split(maxsplit=1)[0] if line.strip() else ""
         if "-" in head and not head.endswith(":"):  # a mapping's header: lo-hi perms ...
             lo, hi = (int(a, 16) for a in head.split("-"))
-            inside = start is None or (lo >= start and hi <= end)
+            inside = start is None or (lo < end and hi > start)
         elif inside and head == "Anonymous:":
             anonymous += int(line.split()[1])
         elif inside and head == "AnonHugePages:":

@@ -26,11 +26,12 @@ expert in one place. The CPU latencies the planner uses are corrected during the
 what the CPU jobs measure: ``cpu_factor`` scales the CPU curve from jobs that ran with no
 copies beside them, ``cpu_slowdown`` replaces the calibrated slowdown beside copies from jobs
 that had copies (calibration runs alone and briefly; a run has the GPU, its own threads and
-copies beside it); a job beside copies that beat the curve's time alone lowers the curve too
-(copies never speed the CPU up: the curve was measured slow). A ``cpu_factor`` above 1 that
-leaves a layer with no CPU work relaxes toward the calibration (its excess halves over one
-pass through the model's layers): a plan that no longer uses the CPU measures nothing that
-could lower it, and a few slow jobs would otherwise keep the CPU path shut for the whole run.
+copies beside it); a job beside copies also bounds the curve's scale from above (copies never
+speed the CPU up), so a curve measured slow is lowered by jobs that beat it. A ``cpu_factor``
+above 1 that leaves a layer with no CPU work relaxes toward the calibration (its excess halves
+over one pass through the model's layers): a plan that no longer uses the CPU measures nothing
+that could lower it, and a few slow jobs would otherwise keep the CPU path shut for the whole
+run.
 
 With ``layer_timing`` on, each layer is timed between two device synchronisations and
 ``layer_log`` records its plan, predicted and measured time and a timeline in ms from the
@@ -62,7 +63,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 
 from fiddler.config import ModelConfig
-from fiddler.cost_model import LatencyModel
+from fiddler.cost_model import SHARE_CURVE_TOKENS, LatencyModel
 from fiddler.cpu_experts import CpuExpertKernel
 from fiddler.expert_layout import split_ffn, split_shapes
 from fiddler.loading import HostWeights
@@ -253,26 +254,31 @@ class FiddlerExecutor:
         return plan
 
     def _learn_cpu_factor(self, plan: LayerPlan, tokens: dict[int, int], seconds: float) -> None:
-        """Fold one measured CPU job into the in-run corrections: a job with no copies beside
-        it corrects the CPU curve, one with copies the slowdown beside them (as a ratio to the
-        corrected curve), so that neither hides an error in the other."""
+        """Fold one measured CPU job into the in-run corrections. A job with no copies beside it
+        corrects the CPU curve's scale. A job beside copies corrects the slowdown beside them (as
+        a ratio to the corrected curve), and bounds the curve's scale from above (copies never
+        speed the CPU up): a job that beat the curve's time alone lowers the scale, a scale
+        below 1 moves toward the bound capped at 1 (so that noise, which only ever lowers it
+        here, is undone by the jobs after), and then the slowdown explains the rest. Under
+        hybrid every CPU job runs beside copies, and a calibration measured slow was otherwise
+        never corrected (results/h200-llama-8layers-v3/). A divided expert's part is priced by
+        a share curve measured at ``SHARE_CURVE_TOKENS``: at more tokens its price runs high,
+        so such jobs do not bound the scale."""
         model = self.latency
         alone = sum(model.cpu(tokens[e]) for e in plan.cpu)
         if plan.split:
             alone += model.cpu_part(tokens[plan.split.expert], plan.split.cpu_fraction)
         if alone <= 0 or not self.adapt_cpu:
             return
-        if plan.copy or plan.split:  # both paths were busy
-            ratio = seconds / (alone * self.cpu_factor)
-            if ratio < CPU_SLOWDOWN_BOUNDS[0]:
-                # faster beside copies than the corrected curve says alone, and copies never
-                # speed the CPU up: the curve itself is slow (a calibration taken on a disturbed
-                # host), and seconds / alone bounds its true scale from above. Under hybrid
-                # every CPU job runs beside copies, so no other job could ever lower it.
-                self.cpu_factor = _smoothed(self.cpu_factor, seconds / alone, CPU_FACTOR_BOUNDS)
-            self.cpu_slowdown = _smoothed(self.cpu_slowdown, ratio, CPU_SLOWDOWN_BOUNDS)
-        else:
-            self.cpu_factor = _smoothed(self.cpu_factor, seconds / alone, CPU_FACTOR_BOUNDS)
+        measured = seconds / alone
+        if not (plan.copy or plan.split):
+            self.cpu_factor = _smoothed(self.cpu_factor, measured, CPU_FACTOR_BOUNDS)
+            return
+        share_priced = plan.split is None or tokens[plan.split.expert] <= SHARE_CURVE_TOKENS
+        if share_priced and (measured < self.cpu_factor or self.cpu_factor < 1.0):
+            target = min(measured, max(self.cpu_factor, 1.0))
+            self.cpu_factor = _smoothed(self.cpu_factor, target, CPU_FACTOR_BOUNDS)
+        self.cpu_slowdown = _smoothed(self.cpu_slowdown, measured / self.cpu_factor, CPU_SLOWDOWN_BOUNDS)
 
     def _relax_cpu_factor(self) -> None:
         """A layer without CPU work: let a raised CPU correction decay toward the calibration."""

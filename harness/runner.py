@@ -416,7 +416,8 @@ def _measure(system, run: Run, prompt: list[int], spec: SweepSpec, budget: _Step
         "telemetry": json.dumps(
             sampler.summary()
             | {f"host_{k}": v for k, v in host_load.summary().items() if k != "seconds"}
-            # the CPU path streams experts from this memory: small pages cost it TLB misses
+            # this process's memory, where Fiddler's CPU path streams experts from (small pages
+            # cost it TLB misses); a llama-server's own memory is not counted
             | {"host_huge_page_share": huge_page_share()}
         ),
         "stats": json.dumps(

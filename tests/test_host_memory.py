@@ -68,11 +68,15 @@ def test_huge_page_share_of_a_range_and_of_the_whole():
     assert arena == pytest.approx(0.75)
     assert smaps_huge_page_share(SMAPS_TEXT) == pytest.approx(786432 / (1048576 + 1024))
     assert smaps_huge_page_share(SMAPS_TEXT, 0x7F0040000000, 0x7F0040001000) is None  # nothing anonymous
+    # a range that ends inside a mapping (an arena whose size is not whole pages) still finds it
+    assert smaps_huge_page_share(SMAPS_TEXT, 0x7F0000000000, 0x7F0000000100) == pytest.approx(0.75)
+    with pytest.raises(ValueError, match="both ends"):
+        smaps_huge_page_share(SMAPS_TEXT, 0x7F0000000000)
 
 
 @pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="needs Linux's /proc")
 def test_an_arenas_huge_page_share_is_read_from_proc():
-    arena = HostArena([1 << 22, 1 << 22], pin=False)
+    arena = HostArena([1 << 22, (1 << 22) + 100], pin=False)  # not whole pages
     arena.wait_ready()
     share = arena.huge_page_share()
     assert share is not None and 0.0 <= share <= 1.0
