@@ -12,9 +12,10 @@
   predicted cells, same summary.csv columns (``source`` simulated), tables and plots;
   ``--calibration`` replaces a measured machine's latencies with a run's own file.
 - ``report DIR``: re-renders summary, tables and plots from DIR's raw rows.
-- ``validate DIR --hardware <profile> --calibration FILE [--out DIR2]``: the simulator on DIR's
-  measured cells with the run's calibration; writes validation.csv and validation.md (into DIR
-  unless ``--out``).
+- ``validate DIR --hardware <profile> --calibration FILE [--out DIR2] [--with-run-corrections]``:
+  the simulator on DIR's measured cells with the run's calibration; writes validation.csv and
+  validation.md (into DIR unless ``--out``); with ``--with-run-corrections``, Fiddler planned
+  with the CPU corrections its executor learned in the run (validation-run-corrections.*).
 
 A user error prints one ``error:`` line and exits with status 2.
 """
@@ -167,13 +168,16 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from harness.validate import validate, validation_markdown
+    from harness.validate import run_corrections, validate, validation_markdown
 
-    rows = validate(args.dir, args.hardware, args.calibration, args.samples)
+    corrections = run_corrections(args.dir) if args.with_run_corrections else None
+    rows = validate(args.dir, args.hardware, args.calibration, args.samples, corrections)
     out = Path(args.out or args.dir)
-    write_csv_atomic(rows, out / "validation.csv")
-    write_text_atomic(out / "validation.md", validation_markdown(rows, args.dir, args.hardware, args.calibration))
-    print(out / "validation.md")
+    name = "validation-run-corrections" if corrections is not None else "validation"
+    write_csv_atomic(rows, out / f"{name}.csv")
+    markdown = validation_markdown(rows, args.dir, args.hardware, args.calibration, corrections)
+    write_text_atomic(out / f"{name}.md", markdown)
+    print(out / f"{name}.md")
     return 0
 
 
@@ -236,6 +240,12 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--calibration", required=True, type=Path, help="the calibration file the run used")
     check.add_argument("--samples", type=int, default=8, help="decode steps sampled per cell")
     check.add_argument("--out", help="folder for validation.csv/.md (default: the run folder)")
+    check.add_argument(
+        "--with-run-corrections",
+        action="store_true",
+        help="plan Fiddler with the CPU corrections its executor learned in the run (not a prediction: "
+        "tells how much of a miss is the CPU's speed); writes validation-run-corrections.csv/.md",
+    )
     check.set_defaults(func=cmd_validate)
     return parser
 

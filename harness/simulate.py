@@ -193,12 +193,16 @@ class SimulationSpec:
     samples: int = 8
     seed: int = 0
     calibration: str | None = None  # a run's calibration file, replacing the profile's latencies
+    # (system, CPU curve scale, CPU slowdown beside copies) that a run's executor learned: the
+    # plans are then made as that run's were (an explanation of a measured run, not a prediction)
+    cpu_corrections: tuple[tuple[str, float, float], ...] = ()
 
 
 class _Simulator:
     def __init__(self, spec: SimulationSpec, calibration: dict, hw: Hardware):
         self.spec, self.cfg, self.hw = spec, spec.config, hw
         self.model = LatencyModel.from_calibration(calibration)
+        self.corrected = {name: self.model.with_cpu_factor(f, d) for name, f, d in spec.cpu_corrections}
         self.torch_cpu_model = self._torch_cpu_model(calibration)
         self.blocks = int(calibration.get("split_blocks", 1))
         self.expert_bytes = self.cfg.expert_params * BF16_BYTES
@@ -268,7 +272,8 @@ class _Simulator:
             policy = system.removeprefix("fiddler-") if system != "gpu-resident" else COPY_EXPERTS
             # the executor sends every row of the pass down when its policy may use the CPU
             down = tokens if policy != COPY_EXPERTS else None
-            plan = plan_layer(routed, resident, policy, m, STAGING_SLOTS, self.blocks, down)
+            model = self.corrected.get(system, m)
+            plan = plan_layer(routed, resident, policy, model, STAGING_SLOTS, self.blocks, down)
             hits = sum(routed[e] for e in plan.gpu)
             copied = len(plan.copy) + ((self.blocks - plan.split.cpu_blocks) / self.blocks if plan.split else 0)
             # the host work around a CPU job (hand-off, gathering rows, results up) that the

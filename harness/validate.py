@@ -9,10 +9,19 @@ within ``TOLERANCE`` (a metric the cell did not measure, such as decode at one o
 has no row). A measured figure that was extrapolated says so (``measured_status``).
 Systems the simulator does not model are listed, not dropped silently.
 ``validation_markdown`` renders the rows.
+
+``run_corrections(run_dir)`` reads what each Fiddler system's executor learned in the run (the
+medians over its rows of ``stats.cpu_factor`` and ``stats.cpu_slowdown``: how much slower or
+faster its CPU jobs ran than the calibration, alone and beside copies); ``validate(...,
+corrections=...)`` plans with them instead of the calibration as it is. That is not a
+prediction (it reads the measurement), it tells where a miss comes from: what is left of the
+error once the CPU is priced as it ran lies outside the CPU's speed.
 """
 
 from __future__ import annotations
 
+import json
+import statistics
 from pathlib import Path
 
 import pandas as pd
@@ -27,7 +36,31 @@ CELL_KEY = ["system", "scenario", "input_tokens", "output_tokens", "beam_width"]
 MEASURED_STATUSES = ("ok", "derived", "extrapolated")
 
 
-def validate(run_dir: str | Path, hardware: str, calibration: str | Path, samples: int = 8) -> pd.DataFrame:
+def run_corrections(run_dir: str | Path) -> dict[str, tuple[float, float]]:
+    """Per system whose rows record the executor's in-run corrections: (median CPU curve
+    scale, median CPU slowdown beside copies) over its measured rows."""
+    path = Path(run_dir) / "raw.csv"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist: the run's corrections are read from its raw rows")
+    raw = pd.read_csv(path)
+    learned: dict[str, list[tuple[float, float]]] = {}
+    for r in raw[raw.status.isin(MEASURED_STATUSES)].itertuples():
+        stats = json.loads(r.stats) if isinstance(r.stats, str) and r.stats else {}
+        if "cpu_factor" in stats and "cpu_slowdown" in stats:
+            learned.setdefault(r.system, []).append((float(stats["cpu_factor"]), float(stats["cpu_slowdown"])))
+    return {
+        system: (statistics.median(f for f, _ in pairs), statistics.median(d for _, d in pairs))
+        for system, pairs in learned.items()
+    }
+
+
+def validate(
+    run_dir: str | Path,
+    hardware: str,
+    calibration: str | Path,
+    samples: int = 8,
+    corrections: dict[str, tuple[float, float]] | None = None,
+) -> pd.DataFrame:
     run_dir = Path(run_dir)
     path = run_dir / "summary.csv"
     if not path.exists():
@@ -57,6 +90,7 @@ def validate(run_dir: str | Path, hardware: str, calibration: str | Path, sample
         gpu_memory_gb=float(budgets[0]),
         samples=samples,
         calibration=str(calibration),
+        cpu_corrections=tuple((system, *pair) for system, pair in (corrections or {}).items()),
     )
     # columns even when none of the run's systems is simulated (each is then listed, not dropped)
     predicted = pd.DataFrame(simulate(spec), columns=[*CELL_KEY, *METRICS, "status"])
@@ -85,15 +119,34 @@ def validate(run_dir: str | Path, hardware: str, calibration: str | Path, sample
     return pd.DataFrame(rows, columns=columns)
 
 
-def validation_markdown(rows: pd.DataFrame, run_dir: str | Path, hardware: str, calibration: str | Path) -> str:
+def validation_markdown(
+    rows: pd.DataFrame,
+    run_dir: str | Path,
+    hardware: str,
+    calibration: str | Path,
+    corrections: dict[str, tuple[float, float]] | None = None,
+) -> str:
     lines = [
-        "# Predicted against measured",
+        "# Predicted against measured" + (", with the run's own CPU corrections" if corrections else ""),
         "",
         f"Measured: `{run_dir}`. Predicted: `python -m harness validate` on hardware profile `{hardware}` with "
         f"the run's calibration `{calibration}`. Error = predicted / measured - 1; target within "
         f"+-{TOLERANCE:.0%} (decode tokens/s and TTFT). `extrapolated`: the measured end-to-end figure was "
         "itself extrapolated from the steps that fit the run's time limit.",
         "",
+    ]
+    if corrections:
+        lines += [
+            "**Not a prediction**: Fiddler's plans were made with what each system's executor learned in "
+            "the run (`--with-run-corrections`: medians over its rows of the CPU curve's scale and the CPU's "
+            "slowdown beside copies), to tell how much of the error is the CPU's speed in the run:",
+            "",
+            "| system | CPU curve scale | CPU slowdown beside copies |",
+            "|---|---|---|",
+            *(f"| {system} | {f:.2f} | {d:.2f} |" for system, (f, d) in corrections.items()),
+            "",
+        ]
+    lines += [
         *_summary_lines(rows),
         "| system | cell (in/out, beams) | metric | measured | predicted | error | within |",
         "|---|---|---|---|---|---|---|",

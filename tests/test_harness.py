@@ -5,6 +5,7 @@ import dataclasses
 import json
 import random
 import shutil
+import statistics
 
 import pandas as pd
 import pytest
@@ -471,6 +472,42 @@ def test_validation_sets_the_simulator_against_the_measured_cells(sweep, tmp_pat
     assert "decode_tokens_per_s" not in set(validate(one_token, "h200-host", calibration, samples=2).metric)
     with pytest.raises(FileNotFoundError, match="run folder"):
         validate(tmp_path, "h200-host", calibration)
+
+
+def test_validation_with_the_runs_own_cpu_corrections(sweep, tmp_path):
+    """--with-run-corrections plans Fiddler with the medians of what its executor learned in
+    the run: a CPU priced slower never predicts faster decode, and the files say it is no
+    prediction."""
+    from fiddler.calibrate import calibrate, save_calibration
+    from harness.cli import main
+    from harness.validate import run_corrections, validate
+
+    calibration = tmp_path / "cal.json"
+    save_calibration(
+        calibrate(ModelConfig.preset("mixtral-tiny"), "cpu", torch.float32, token_counts=(1, 4)), calibration
+    )
+    learned = run_corrections(sweep)
+    assert set(learned) == {"fiddler-paper"}  # the one system here whose executor corrects
+    raw = pd.read_csv(sweep / "raw.csv")
+    factors = [json.loads(x)["cpu_factor"] for x in raw[raw.system == "fiddler-paper"].stats]
+    assert learned["fiddler-paper"][0] == pytest.approx(statistics.median(factors))
+
+    plain = validate(sweep, "h200-host", calibration, samples=2)
+    slow = validate(sweep, "h200-host", calibration, samples=2, corrections={"fiddler-paper": (4.0, 2.0)})
+    key = ["system", "input_tokens", "output_tokens", "metric"]
+    both = plain.merge(slow, on=key, suffixes=("_plain", "_slow"))
+    decode = both[(both.system == "fiddler-paper") & (both.metric == "decode_tokens_per_s")]
+    assert len(decode) and (decode.predicted_slow <= decode.predicted_plain * (1 + 1e-9)).all()
+    others = both[both.system != "fiddler-paper"]
+    assert (others.predicted_slow == others.predicted_plain).all()  # only the corrected system moves
+
+    args = ["validate", str(sweep), "--hardware", "h200-host", "--calibration", str(calibration)]
+    assert main([*args, "--samples", "2", "--out", str(tmp_path / "v"), "--with-run-corrections"]) == 0
+    text = (tmp_path / "v" / "validation-run-corrections.md").read_text()
+    assert "Not a prediction" in text and "| fiddler-paper |" in text
+    assert not (tmp_path / "v" / "validation.md").exists()
+    with pytest.raises(FileNotFoundError, match="raw rows"):
+        run_corrections(tmp_path)
 
 
 def test_validation_of_a_truncated_preset(sweep, tmp_path):

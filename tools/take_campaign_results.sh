@@ -3,7 +3,7 @@
 # next call (which carries the tree) resumes from it: do this, and commit, after every call.
 #   bash tools/take_campaign_results.sh DIR     DIR: the folder the call's files came back to
 # From DIR/campaign.tar.gz it extracts results/ over the tree's own (run folders: raw rows,
-# summaries, tables, env, calibration), leaving README.md and validation.* alone (written here,
+# summaries, tables, env, calibration), leaving README.md and validation*.* alone (written here,
 # not by the run; the tree may have newer ones); llama.cpp's prebuilt parts (DIR/llama-bin/) go into .carry/ when they fit
 # beside the tree and the rest of .carry/ in the 64 MiB a call carries.
 set -euo pipefail
@@ -13,7 +13,7 @@ archive="$dir/campaign.tar.gz"
 [ -f "$archive" ] || { echo "no $archive: was DIR returned by a gpu_campaign.sh call?" >&2; exit 2; }
 listing=$(tar -tzf "$archive")  # whole, then searched: grep -q would cut tar off (pipefail)
 if grep -q '^\./results/' <<<"$listing"; then
-  tar -xzf "$archive" --exclude='*/README.md' --exclude='*/validation.*' ./results/
+  tar -xzf "$archive" --exclude='*/README.md' --exclude='*/validation*' ./results/
 else
   echo "$archive holds no results/ folder (stages such as orchestration write elsewhere: copy by hand)"
 fi
