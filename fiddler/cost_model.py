@@ -52,6 +52,11 @@ class LatencyModel:
     copy_slowdown: float
     cpu_shares: tuple[float, ...] = (0.0, 1.0)  # measured shares of an expert on the CPU ...
     cpu_share_cost: tuple[float, ...] = (0.0, 1.0)  # ... and their cost as a fraction of the whole
+    # answers already interpolated, by (curve, n): the hybrid planner asks the same few token
+    # counts hundreds of times per plan, on the CPU path's critical path in a layer
+    _memo: dict[tuple[str, float], float] = dataclasses.field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
 
     @classmethod
     def from_calibration(cls, calibration: dict[str, object]) -> LatencyModel:
@@ -73,21 +78,31 @@ class LatencyModel:
         slowdown = self.cpu_slowdown if cpu_slowdown is None else cpu_slowdown
         return dataclasses.replace(self, cpu_expert_s=[t * factor for t in self.cpu_expert_s], cpu_slowdown=slowdown)
 
+    def _at(self, curve: str, n: float) -> float:
+        """``curve`` (a field of per-token-count seconds) at n tokens, interpolated once."""
+        value = self._memo.get((curve, n))
+        if value is None:
+            value = self._memo[(curve, n)] = _interpolate(self.token_counts, getattr(self, curve), n)
+        return value
+
     def cpu_part(self, n: int, share: float) -> float:
         """A share (0..1] of one expert's blocks on the CPU for n tokens."""
-        return self.cpu(n) * _interpolate(list(self.cpu_shares), list(self.cpu_share_cost), share)
+        cost = self._memo.get(("share", share))
+        if cost is None:
+            cost = self._memo[("share", share)] = _interpolate(list(self.cpu_shares), list(self.cpu_share_cost), share)
+        return self.cpu(n) * cost
 
     def cpu(self, n: int) -> float:
-        return _interpolate(self.token_counts, self.cpu_expert_s, n)
+        return self._at("cpu_expert_s", n)
 
     def gpu(self, n: int) -> float:
-        return _interpolate(self.token_counts, self.gpu_expert_s, n)
+        return self._at("gpu_expert_s", n)
 
     def act_d2h(self, n: int) -> float:
-        return _interpolate(self.token_counts, self.act_d2h_s, n) if n else 0.0
+        return self._at("act_d2h_s", n) if n else 0.0
 
     def act_h2d(self, n: int) -> float:
-        return _interpolate(self.token_counts, self.act_h2d_s, n) if n else 0.0
+        return self._at("act_h2d_s", n) if n else 0.0
 
     def cpu_path(self, n: int) -> float:
         """One expert on the CPU, activations there and back."""

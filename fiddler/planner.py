@@ -125,10 +125,20 @@ def plan_layer(
         on_cpu = [e for e in missing if model.cpu_path(tokens[e]) <= model.copy_path(tokens[e])]
         return make(on_cpu, [e for e in missing if e not in on_cpu])
     if policy == "hybrid":
-        candidates = [make(missing[:k], missing[k:]) for k in range(len(missing) + 1)]
-        for k in range(len(missing) if blocks > 1 else 0):
-            for cpu_blocks in _balanced_blocks(tokens, missing[:k], missing[k], missing[k + 1 :], model, blocks):
-                candidates.append(make(missing[:k], missing[k + 1 :], Split(missing[k], cpu_blocks, blocks)))
+        whole = [make(missing[:k], missing[k:]) for k in range(len(missing) + 1)]
+        candidates = list(whole)
+        # Dividing expert k lies between the whole plans k and k + 1, both paths busy. There the
+        # CPU path grows and the copy path shrinks with k, so the best division borders the best
+        # whole plan that keeps both busy (not the ends, where one path runs alone and unslowed):
+        # only the experts on either side of it are tried. The planner runs on the CPU path's
+        # critical path in every layer whose routing is new; tests check this against trying
+        # every expert.
+        both_busy = range(1, len(missing))
+        pivot = min(both_busy, key=lambda k: whole[k].predicted_s) if both_busy else 0
+        for k in (pivot - 1, pivot) if blocks > 1 else ():
+            if 0 <= k < len(missing):
+                for cpu_blocks in _balanced_blocks(tokens, missing[:k], missing[k], missing[k + 1 :], model, blocks):
+                    candidates.append(make(missing[:k], missing[k + 1 :], Split(missing[k], cpu_blocks, blocks)))
         return min(candidates, key=lambda plan: plan.predicted_s)
     raise ValueError(f"unknown policy {policy!r}; choose one of {', '.join(POLICIES)}")
 
