@@ -444,6 +444,35 @@ def bounds_markdown(summary: pd.DataFrame, calibration: dict, raw: list[dict], c
     return "\n".join(lines) + "\n" + prefill
 
 
+# one colour per system in every plot (tab20's pairs: a system and its variant share a hue);
+# systems not named here take the colours after these, in name order
+SYSTEM_COLOURS = (
+    "fiddler-hybrid",
+    "fiddler-paper",
+    "expert-lru",
+    "expert-lru-prefetch",
+    "llama-cpp",
+    "llama-cpp-cpu-moe",
+    "layer-streaming",
+    "accelerate-offload",
+    "cpu-only",
+    "transformers-resident",
+    "fiddler-cpu-experts",
+    "fiddler-copy-experts",
+    "gpu-resident",
+)
+
+
+def system_colours(systems: list[str]) -> list:
+    """Colours for ``systems``, the same system the same colour in every plot."""
+    import matplotlib
+
+    palette = matplotlib.colormaps["tab20"].colors
+    others = sorted(s for s in systems if s not in SYSTEM_COLOURS)
+    order = [*SYSTEM_COLOURS, *others]
+    return [palette[order.index(s) % len(palette)] for s in systems]
+
+
 def plot(summary: pd.DataFrame, out: Path) -> list[Path]:
     import matplotlib
 
@@ -459,12 +488,14 @@ def plot(summary: pd.DataFrame, out: Path) -> list[Path]:
         table = frame.pivot_table(
             index=["input_tokens", "output_tokens", "beam_width"], columns="system", values=metric, aggfunc="first"
         )
-        fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(table)), 4.0))
-        table.plot.bar(ax=ax, width=0.85)
-        ax.set_xlabel("[input, output, beams]")
+        table.index = [f"{i}/{o}" + (f" w{b}" if b > 1 else "") for i, o, b in table.index]
+        fig, ax = plt.subplots(figsize=(max(7.5, 0.9 * len(table) + 2.0), 4.0))
+        table.plot.bar(ax=ax, width=0.85, rot=45 if len(table) > 6 else 0, color=system_colours(list(table.columns)))
+        ax.set_xlabel("input/output tokens" + (", beam width" if (frame.beam_width > 1).any() else ""))
         ax.set_ylabel("TTFT (s)" if metric == "ttft_s" else "tokens/s (output / (prefill + decode))")
-        ax.set_title(f"{scenario}: {frame.model.iloc[0]}, {frame.gpu_memory_gb.iloc[0]} GB budget")
-        ax.legend(fontsize="small", ncol=2)
+        ax.set_title(f"{scenario}: {frame.model.iloc[0]}, {frame.gpu_memory_gb.iloc[0]:.3g} GB budget")
+        # beside the bars, not over them
+        ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
         fig.tight_layout()
         path = out / f"{scenario}.png"
         tmp = out / f".{scenario}.tmp.png"
