@@ -74,6 +74,7 @@ from fiddler.streams import elapsed_ms, host_wait, new_stream, on_stream, record
 from fiddler.timing import Clock
 
 PLAN_CACHE_SIZE = 4096  # distinct routing patterns remembered; decode repeats a few
+MODEL_CACHE_SIZE = 64  # latency models kept, one per step of the in-run corrections
 # In-run correction of the CPU latencies: exponential averages of measured / predicted CPU
 # compute, applied in steps so that cached plans stay valid between steps.
 CPU_FACTOR_SMOOTHING = 0.2
@@ -236,6 +237,8 @@ class FiddlerExecutor:
         corrections = self.planning_corrections
         model = self._models.get(corrections)
         if model is None:
+            if len(self._models) >= MODEL_CACHE_SIZE:  # each holds its interpolations: bounded
+                self._models.clear()
             model = self._models[corrections] = self.latency.with_cpu_factor(*corrections)
         return model
 

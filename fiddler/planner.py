@@ -128,9 +128,11 @@ def plan_layer(
         whole = [make(missing[:k], missing[k:]) for k in range(len(missing) + 1)]
         candidates = list(whole)
         # Dividing expert k lies between the whole plans k and k + 1, both paths busy. There the
-        # CPU path grows and the copy path shrinks with k, so the best division borders the best
-        # whole plan that keeps both busy (not the ends, where one path runs alone and unslowed):
-        # only the experts on either side of it are tried. The planner runs on the CPU path's
+        # CPU path grows and the copy path shrinks with k (assumed: true of every calibration
+        # measured, whose transfer terms are microseconds against milliseconds of CPU compute),
+        # so the best division borders the best whole plan that keeps both busy (not the ends,
+        # where one path runs alone and unslowed): only the experts on either side of it are
+        # tried. The planner runs on the CPU path's
         # critical path in every layer whose routing is new; tests check this against trying
         # every expert.
         both_busy = range(1, len(missing))

@@ -171,6 +171,11 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from harness.validate import run_corrections, validate, validation_markdown
 
     corrections = run_corrections(args.dir) if args.with_run_corrections else None
+    if corrections == {}:
+        raise ValueError(
+            f"no row in {args.dir} records a Fiddler executor's CPU corrections (stats.cpu_factor): "
+            "validate it without --with-run-corrections"
+        )
     rows = validate(args.dir, args.hardware, args.calibration, args.samples, corrections)
     out = Path(args.out or args.dir)
     name = "validation-run-corrections" if corrections is not None else "validation"
@@ -239,7 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--hardware", required=True, help="the measured machine's profile (e.g. h200-host) or a file")
     check.add_argument("--calibration", required=True, type=Path, help="the calibration file the run used")
     check.add_argument("--samples", type=int, default=8, help="decode steps sampled per cell")
-    check.add_argument("--out", help="folder for validation.csv/.md (default: the run folder)")
+    check.add_argument("--out", help="folder for the validation files (default: the run folder)")
     check.add_argument(
         "--with-run-corrections",
         action="store_true",

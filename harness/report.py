@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import math
 import statistics
+import zlib
 from pathlib import Path
 
 import pandas as pd
@@ -445,7 +446,7 @@ def bounds_markdown(summary: pd.DataFrame, calibration: dict, raw: list[dict], c
 
 
 # one colour per system in every plot (tab20's pairs: a system and its variant share a hue);
-# systems not named here take the colours after these, in name order
+# a system not named here takes one of the colours after these, chosen by its name
 SYSTEM_COLOURS = (
     "fiddler-hybrid",
     "fiddler-paper",
@@ -463,14 +464,20 @@ SYSTEM_COLOURS = (
 )
 
 
-def system_colours(systems: list[str]) -> list:
-    """Colours for ``systems``, the same system the same colour in every plot."""
+def system_colours(systems: list[str]) -> list[tuple[float, float, float]]:
+    """Colours for ``systems``, the same system the same colour in every plot (two systems
+    not named in ``SYSTEM_COLOURS`` may share one)."""
     import matplotlib
 
     palette = matplotlib.colormaps["tab20"].colors
-    others = sorted(s for s in systems if s not in SYSTEM_COLOURS)
-    order = [*SYSTEM_COLOURS, *others]
-    return [palette[order.index(s) % len(palette)] for s in systems]
+    spare = len(palette) - len(SYSTEM_COLOURS)
+
+    def index(system: str) -> int:
+        if system in SYSTEM_COLOURS:
+            return SYSTEM_COLOURS.index(system)
+        return len(SYSTEM_COLOURS) + zlib.crc32(system.encode()) % spare
+
+    return [palette[index(s)] for s in systems]
 
 
 def plot(summary: pd.DataFrame, out: Path) -> list[Path]:

@@ -139,7 +139,8 @@ def validation_markdown(
         lines += [
             "**Not a prediction**: Fiddler's plans were made with what each system's executor learned in "
             "the run (`--with-run-corrections`: medians over its rows of the CPU curve's scale and the CPU's "
-            "slowdown beside copies), to tell how much of the error is the CPU's speed in the run:",
+            "slowdown beside copies, each row's value at the end of its generation, prefill and decode "
+            "pooled), to tell how much of the error is the CPU's speed in the run:",
             "",
             "| system | CPU curve scale | CPU slowdown beside copies |",
             "|---|---|---|",

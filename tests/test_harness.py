@@ -508,6 +508,12 @@ def test_validation_with_the_runs_own_cpu_corrections(sweep, tmp_path):
     assert not (tmp_path / "v" / "validation.md").exists()
     with pytest.raises(FileNotFoundError, match="raw rows"):
         run_corrections(tmp_path)
+    uncorrected = shutil.copytree(sweep, tmp_path / "uncorrected")
+    raw.assign(stats="{}").to_csv(uncorrected / "raw.csv", index=False)
+    assert run_corrections(uncorrected) == {}
+    args[1] = str(uncorrected)
+    assert main([*args, "--samples", "2", "--with-run-corrections"]) == 2  # nothing to correct: an error
+    assert not (uncorrected / "validation-run-corrections.md").exists()
 
 
 def test_validation_of_a_truncated_preset(sweep, tmp_path):

@@ -13,7 +13,10 @@ archive="$dir/campaign.tar.gz"
 [ -f "$archive" ] || { echo "no $archive: was DIR returned by a gpu_campaign.sh call?" >&2; exit 2; }
 listing=$(tar -tzf "$archive")  # whole, then searched: grep -q would cut tar off (pipefail)
 if grep -q '^\./results/' <<<"$listing"; then
-  tar -xzf "$archive" --exclude='*/README.md' --exclude='*/validation*' ./results/
+  # wildcards kept within one path component: a run folder or file that merely starts with
+  # "validation" is extracted; each folder's README and validation*.* files are not
+  tar -xzf "$archive" --no-wildcards-match-slash --exclude='./results/*/README.md' \
+    --exclude='./results/*/validation.*' --exclude='./results/*/validation-*.*' ./results/
 else
   echo "$archive holds no results/ folder (stages such as orchestration write elsewhere: copy by hand)"
 fi
