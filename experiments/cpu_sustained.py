@@ -16,14 +16,16 @@ count this measures:
   as in a beam step (the CPU computing ~12 of each ~16 ms layer).
 
 Writes ``<out>/cpu_sustained.json`` (atomically, after each kernel), with each series' call
-times thinned to at most ``SERIES_POINTS`` points.
+times thinned to at most ``SERIES_POINTS`` points, and ``<out>/cpu_sustained.md`` (a table of
+the ratios; ``--report DIR`` renders it again from DIR's json, anywhere).
 Usage: ``python experiments/cpu_sustained.py --out DIR [--kernels amx-bf16,avx512-bf16]
-[--tokens 1,4,16,128] [--seconds 3] [--duty 0.75] [--device cuda]``.
+[--tokens 1,4,16,128] [--seconds 3] [--duty 0.75] [--device cuda]``, or ``--report DIR``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
@@ -34,7 +36,7 @@ import torch
 from fiddler.calibrate import ColdExperts, median_time
 from fiddler.config import resolve_model
 from fiddler.cpu_experts import CpuExpertKernel, available_kernels, kernel_limit, make_kernel, set_cpu_threads
-from fiddler.files import write_json_atomic
+from fiddler.files import write_json_atomic, write_text_atomic
 from fiddler.machine import machine_identity
 from fiddler.timing import Clock
 
@@ -80,9 +82,33 @@ def summarise(series: list[tuple[float, float]], burst: float, seconds: float) -
     }
 
 
+def report(record: dict[str, object]) -> str:
+    """The ratios of a record as a markdown table: each series' start and end against the burst."""
+    lines = [
+        f"# CPU kernels in bursts and sustained ({record['machine'].get('cpu_model', 'CPU')}, "
+        f"{record['threads']} threads)",
+        "",
+        f"Median call time in the first {FIRST_WINDOW_S} s and the last {LAST_WINDOW_S} s of "
+        f"{record['seconds']} s of calls, over the burst's (calibration's measurement); gapped: idle "
+        f"between calls, asked {record['duty']:.0%} computing (achieved in brackets).",
+        "",
+        "| kernel | tokens | burst ms | sustained start | sustained end | gapped start | gapped end (duty) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in record["results"]:
+        sustained, gapped = row["sustained"], row["gapped"]
+        lines.append(
+            f"| {row['kernel']} | {row['tokens']} | {row['burst_s'] * 1e3:.2f} | "
+            f"{sustained['first_over_burst']:.2f}x | {sustained['last_over_burst']:.2f}x | "
+            f"{gapped['first_over_burst']:.2f}x | {gapped['last_over_burst']:.2f}x ({gapped['duty']:.0%}) |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--out", type=Path, help="folder for cpu_sustained.json and .md")
+    parser.add_argument("--report", type=Path, help="only render DIR/cpu_sustained.md from DIR's json")
     parser.add_argument("--model", default="mixtral-8x7b")
     parser.add_argument("--kernels", help="comma-separated; default every kernel that runs here")
     parser.add_argument("--tokens", default="1,4,16,128")
@@ -95,6 +121,14 @@ def main() -> int:
         help="where the random experts are generated (then kept in host memory)",
     )
     args = parser.parse_args()
+    if args.report:
+        source = args.report / "cpu_sustained.json"
+        if not source.exists():
+            parser.error(f"{source} does not exist: give the folder a run of this script wrote")
+        write_text_atomic(args.report / "cpu_sustained.md", report(json.loads(source.read_text())))
+        return 0
+    if args.out is None:
+        parser.error("give --out DIR to measure, or --report DIR to render a measurement")
     if not 0.0 < args.duty <= 1.0:
         parser.error(f"--duty must lie in (0, 1], got {args.duty}")
     if args.seconds <= LAST_WINDOW_S:
@@ -155,6 +189,7 @@ def measure(
                 flush=True,
             )
         write_json_atomic(out / "cpu_sustained.json", record)
+        write_text_atomic(out / "cpu_sustained.md", report(record))
 
 
 if __name__ == "__main__":

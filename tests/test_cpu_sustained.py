@@ -9,7 +9,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "experiments"))
 import cpu_sustained
-from cpu_sustained import FIRST_WINDOW_S, LAST_WINDOW_S, SERIES_POINTS, run_series, summarise
+from cpu_sustained import FIRST_WINDOW_S, LAST_WINDOW_S, SERIES_POINTS, report, run_series, summarise
 
 
 def test_windows_and_ratios():
@@ -52,3 +52,17 @@ def test_a_series_stops_after_its_time_and_idles_between_calls(monkeypatch):
     # idle for three times each call's time: far fewer calls fit (loose: a loaded CI machine)
     assert len(gapped) < len(busy) / 2
     assert summarise(gapped, burst=busy[0][1], seconds=0.2)["duty"] < 0.6
+
+
+def test_the_report_shows_each_series_against_the_burst():
+    series = summarise([(0.0, 0.002), (2.5, 0.003)], burst=0.002, seconds=3.0)
+    record = {
+        "machine": {"cpu_model": "Test CPU"},
+        "threads": 16,
+        "seconds": 3.0,
+        "duty": 0.75,
+        "results": [{"kernel": "amx-bf16", "tokens": 16, "burst_s": 0.002, "sustained": series, "gapped": series}],
+    }
+    text = report(record)
+    assert "Test CPU, 16 threads" in text
+    assert "| amx-bf16 | 16 | 2.00 | 1.00x | 1.50x | 1.00x | 1.50x (" in text
