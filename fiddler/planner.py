@@ -132,9 +132,8 @@ def plan_layer(
         # measured, whose transfer terms are microseconds against milliseconds of CPU compute),
         # so the best division borders the best whole plan that keeps both busy (not the ends,
         # where one path runs alone and unslowed): only the experts on either side of it are
-        # tried. The planner runs on the CPU path's
-        # critical path in every layer whose routing is new; tests check this against trying
-        # every expert.
+        # tried. The planner runs on the CPU path's critical path in every layer whose routing
+        # is new; tests check this against trying every expert.
         both_busy = range(1, len(missing))
         pivot = min(both_busy, key=lambda k: whole[k].predicted_s) if both_busy else 0
         for k in (pivot - 1, pivot) if blocks > 1 else ():
