@@ -82,6 +82,10 @@ def summarise(series: list[tuple[float, float]], burst: float, seconds: float) -
     }
 
 
+def _share(value: float | None) -> str:
+    return "unknown" if value is None else f"{value:.0%}"
+
+
 def report(record: dict[str, object]) -> str:
     """The ratios of a record as a markdown table: each series' start and end against the burst."""
     lines = [
@@ -90,7 +94,9 @@ def report(record: dict[str, object]) -> str:
         "",
         f"Median call time in the first {FIRST_WINDOW_S} s and the last {LAST_WINDOW_S} s of "
         f"{record['seconds']} s of calls, over the burst's (calibration's measurement); gapped: idle "
-        f"between calls, asked {record['duty']:.0%} computing (achieved in brackets).",
+        f"between calls, asked {record['duty']:.0%} computing (achieved in brackets). The experts' memory "
+        f"on huge pages: {_share(record.get('huge_page_share_start'))} as it began, "
+        f"{_share(record.get('huge_page_share_end'))} as it ended.",
         "",
         "| kernel | tokens | burst ms | sustained start | sustained end | gapped start | gapped end (duty) |",
         "|---|---|---|---|---|---|---|",
@@ -148,6 +154,9 @@ def main() -> int:
         "threads": threads,
         "seconds": args.seconds,
         "duty": args.duty,
+        # the experts' memory on transparent huge pages, as the measurement began (and "_end"
+        # as it ended): the kernel may collapse small pages into huge ones in the background
+        "huge_page_share_start": cold.arena.huge_page_share(),
         "results": [],
     }
     args.out.mkdir(parents=True, exist_ok=True)
@@ -188,6 +197,7 @@ def measure(
                 f"gapped {row['gapped']['first_over_burst']:.2f}x / {row['gapped']['last_over_burst']:.2f}x",
                 flush=True,
             )
+        record["huge_page_share_end"] = cold.arena.huge_page_share()
         write_json_atomic(out / "cpu_sustained.json", record)
         write_text_atomic(out / "cpu_sustained.md", report(record))
 
