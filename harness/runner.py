@@ -4,7 +4,8 @@ Contract: ``run_sweep(spec)`` writes into ``spec.out`` (the run folder): ``env.j
 software, settings; a resumed sweep's earlier invocations under ``previous``), ``matrix.json``
 (the cells and the generations that measure them), ``raw.csv`` (one row per prompt run: token
 ids, TTFT, every decode step's time, what moved, peak memory, telemetry (GPU samples; ``host_*``:
-cores that other processes and the hypervisor took meanwhile, ``fiddler.host_load``), status,
+cores that other processes and the hypervisor took meanwhile, ``fiddler.host_load``, and the
+share of this process's memory on huge pages, ``fiddler.host_memory``), status,
 the commit that measured it) and, through ``harness.report``, the summaries, tables and plots. The sweep runs
 in rounds of prompts: every system's first prompt of every cell, then
 every second prompt, and so on, so that a sweep cut short has whole tables on fewer prompts.
