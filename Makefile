@@ -42,6 +42,6 @@ carry:  ## .carry/ for the GPU host (no network there): the Mistral v1 tokenizer
 	$(PYTHON) -c "import shutil; from fiddler.tokenizer import mistral_v1_path; shutil.copy(mistral_v1_path(), '.carry/tokenizer.model')"
 	PYTHON=$(PYTHON) bash tools/build_llama_cpp.sh --pack-only
 
-bench:  ## pytest-benchmark: every system's decode on a small model; JSON under results/benchmarks/
+bench:  ## pytest-benchmark: every system's decode on a small model, the planner on new routings; JSON under results/benchmarks/
 	mkdir -p results/benchmarks
-	$(PYTHON) -m pytest tests/benchmarks -q --benchmark-only --benchmark-json=results/benchmarks/decode.json
+	$(PYTHON) -m pytest tests/benchmarks -q --benchmark-only --benchmark-json=results/benchmarks/benchmarks.json
