@@ -81,16 +81,14 @@ CPU_FACTOR_SMOOTHING = 0.2
 CPU_FACTOR_STEP = 0.05
 CPU_FACTOR_BOUNDS = (0.25, 4.0)
 CPU_SLOWDOWN_BOUNDS = (1.0, 4.0)  # copies never speed the CPU up
+# the counters that time the CPU path on the host clock (ExpertCounters, stats())
+CPU_PATH_COUNTERS = ("cpu_jobs", "cpu_start_s", "cpu_compute_s", "cpu_wait_s")
 
 
 def _smoothed(current: float, measured: float, bounds: tuple[float, float]) -> float:
     """One step of the in-run corrections' exponential average, kept within ``bounds``."""
     value = (1 - CPU_FACTOR_SMOOTHING) * current + CPU_FACTOR_SMOOTHING * measured
     return min(max(value, bounds[0]), bounds[1])
-
-
-# the counters that time the CPU path on the host clock (ExpertCounters, stats())
-CPU_PATH_COUNTERS = ("cpu_jobs", "cpu_start_s", "cpu_compute_s", "cpu_wait_s")
 
 
 @dataclasses.dataclass(frozen=True)

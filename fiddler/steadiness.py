@@ -11,8 +11,8 @@ itself (``steadiness.problems``), or for files from before that key, what its cu
 
 from __future__ import annotations
 
-# one busy core already delays every expert, which the kernels split over all cores in static
-# shares; half a core on average is more than a steady host's background
+# one busy core already delays every expert, which the kernels split over all cores; half a
+# core on average is more than a steady host's background
 BUSY_CORES_LIMIT = 0.5
 # repeats on a steady host differ by a few percent; the disturbed calibration of 2026-12-01 by 30%
 CURVE_TOLERANCE = 0.2

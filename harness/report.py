@@ -31,7 +31,7 @@ from fiddler.orchestrator import CPU_PATH_COUNTERS
 from fiddler.steadiness import BUSY_CORES_LIMIT, recorded_problems
 from harness.scenarios import Cell, Run
 from harness.telemetry import DIRTY
-from harness.timing import cell_metrics
+from harness.timing import MEASURED_ROW_STATUSES, cell_metrics
 
 SUMMARY_COLUMNS = [
     "system",
@@ -121,7 +121,7 @@ def summarize(raw: list[dict], matrix: dict) -> pd.DataFrame:
         ref_rows = {
             int(r["prompt_index"]): r
             for r in by_run.get((reference, scenario, inputs, run_output, beams), [])
-            if r["status"] in ("ok", "time-limited")
+            if r["status"] in MEASURED_ROW_STATUSES
         }
         first = rows[0]
         for cell in run.cells:
@@ -296,7 +296,7 @@ def provenance_markdown(raw: list[dict]) -> str:
     can span versions of the code, and a table mixing them must say so."""
     counts: dict[str, dict[str, int]] = {}
     for row in raw:
-        if row.get("status") in ("ok", "time-limited"):
+        if row.get("status") in MEASURED_ROW_STATUSES:
             commit = _short_commit(str(row.get("git_commit") or ""))
             per_system = counts.setdefault(row["system"], {})
             per_system[commit] = per_system.get(commit, 0) + 1
@@ -553,7 +553,7 @@ def disturbance_markdown(raw: list[dict], calibration: dict | None) -> str:
     for row in raw:
         load = json.loads(row.get("telemetry") or "{}")
         other, steal = load.get("host_other_busy_cores", 0.0), load.get("host_steal_cores", 0.0)
-        if row.get("status") in ("ok", "time-limited") and max(other, steal) > BUSY_CORES_LIMIT:
+        if row.get("status") in MEASURED_ROW_STATUSES and max(other, steal) > BUSY_CORES_LIMIT:
             cell = f"{_int(row['input_tokens'])}/{_int(row['run_output_tokens'])} w{_int(row['beam_width'])}"
             busy.append(f"| {row['system']} | {cell} | {_int(row['prompt_index'])} | {other:.2f} | {steal:.2f} |")
     if busy:
@@ -591,7 +591,7 @@ def cpu_path_markdown(raw: list[dict]) -> str:
     over prompts. A late start is time the planner does not count. Empty when no row says."""
     cells: dict[tuple, list[dict[str, float]]] = {}
     for row in raw:
-        timing = _cpu_path_per_job(row) if row["status"] in ("ok", "time-limited") else None
+        timing = _cpu_path_per_job(row) if row["status"] in MEASURED_ROW_STATUSES else None
         if timing:
             key = (row["system"], row["scenario"], _int(row["input_tokens"]), _int(row["beam_width"]))
             cells.setdefault(key, []).append(timing)

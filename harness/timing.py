@@ -15,6 +15,10 @@ from __future__ import annotations
 import dataclasses
 import statistics
 
+# a raw row's statuses for a generation that ran: whole, or cut short by the run's time limit
+# (its measured steps stand; the report extrapolates the cells beyond them)
+MEASURED_ROW_STATUSES = ("ok", "time-limited")
+
 
 @dataclasses.dataclass(frozen=True)
 class CellMetrics:

@@ -29,6 +29,7 @@ import pandas as pd
 from fiddler.config import resolve_recorded_model
 from harness.scenarios import Cell
 from harness.simulate import SIMULATED_SYSTEMS, SimulationSpec, simulate
+from harness.timing import MEASURED_ROW_STATUSES
 
 TOLERANCE = 0.15  # issue 7: decode tokens/s and TTFT within +-15%
 METRICS = ("decode_tokens_per_s", "ttft_s", "e2e_tokens_per_s")
@@ -42,12 +43,11 @@ def run_corrections(run_dir: str | Path) -> dict[str, tuple[float, float]]:
     path = Path(run_dir) / "raw.csv"
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist: the run's corrections are read from its raw rows")
-    raw = pd.read_csv(path)
     learned: dict[str, list[tuple[float, float]]] = {}
-    for r in raw[raw.status.isin(MEASURED_STATUSES)].itertuples():
-        stats = json.loads(r.stats) if isinstance(r.stats, str) and r.stats else {}
+    for row in pd.read_csv(path, keep_default_na=False).to_dict("records"):
+        stats = json.loads(row["stats"] or "{}") if row["status"] in MEASURED_ROW_STATUSES else {}
         if "cpu_factor" in stats and "cpu_slowdown" in stats:
-            learned.setdefault(r.system, []).append((float(stats["cpu_factor"]), float(stats["cpu_slowdown"])))
+            learned.setdefault(row["system"], []).append((float(stats["cpu_factor"]), float(stats["cpu_slowdown"])))
     return {
         system: (statistics.median(f for f, _ in pairs), statistics.median(d for _, d in pairs))
         for system, pairs in learned.items()
