@@ -90,12 +90,16 @@ pack() {  # into a file of its own, renamed when complete: a packer killed mid-w
 # until $SWEEP_SECONDS after this script started (the device call's limit is 600 s). The run
 # works on its copy under $OUT, so the packer returns whatever it finished; SIGINT stops it
 # between runs' atomic writes of raw.csv. DIR's calibration is measured once and reused, so
-# every piece plans with the same latencies. Each generation runs at most $RUN_TIME_LIMIT s (60;
+# every piece plans with the same latencies; a piece that resumes it on another machine also
+# calibrates that machine, for the record (`--calibrate-machine`: DIR/machine-calibrations/,
+# named in its rows; `harness validate --per-machine` prices each row there). Each generation runs at most $RUN_TIME_LIMIT s (60;
 # pieces 1-2 of sweep24 ran at 120): longer cells are extrapolated from the steps measured, marked.
 sweep() {
   local name="$1" dir="$2"
   shift 2
   mkdir -p "$dir"
+  local machine=()
+  [ -f "$dir/calibration.json" ] && machine=(--calibrate-machine)  # a resumed folder: another machine
   # a new run folder takes this machine's calibration when the orchestration stage just measured
   # one (the same `calibrate`, same kernel choice): it saves the minute a second one costs
   if [ ! -f "$dir/calibration.json" ] && [ -f "$OUT/orchestration/calibration.json" ]; then
@@ -123,7 +127,7 @@ sweep() {
   # that cannot finish would only spend device time (the call then ends early)
   stage "$name" timeout -k 30 --signal=INT "$left" python3 -m harness run --model mixtral-8x7b \
     --prompts-per-cell 3 --reference '' --run-time-limit "${RUN_TIME_LIMIT:-60}" --calibration "$dir/calibration.json" \
-    --no-new-system-after $(( left - margin )) --out "$OUT/$dir" "$@"
+    --no-new-system-after $(( left - margin )) --out "$OUT/$dir" "${machine[@]}" "$@"
 }
 for name in "$@"; do
   case "$name" in

@@ -3,8 +3,8 @@
 - ``run --systems a,b --scenario S [--grid paper-v3 | --inputs 32,64 --outputs 64,128]
   [--beam-widths 4,8] --model <preset|dir> [--layers L] [--gpu-memory-gb G] [--device cuda|cpu]
   [--dtype bfloat16|float32] [--dataset sharegpt|random|FILE] [--prompts-per-cell N]
-  [--reference SYSTEM] [--run-time-limit S] [--no-new-system-after S] [--out DIR]``: writes
-  everything into DIR (default
+  [--reference SYSTEM] [--run-time-limit S] [--no-new-system-after S] [--calibration FILE]
+  [--calibrate-machine] [--out DIR]``: writes everything into DIR (default
   ``results/<date>_<gpu or cpu>_<model>``) and resumes a folder it finds there; exits 1 when
   a system failed (its rows say why; the other systems ran).
 - ``simulate --hardware <paper-env1|paper-env2|paper-env3|h200-host|FILE> --systems ... --scenario S
@@ -12,10 +12,13 @@
   predicted cells, same summary.csv columns (``source`` simulated), tables and plots;
   ``--calibration`` replaces a measured machine's latencies with a run's own file.
 - ``report DIR``: re-renders summary, tables and plots from DIR's raw rows.
-- ``validate DIR --hardware <profile> --calibration FILE [--out DIR2] [--with-run-corrections]``:
-  the simulator on DIR's measured cells with the run's calibration; writes validation.csv and
-  validation.md (into DIR unless ``--out``); with ``--with-run-corrections``, Fiddler planned
-  with the CPU corrections its executor learned in the run (validation-run-corrections.*).
+- ``validate DIR --hardware <profile> --calibration FILE [--out DIR2] [--per-machine]
+  [--with-run-corrections]``: the simulator on DIR's measured cells with the run's calibration;
+  writes validation.csv and validation.md (into DIR unless ``--out``); with ``--per-machine``,
+  each row priced with the calibration of the machine that measured it (``run
+  --calibrate-machine``; validation-per-machine.*); with ``--with-run-corrections``, Fiddler
+  planned with the CPU corrections its executor learned in the run (not a prediction;
+  ...-run-corrections.*).
 
 A user error prints one ``error:`` line and exits with status 2.
 """
@@ -106,6 +109,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         run_time_limit_s=args.run_time_limit,
         no_new_system_after_s=args.no_new_system_after,
         calibration=args.calibration,
+        calibrate_machine=args.calibrate_machine,
         cpu_threads=args.cpu_threads,
         out=Path(args.out) if args.out else default_out(args.model, device),
     )
@@ -168,7 +172,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from harness.validate import run_corrections, validate, validation_markdown
+    from harness.validate import machine_calibrations, run_corrections, validate, validation_markdown
 
     corrections = run_corrections(args.dir) if args.with_run_corrections else None
     if corrections == {}:
@@ -176,11 +180,13 @@ def cmd_validate(args: argparse.Namespace) -> int:
             f"no row in {args.dir} records a Fiddler executor's CPU corrections (stats.cpu_factor): "
             "validate it without --with-run-corrections"
         )
-    rows = validate(args.dir, args.hardware, args.calibration, args.samples, corrections)
+    rows = validate(args.dir, args.hardware, args.calibration, args.samples, corrections, args.per_machine)
+    machines = machine_calibrations(args.dir, args.calibration) if args.per_machine else None
     out = Path(args.out or args.dir)
-    name = "validation-run-corrections" if corrections is not None else "validation"
+    name = "validation" + ("-per-machine" if args.per_machine else "")
+    name += "-run-corrections" if corrections is not None else ""
     write_csv_atomic(rows, out / f"{name}.csv")
-    markdown = validation_markdown(rows, args.dir, args.hardware, args.calibration, corrections)
+    markdown = validation_markdown(rows, args.dir, args.hardware, args.calibration, corrections, machines)
     write_text_atomic(out / f"{name}.md", markdown)
     print(out / f"{name}.md")
     return 0
@@ -207,6 +213,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--reference", help="system whose tokens the others are compared with ('' for none)")
     run.add_argument("--run-time-limit", type=float, help="seconds per generation; slower runs are extrapolated")
     run.add_argument("--calibration", type=Path)
+    run.add_argument(
+        "--calibrate-machine",
+        action="store_true",
+        help="also calibrate this machine at the start, into DIR/machine-calibrations/ (rows name it; Fiddler "
+        "still plans with --calibration): a resumed sweep's pieces may run on other machines",
+    )
     run.add_argument("--cpu-threads", type=int)
     run.add_argument(
         "--no-new-system-after",
@@ -245,6 +257,12 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--calibration", required=True, type=Path, help="the calibration file the run used")
     check.add_argument("--samples", type=int, default=8, help="decode steps sampled per cell")
     check.add_argument("--out", help="folder for the validation files (default: the run folder)")
+    check.add_argument(
+        "--per-machine",
+        action="store_true",
+        help="price each row with the calibration of the machine that measured it (run --calibrate-machine); "
+        "writes validation-per-machine.csv/.md",
+    )
     check.add_argument(
         "--with-run-corrections",
         action="store_true",

@@ -5,10 +5,12 @@ software, settings; a resumed sweep's earlier invocations under ``previous``), `
 (the cells and the generations that measure them), ``raw.csv`` (one row per prompt run: token
 ids, TTFT, every decode step's time, what moved, peak memory, telemetry (GPU samples; ``host_*``:
 cores that other processes and the hypervisor took meanwhile, ``fiddler.host_load``, and the
-share of this process's memory on huge pages, ``fiddler.host_memory``), status,
-the commit that measured it) and, through ``harness.report``, the summaries, tables and plots. The sweep runs
-in rounds of prompts: every system's first prompt of every cell, then
-every second prompt, and so on, so that a sweep cut short has whole tables on fewer prompts.
+share of this process's memory on huge pages, ``fiddler.host_memory``; with
+``calibrate_machine``, ``machine_calibration``: this invocation's calibration of its machine,
+``machine-calibrations/<UTC time>.json`` in the run folder), status, the commit that measured
+it) and, through ``harness.report``, the summaries, tables and plots. The sweep runs in rounds
+of prompts: every system's first prompt of every cell, then every second prompt, and so on, so
+that a sweep cut short has whole tables on fewer prompts.
 In each round the systems run one after another, each loaded once (a system refused, or
 broken while loading or generating, is not loaded again) and warmed up with one generation
 before its first measured one. Every row is written to ``raw.csv`` atomically as soon as it is measured, so
@@ -39,6 +41,7 @@ import pandas as pd
 import torch
 
 from baselines import SystemOptions, SystemRefused, Unsupported, load_system
+from fiddler.calibrate import calibrate, save_calibration
 from fiddler.config import ModelConfig, resolve_model
 from fiddler.files import write_json_atomic
 from fiddler.generate import GenerationResult, GenerationSettings
@@ -110,6 +113,11 @@ class SweepSpec:
     # stops (resumable) once the system running is done, instead of spending the end of a
     # time-limited call on a load and warm-up that cannot finish a generation
     no_new_system_after_s: float | None = None
+    # measure this machine's calibration at the start of the invocation, for the record: a
+    # resumed sweep's pieces run on other machines (the GPU host's differ by up to ~2x in CPU
+    # speed) while Fiddler plans with ``calibration``; validation can then price each row on the
+    # machine that measured it
+    calibrate_machine: bool = False
 
     def settings(self) -> dict[str, object]:
         fields = dataclasses.asdict(self)
@@ -212,6 +220,9 @@ def run_sweep(spec: SweepSpec) -> Path:
         # the code that measured the row: a sweep resumed across sessions may span engine versions
         "git_commit": measuring_commit(),
     }
+    # which machine measured the row, when this invocation calibrated it (in each row's telemetry)
+    calibrated = spec.calibrate_machine and len(done) < total  # nothing left to measure: no need
+    machine = {"machine_calibration": calibrate_machine(spec, config)} if calibrated else {}
 
     def record(name: str, todo: list[tuple[Run, int]], status: str, reason: str) -> None:
         """One row per run the system still had to do, all with the same status."""
@@ -261,7 +272,7 @@ def run_sweep(spec: SweepSpec) -> Path:
             while todo:
                 run, index = todo[0]
                 prompt = bank.prompts(run.scenario, run.input_tokens)[index]
-                row = base | _row_key(name, run, index) | _measure(system, run, prompt, spec, budget)
+                row = base | _row_key(name, run, index) | _measure(system, run, prompt, spec, budget, machine)
                 rows[_key(row)] = row
                 todo.pop(0)
                 _write_raw(raw_path, list(rows.values()))  # atomically, after every run
@@ -325,6 +336,20 @@ def _environment_with_history(spec: SweepSpec, bank: PromptBank) -> dict[str, ob
     return current | {"previous": [*previous, saved]}
 
 
+def calibrate_machine(spec: SweepSpec, config: ModelConfig) -> str:
+    """Calibrate this machine (one attempt: a disturbed one says so in its file) into the run
+    folder's ``MACHINE_CALIBRATIONS``, named by the time it was made; returns its path relative
+    to the run folder, which the rows of this invocation record."""
+    result = calibrate(config, spec.device, spec.dtype, spec.cpu_threads, attempts=1)
+    stamp = result["created"].replace(":", "").replace("+0000", "Z")
+    relative = Path(MACHINE_CALIBRATIONS) / f"{stamp}.json"
+    save_calibration(result, spec.out / relative)
+    log.info(
+        "this machine's calibration: %s (CPU expert %.2f ms at 1 token)", relative, 1e3 * result["cpu_expert_s"][0]
+    )
+    return str(relative)
+
+
 def _failure(system: str, phase: str, err: Exception) -> str:
     """The reason a failed row records; the whole traceback goes to the log."""
     log.error("%s failed while %s; its remaining runs are recorded as failed", system, phase, exc_info=err)
@@ -335,7 +360,8 @@ def _failure(system: str, phase: str, err: Exception) -> str:
 # Settings a resumed sweep may change: where it writes, and how long a slow generation may run
 # (a row cut short by the limit says so in its reason, and its cells say how many steps stand
 # behind them); everything else defines what is measured and must stay.
-RESUMABLE_WITH_OTHER = ("out", "run_time_limit_s", "no_new_system_after_s")
+RESUMABLE_WITH_OTHER = ("out", "run_time_limit_s", "no_new_system_after_s", "calibrate_machine")
+MACHINE_CALIBRATIONS = "machine-calibrations"  # the run folder's subfolder of per-invocation calibrations
 
 
 def _check_resumable(spec: SweepSpec) -> None:
@@ -379,7 +405,9 @@ class _StepBudget:
             self.pace[width] = (result.ttft_s, result.decode_s / len(result.step_times_s))
 
 
-def _measure(system, run: Run, prompt: list[int], spec: SweepSpec, budget: _StepBudget) -> dict:
+def _measure(
+    system, run: Run, prompt: list[int], spec: SweepSpec, budget: _StepBudget, machine: dict[str, str]
+) -> dict:
     wanted = run.output_tokens
     if spec.run_time_limit_s is not None and run not in budget.tokens and wanted > PROBE_TOKENS:
         if run.beam_width not in budget.pace:
@@ -420,6 +448,7 @@ def _measure(system, run: Run, prompt: list[int], spec: SweepSpec, budget: _Step
             # this process's memory, where Fiddler's CPU path streams experts from (small pages
             # cost it TLB misses); a llama-server's own memory is not counted
             | {"host_huge_page_share": huge_page_share()}
+            | machine
         ),
         "stats": json.dumps(
             {k: v for k, v in stats.items() if k != "engine"}

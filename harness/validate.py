@@ -16,16 +16,25 @@ faster its CPU jobs ran than the calibration, alone and beside copies); ``valida
 corrections=...)`` plans with them instead of the calibration as it is. That is not a
 prediction (it reads the measurement), it tells where a miss comes from: what is left of the
 error once the CPU is priced as it ran lies outside the CPU's speed.
+
+``validate(..., per_machine=True)`` prices each measured row with the calibration of the machine
+that measured it (``telemetry.machine_calibration``, a file in the run folder that ``harness run
+--calibrate-machine`` wrote before the row; rows without one take ``calibration``), and a cell's
+prediction is the median over its rows'. That is a prediction: each file was measured before
+its rows, by ``fiddler calibrate``'s code. ``machine_calibrations(run_dir, calibration)`` lists
+the files with how many rows each priced and their speeds against ``calibration``.
 """
 
 from __future__ import annotations
 
 import json
 import statistics
+from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
 
+from fiddler.calibrate import load_calibration
 from fiddler.config import resolve_recorded_model
 from harness.scenarios import Cell
 from harness.simulate import SIMULATED_SYSTEMS, SimulationSpec, simulate
@@ -54,12 +63,53 @@ def run_corrections(run_dir: str | Path) -> dict[str, tuple[float, float]]:
     }
 
 
+def _measured_rows(run_dir: Path) -> list[dict]:
+    path = run_dir / "raw.csv"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist: validate a run folder written by 'python -m harness run'")
+    rows = pd.read_csv(path, keep_default_na=False).to_dict("records")
+    return [r for r in rows if r["status"] in MEASURED_ROW_STATUSES]
+
+
+def _machine_of(row: dict) -> str | None:
+    """The run-folder-relative calibration file of the machine that measured ``row``, if named."""
+    return json.loads(row["telemetry"] or "{}").get("machine_calibration")
+
+
+def machine_calibrations(run_dir: str | Path, calibration: str | Path) -> list[dict]:
+    """Each machine calibration the rows name (oldest first): its file, when it was made, how
+    many measured rows it prices, its CPU expert at one token and its copy time against
+    ``calibration``'s, and what ``fiddler.steadiness`` found disturbed in it."""
+    run_dir = Path(run_dir)
+    counts: dict[str, int] = {}
+    for row in _measured_rows(run_dir):
+        if (name := _machine_of(row)) is not None:
+            counts[name] = counts.get(name, 0) + 1
+    base = load_calibration(calibration)
+    found = []
+    for name, rows in counts.items():
+        machine = load_calibration(run_dir / name)
+        found.append(
+            {
+                "file": name,
+                "created": machine["created"],
+                "rows": rows,
+                "cpu_expert_1_token_ms": 1e3 * machine["cpu_expert_s"][0],
+                "cpu_vs_run_calibration": machine["cpu_expert_s"][0] / base["cpu_expert_s"][0],
+                "copy_vs_run_calibration": machine["copy_expert_s"] / base["copy_expert_s"],
+                "disturbed": "; ".join(machine.get("steadiness", {}).get("problems", [])),
+            }
+        )
+    return sorted(found, key=lambda m: m["created"])
+
+
 def validate(
     run_dir: str | Path,
     hardware: str,
     calibration: str | Path,
     samples: int = 8,
     corrections: dict[str, tuple[float, float]] | None = None,
+    per_machine: bool = False,
 ) -> pd.DataFrame:
     run_dir = Path(run_dir)
     path = run_dir / "summary.csv"
@@ -82,18 +132,22 @@ def validate(
         Cell(r.scenario, int(r.input_tokens), int(r.output_tokens), int(r.beam_width))
         for r in measured[CELL_KEY[1:]].drop_duplicates().itertuples()
     )
-    spec = SimulationSpec(
-        systems=systems,
-        cells=cells,
-        config=config,
-        hardware=hardware,
-        gpu_memory_gb=float(budgets[0]),
-        samples=samples,
-        calibration=str(calibration),
-        cpu_corrections=tuple((system, *pair) for system, pair in (corrections or {}).items()),
-    )
-    # columns even when none of the run's systems is simulated (each is then listed, not dropped)
-    predicted = pd.DataFrame(simulate(spec), columns=[*CELL_KEY, *METRICS, "status"])
+
+    def predict(calibration: str | Path) -> pd.DataFrame:
+        spec = SimulationSpec(
+            systems=systems,
+            cells=cells,
+            config=config,
+            hardware=hardware,
+            gpu_memory_gb=float(budgets[0]),
+            samples=samples,
+            calibration=str(calibration),
+            cpu_corrections=tuple((system, *pair) for system, pair in (corrections or {}).items()),
+        )
+        # columns even when none of the run's systems is simulated (each is then listed, not dropped)
+        return pd.DataFrame(simulate(spec), columns=[*CELL_KEY, *METRICS, "status"])
+
+    predicted = _predict_per_machine(run_dir, calibration, predict) if per_machine else predict(calibration)
     joined = measured.merge(predicted, on=CELL_KEY, suffixes=("_measured", "_predicted"), how="left")
     rows = []
     for r in joined.itertuples():
@@ -119,15 +173,46 @@ def validate(
     return pd.DataFrame(rows, columns=columns)
 
 
+def _predict_per_machine(
+    run_dir: Path, calibration: str | Path, predict: Callable[[str | Path], pd.DataFrame]
+) -> pd.DataFrame:
+    """Every cell predicted with the calibration of each machine that measured one of its rows
+    (a cell of ``o`` output tokens is measured by the rows that generated at least ``o``); the
+    cell's prediction is the median over its rows'."""
+    machines: dict[tuple, list[tuple[int, str | None]]] = {}
+    for row in _measured_rows(run_dir):
+        key = (row["system"], row["scenario"], int(row["input_tokens"]), int(row["beam_width"]))
+        machines.setdefault(key, []).append((int(row["run_output_tokens"]), _machine_of(row)))
+    if not any(name for pairs in machines.values() for _, name in pairs):
+        raise ValueError(
+            f"no measured row in {run_dir} names its machine's calibration (telemetry.machine_calibration): "
+            "measure with 'python -m harness run --calibrate-machine', or validate without --per-machine"
+        )
+    names = {None} | {name for pairs in machines.values() for _, name in pairs}  # None: the run's calibration
+    by_file = {name: predict(calibration if name is None else run_dir / name).set_index(CELL_KEY) for name in names}
+    frame = by_file[None].copy()
+    for cell in frame.index:
+        system, scenario, inputs, outputs, width = cell
+        measured_by = [n for out, n in machines.get((system, scenario, inputs, width), []) if out >= outputs]
+        for metric in METRICS:
+            values = [by_file[n].at[cell, metric] for n in measured_by] or [frame.at[cell, metric]]
+            values = [v for v in values if pd.notna(v)]
+            frame.at[cell, metric] = statistics.median(values) if values else float("nan")
+    return frame.reset_index()
+
+
 def validation_markdown(
     rows: pd.DataFrame,
     run_dir: str | Path,
     hardware: str,
     calibration: str | Path,
     corrections: dict[str, tuple[float, float]] | None = None,
+    machines: list[dict] | None = None,
 ) -> str:
+    """``machines``: ``machine_calibrations``' list when each row was priced on its own machine."""
+    title = "# Predicted against measured" + (", each row on its own machine's calibration" if machines else "")
     lines = [
-        "# Predicted against measured" + (", with the run's own CPU corrections" if corrections else ""),
+        title + (", with the run's own CPU corrections" if corrections else ""),
         "",
         f"Measured: `{run_dir}`. Predicted: `python -m harness validate` on hardware profile `{hardware}` with "
         f"the run's calibration `{calibration}`. Error = predicted / measured - 1; target within "
@@ -135,6 +220,22 @@ def validation_markdown(
         "itself extrapolated from the steps that fit the run's time limit.",
         "",
     ]
+    if machines:
+        lines += [
+            "Each measured row was priced with the calibration of the machine that measured it (`harness run "
+            "--calibrate-machine`: made at the start of each piece of the sweep, before its rows), rows "
+            "without one with the run's calibration; a cell's prediction is the median over its rows'. "
+            "The machines against the run's calibration:",
+            "",
+            "| file | made | rows | CPU expert, 1 token | CPU vs run's | copy vs run's | disturbed |",
+            "|---|---|---|---|---|---|---|",
+            *(
+                f"| `{m['file']}` | {m['created']} | {m['rows']} | {m['cpu_expert_1_token_ms']:.2f} ms | "
+                f"{m['cpu_vs_run_calibration']:.2f}x | {m['copy_vs_run_calibration']:.2f}x | {m['disturbed'] or 'no'} |"
+                for m in machines
+            ),
+            "",
+        ]
     if corrections:
         lines += [
             "**Not a prediction**: Fiddler's plans were made with what each system's executor learned in "

@@ -516,6 +516,57 @@ def test_validation_with_the_runs_own_cpu_corrections(sweep, tmp_path):
     assert not (uncorrected / "validation-run-corrections.md").exists()
 
 
+def test_a_resumed_piece_calibrates_its_machine_and_validation_prices_its_rows_there(tmp_path):
+    """--calibrate-machine: the piece's machine is calibrated into the run folder before its
+    rows, which name the file (the earlier piece's rows do not); --per-machine prices each row
+    with its machine's file: a slower machine predicts slower decode."""
+    from fiddler.calibrate import calibrate, load_calibration, save_calibration
+    from harness.cli import main
+    from harness.validate import machine_calibrations, validate
+
+    one_length = tuple(cells("single-batch", inputs=(16,), outputs=(3, 6)))
+    first = dataclasses.replace(spec(tmp_path, systems=("fiddler-paper",)), reference=None, cells=one_length)
+    out = run_sweep(first)
+    raw = read_raw(out / "raw.csv")
+    assert not (out / "machine-calibrations").exists()
+    pd.DataFrame([r for r in raw if r["prompt_index"] == 0]).to_csv(out / "raw.csv", index=False)  # cut short
+    run_sweep(dataclasses.replace(first, calibrate_machine=True))
+    (machine,) = (out / "machine-calibrations").glob("*.json")
+    named = {
+        r["prompt_index"]: json.loads(r["telemetry"]).get("machine_calibration") for r in read_raw(out / "raw.csv")
+    }
+    assert named == {0: None, 1: str(machine.relative_to(out))}
+    assert load_calibration(machine)["machine"]["cpu_cores"] >= 1
+    run_sweep(dataclasses.replace(first, calibrate_machine=True))  # nothing left to measure: no new file
+    assert len(list((out / "machine-calibrations").glob("*.json"))) == 1
+
+    calibration = tmp_path / "cal.json"
+    save_calibration(
+        calibrate(ModelConfig.preset("mixtral-tiny"), "cpu", torch.float32, token_counts=(1, 4)), calibration
+    )
+    slow = load_calibration(calibration)
+    for curve in ("cpu_expert_s", "gpu_expert_s"):  # a machine three times slower in every part
+        slow[curve] = [3 * t for t in slow[curve]]
+    slow["copy_expert_s"] *= 3
+    save_calibration(slow, machine)
+    (listed,) = machine_calibrations(out, calibration)
+    assert listed["rows"] == 1 and listed["cpu_vs_run_calibration"] == pytest.approx(3.0)
+    assert listed["copy_vs_run_calibration"] == pytest.approx(3.0)
+    plain = validate(out, "h200-host", calibration, samples=2)
+    priced = validate(out, "h200-host", calibration, samples=2, per_machine=True)
+    both = plain.merge(priced, on=["input_tokens", "output_tokens", "metric"], suffixes=("_plain", "_machine"))
+    decode = both[both.metric == "decode_tokens_per_s"]
+    # each cell's two prompts ran on two machines: the median of their predictions lies between
+    assert len(decode) and (decode.predicted_machine < decode.predicted_plain).all()
+    args = ["validate", str(out), "--hardware", "h200-host", "--calibration", str(calibration), "--samples", "2"]
+    assert main([*args, "--per-machine"]) == 0
+    text = (out / "validation-per-machine.md").read_text()
+    assert "own machine's calibration" in text and f"`{machine.relative_to(out)}`" in text and "| 3.00x |" in text
+    with pytest.raises(ValueError, match="--calibrate-machine"):
+        pd.DataFrame(raw).assign(telemetry="{}").to_csv(out / "raw.csv", index=False)
+        validate(out, "h200-host", calibration, samples=2, per_machine=True)
+
+
 def test_validation_of_a_truncated_preset(sweep, tmp_path):
     """A run with --layers L records its model as '<preset>-L<L>'; validation resolves it."""
     from fiddler.calibrate import calibrate, save_calibration
