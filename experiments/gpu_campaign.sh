@@ -4,18 +4,21 @@
 # (kernels + orchestration ~6 min; baselines ~8 min; quick ~8 min). Results are packed into $OUT/campaign.tar.gz (the device tool
 # returns at most 8 files). Usage, on the GPU host from the repository root:
 #   bash experiments/gpu_campaign.sh kernels orchestration baselines quick
-# What is left (plan of 2026-12-01, ninth session; ~30 GPU minutes a session, a fresh machine
-# costs ~1 minute of it). Done: orchestration run 10, prefill24 (whole), llama v1 and v3 (v2 on a
-# disturbed calibration), beam24 prompts 0-1. After each call run
+# What is left (plan of 2026-12-01, tenth session; ~30 GPU minutes a session, a fresh machine
+# costs ~1 minute of it). Done: orchestration run 10, prefill24 and beam24 (whole), llama v1 and
+# v3 (v2 on a disturbed calibration), cpu-sustained, sweep24 round 0 but for
+# expert-lru-prefetch at 256 in and the two ablations. After each call run
 # `bash tools/take_campaign_results.sh DIR` (DIR: the folder its files came back to) and commit
 # BEFORE the next call: the tree travels with each call, and a sweep resumes from the rows it
 # carries (the seventh session re-measured a piece for want of this). Pass carry [".carry"]
 # (the tokenizer; llama.cpp's CUDA programs as xz parts, unpacked instead of the ~6-minute build).
-# Sweeps count SWEEP_SECONDS from the script's start, so stages chain within one call. Next:
-#   1. `cpu-sustained beam24 sweep24` (~1 min, then beam24's prompt 2: 12 generations, ~1.5
-#      calls, then sweep24 in the time left), SWEEP_SECONDS=560.
-#   2. `sweep24` until round 0 is whole (accelerate-offload, expert-lru-prefetch and the two
-#      ablations: ~3 calls), then `sweep48` round 0, then rounds 1-2 of both.
+# Sweeps count SWEEP_SECONDS from the script's start, so stages chain within one call; a resumed
+# sweep calibrates its machine first (~15 s, machine-calibrations/ in the run folder). Next:
+#   1. `ROUNDS=1 SWEEP_SECONDS=560 ... sweep24 sweep48` until sweep24's round 0 is whole
+#      (expert-lru-prefetch 256 in, fiddler-cpu-experts, fiddler-copy-experts: ~1.5 calls) and
+#      then sweep48's (Fiddler's policies and the two strongest baselines: ~3 calls); ROUNDS=1
+#      (`harness run --rounds 1`) keeps sweep24 from starting its round 1 first.
+#   2. Rounds 1-2 of sweep24, then of sweep48 (`sweep24`, then `sweep48`, without ROUNDS).
 # Stages (in the order given):
 #   kernels        issue 6: CPU expert paths x tokens x threads, alone and beside copies
 #   orchestration  issues 3/6: calibration (kernel chosen by measurement), correctness, every
@@ -127,7 +130,7 @@ sweep() {
   # that cannot finish would only spend device time (the call then ends early)
   stage "$name" timeout -k 30 --signal=INT "$left" python3 -m harness run --model mixtral-8x7b \
     --prompts-per-cell 3 --reference '' --run-time-limit "${RUN_TIME_LIMIT:-60}" --calibration "$dir/calibration.json" \
-    --no-new-system-after $(( left - margin )) --out "$OUT/$dir" "${machine[@]}" "$@"
+    --no-new-system-after $(( left - margin )) --out "$OUT/$dir" "${machine[@]}" ${ROUNDS:+--rounds "$ROUNDS"} "$@"
 }
 for name in "$@"; do
   case "$name" in

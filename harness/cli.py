@@ -4,7 +4,7 @@
   [--beam-widths 4,8] --model <preset|dir> [--layers L] [--gpu-memory-gb G] [--device cuda|cpu]
   [--dtype bfloat16|float32] [--dataset sharegpt|random|FILE] [--prompts-per-cell N]
   [--reference SYSTEM] [--run-time-limit S] [--no-new-system-after S] [--calibration FILE]
-  [--calibrate-machine] [--out DIR]``: writes everything into DIR (default
+  [--calibrate-machine] [--rounds N] [--out DIR]``: writes everything into DIR (default
   ``results/<date>_<gpu or cpu>_<model>``) and resumes a folder it finds there; exits 1 when
   a system failed (its rows say why; the other systems ran).
 - ``simulate --hardware <paper-env1|paper-env2|paper-env3|h200-host|FILE> --systems ... --scenario S
@@ -110,6 +110,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         no_new_system_after_s=args.no_new_system_after,
         calibration=args.calibration,
         calibrate_machine=args.calibrate_machine,
+        rounds=args.rounds,
         cpu_threads=args.cpu_threads,
         out=Path(args.out) if args.out else default_out(args.model, device),
     )
@@ -213,6 +214,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--reference", help="system whose tokens the others are compared with ('' for none)")
     run.add_argument("--run-time-limit", type=float, help="seconds per generation; slower runs are extrapolated")
     run.add_argument("--calibration", type=Path)
+    run.add_argument(
+        "--rounds",
+        type=int,
+        help="measure only the first N rounds of prompts now (every system's first prompt of every cell is "
+        "round 1); a later run of the same folder resumes the rest",
+    )
     run.add_argument(
         "--calibrate-machine",
         action="store_true",

@@ -3,30 +3,29 @@
 Contract: ``run_sweep(spec)`` writes into ``spec.out`` (the run folder): ``env.json`` (machine,
 software, settings; a resumed sweep's earlier invocations under ``previous``), ``matrix.json``
 (the cells and the generations that measure them), ``raw.csv`` (one row per prompt run: token
-ids, TTFT, every decode step's time, what moved, peak memory, telemetry (GPU samples; ``host_*``:
-cores that other processes and the hypervisor took meanwhile, ``fiddler.host_load``, and the
-share of this process's memory on huge pages, ``fiddler.host_memory``; with
+ids, TTFT, every decode step's time, what moved, peak memory, telemetry (GPU samples;
+``host_*``: cores that other processes and the hypervisor took meanwhile, ``fiddler.host_load``,
+and the share of this process's memory on huge pages, ``fiddler.host_memory``; with
 ``calibrate_machine``, ``machine_calibration``: this invocation's calibration of its machine,
 ``machine-calibrations/<UTC time>.json`` in the run folder), status, the commit that measured
 it) and, through ``harness.report``, the summaries, tables and plots. The sweep runs in rounds
 of prompts: every system's first prompt of every cell, then every second prompt, and so on, so
-that a sweep cut short has whole tables on fewer prompts.
-In each round the systems run one after another, each loaded once (a system refused, or
-broken while loading or generating, is not loaded again) and warmed up with one generation
-before its first measured one. Every row is written to ``raw.csv`` atomically as soon as it is measured, so
-an interrupted sweep resumes where it stopped, with no duplicate or lost row
-(``spec.out`` found with a ``raw.csv``: finished runs are skipped; only the folder, the
-time limit and ``no_new_system_after_s`` may differ from the settings that started it; past
-that many seconds no further system is loaded and the sweep returns, to be resumed). A per-run time limit
+that a sweep cut short has whole tables on fewer prompts (``rounds``: only the first N in this
+invocation, the rest left to a resume). In each round the systems run one after another, each
+loaded once (a system refused, or broken while loading or generating, is not loaded again) and
+warmed up with one generation before its first measured one. Every row is written to ``raw.csv``
+atomically as soon as it is measured, so an interrupted sweep resumes where it stopped, with no
+duplicate or lost row (``spec.out`` found with a ``raw.csv``: finished runs are skipped; only
+``RESUMABLE_WITH_OTHER`` (the folder, the time limit, ``no_new_system_after_s``,
+``calibrate_machine``, ``rounds``) may differ from the settings that started it; past that many
+seconds no further system is loaded and the sweep returns, to be resumed). A per-run time limit
 makes slow systems generate only the steps that fit (the cells beyond are extrapolated by the
 report, marked so). A system that cannot run within its budget gets one ``refused`` row per
-generation it would have run; one that cannot do a scenario (beam search) gets
-``unsupported`` rows. A system that raises while loading or generating gets ``failed`` rows
-(the reason in the row, the traceback in the log) for the runs it had left, and the sweep goes
-on with the next system; a resumed sweep runs failed rows again (each stays on record until it is
-measured anew). The reference system (for
-token agreement) runs like the others.
-"""
+generation it would have run; one that cannot do a scenario (beam search) gets ``unsupported``
+rows. A system that raises while loading or generating gets ``failed`` rows (the reason in the
+row, the traceback in the log) for the runs it had left, and the sweep goes on with the next
+system; a resumed sweep runs failed rows again (each stays on record until it is measured anew).
+The reference system (for token agreement) runs like the others."""
 
 from __future__ import annotations
 
@@ -118,6 +117,9 @@ class SweepSpec:
     # speed) while Fiddler plans with ``calibration``; validation can then price each row on the
     # machine that measured it
     calibrate_machine: bool = False
+    # measure only the first this many rounds of prompts in this invocation (the rest is left
+    # for a resume): another sweep's first round can come before this one's later rounds
+    rounds: int | None = None
 
     def settings(self) -> dict[str, object]:
         fields = dataclasses.asdict(self)
@@ -190,6 +192,9 @@ def run_sweep(spec: SweepSpec) -> Path:
     bank = PromptBank(spec, config, checkpoint)
     plan = runs(list(spec.cells))
     systems = list(dict.fromkeys([*spec.systems, *([spec.reference] if spec.reference else [])]))
+    if spec.rounds is not None and spec.rounds < 1:
+        raise ValueError(f"--rounds is {spec.rounds}: measure at least 1 round of prompts, or leave it out")
+    rounds = spec.prompts_per_cell if spec.rounds is None else min(spec.rounds, spec.prompts_per_cell)
     _check_resumable(spec)
     write_json_atomic(spec.out / "env.json", _environment_with_history(spec, bank))
     write_json_atomic(
@@ -221,7 +226,8 @@ def run_sweep(spec: SweepSpec) -> Path:
         "git_commit": measuring_commit(),
     }
     # which machine measured the row, when this invocation calibrated it (in each row's telemetry)
-    calibrated = spec.calibrate_machine and len(done) < total  # nothing left to measure: no need
+    left = any(_key(_row_key(name, r, i)) not in done for name in systems for r in plan for i in range(rounds))
+    calibrated = spec.calibrate_machine and left  # nothing left to measure: no need
     machine = {"machine_calibration": calibrate_machine(spec, config)} if calibrated else {}
 
     def record(name: str, todo: list[tuple[Run, int]], status: str, reason: str) -> None:
@@ -300,7 +306,7 @@ def run_sweep(spec: SweepSpec) -> Path:
         return True
 
     try:
-        for round_index in range(spec.prompts_per_cell):
+        for round_index in range(rounds):
             for name in systems:
                 todo = [(r, round_index) for r in plan if _key(_row_key(name, r, round_index)) not in done]
                 if todo and name in given_up:
@@ -341,6 +347,7 @@ def calibrate_machine(spec: SweepSpec, config: ModelConfig) -> str:
     folder's ``MACHINE_CALIBRATIONS``, named by the time it was made; returns its path relative
     to the run folder, which the rows of this invocation record."""
     result = calibrate(config, spec.device, spec.dtype, spec.cpu_threads, attempts=1)
+    release_cached_memory()  # its device buffers must not count in the first system's memory
     stamp = result["created"].replace(":", "").replace("+0000", "Z")
     relative = Path(MACHINE_CALIBRATIONS) / f"{stamp}.json"
     save_calibration(result, spec.out / relative)
@@ -360,7 +367,7 @@ def _failure(system: str, phase: str, err: Exception) -> str:
 # Settings a resumed sweep may change: where it writes, and how long a slow generation may run
 # (a row cut short by the limit says so in its reason, and its cells say how many steps stand
 # behind them); everything else defines what is measured and must stay.
-RESUMABLE_WITH_OTHER = ("out", "run_time_limit_s", "no_new_system_after_s", "calibrate_machine")
+RESUMABLE_WITH_OTHER = ("out", "run_time_limit_s", "no_new_system_after_s", "calibrate_machine", "rounds")
 MACHINE_CALIBRATIONS = "machine-calibrations"  # the run folder's subfolder of per-invocation calibrations
 
 

@@ -516,6 +516,17 @@ def test_validation_with_the_runs_own_cpu_corrections(sweep, tmp_path):
     assert not (uncorrected / "validation-run-corrections.md").exists()
 
 
+def test_a_sweep_measures_only_the_rounds_asked_for_and_resumes_the_rest(tmp_path, loads):
+    first = dataclasses.replace(spec(tmp_path, systems=("expert-lru",)), reference=None, rounds=1)
+    out = run_sweep(first)
+    assert {r["prompt_index"] for r in read_raw(out / "raw.csv")} == {0}
+    run_sweep(dataclasses.replace(first, rounds=None))  # a resume may ask for every round
+    assert sorted(r["prompt_index"] for r in read_raw(out / "raw.csv")) == [0, 0, 1, 1]
+    assert loads == ["expert-lru", "expert-lru"]
+    with pytest.raises(ValueError, match="at least 1 round"):
+        run_sweep(dataclasses.replace(first, rounds=0))
+
+
 def test_a_resumed_piece_calibrates_its_machine_and_validation_prices_its_rows_there(tmp_path):
     """--calibrate-machine: the piece's machine is calibrated into the run folder before its
     rows, which name the file (the earlier piece's rows do not); --per-machine prices each row
