@@ -223,8 +223,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--calibrate-machine",
         action="store_true",
-        help="also calibrate this machine at the start, into DIR/machine-calibrations/ (rows name it; Fiddler "
-        "still plans with --calibration): a resumed sweep's pieces may run on other machines",
+        help="also calibrate this machine at the start when rows are left to measure, into "
+        "DIR/machine-calibrations/ (the rows name it; Fiddler still plans with --calibration): a resumed "
+        "sweep's pieces may run on other machines, and validate --per-machine prices each row on its own",
     )
     run.add_argument("--cpu-threads", type=int)
     run.add_argument(

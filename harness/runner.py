@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import datetime
 import json
 import logging
 import sys
@@ -187,14 +188,17 @@ class PromptBank:
 def run_sweep(spec: SweepSpec) -> Path:
     from harness.report import render
 
+    # no_new_system_after_s counts from here: a machine calibration is part of the invocation
+    clock = Clock("cpu")
+    started = clock.now()
+    if spec.rounds is not None and spec.rounds < 1:
+        raise ValueError(f"--rounds is {spec.rounds}: measure at least 1 round of prompts, or leave it out")
+    rounds = spec.prompts_per_cell if spec.rounds is None else min(spec.rounds, spec.prompts_per_cell)
     spec.out.mkdir(parents=True, exist_ok=True)
     config, checkpoint = resolve_model(spec.model, spec.layers)
     bank = PromptBank(spec, config, checkpoint)
     plan = runs(list(spec.cells))
     systems = list(dict.fromkeys([*spec.systems, *([spec.reference] if spec.reference else [])]))
-    if spec.rounds is not None and spec.rounds < 1:
-        raise ValueError(f"--rounds is {spec.rounds}: measure at least 1 round of prompts, or leave it out")
-    rounds = spec.prompts_per_cell if spec.rounds is None else min(spec.rounds, spec.prompts_per_cell)
     _check_resumable(spec)
     write_json_atomic(spec.out / "env.json", _environment_with_history(spec, bank))
     write_json_atomic(
@@ -213,7 +217,7 @@ def run_sweep(spec: SweepSpec) -> Path:
     rows = {_key(r): r for r in read_raw(raw_path)}
     done = {key for key, r in rows.items() if r["status"] != "failed"}
     longest = max(r.input_tokens + r.output_tokens for r in plan)
-    total = len(systems) * len(plan) * spec.prompts_per_cell
+    total = len(systems) * len(plan) * rounds  # what this invocation may measure
     progress = _Progress(total, len(done))
     base = {
         "model": config.name,
@@ -227,8 +231,12 @@ def run_sweep(spec: SweepSpec) -> Path:
     }
     # which machine measured the row, when this invocation calibrated it (in each row's telemetry)
     left = any(_key(_row_key(name, r, i)) not in done for name in systems for r in plan for i in range(rounds))
-    calibrated = spec.calibrate_machine and left  # nothing left to measure: no need
-    machine = {"machine_calibration": calibrate_machine(spec, config)} if calibrated else {}
+    machine = {}
+    if spec.calibrate_machine and left:  # nothing left to measure: no need
+        try:
+            machine = {"machine_calibration": calibrate_machine(spec, config)}
+        except Exception:  # a record, not a condition of the measurement: the rows then name none
+            log.exception("could not calibrate this machine; its rows name no machine calibration")
 
     def record(name: str, todo: list[tuple[Run, int]], status: str, reason: str) -> None:
         """One row per run the system still had to do, all with the same status."""
@@ -295,8 +303,6 @@ def run_sweep(spec: SweepSpec) -> Path:
 
     # In rounds: every system's first prompt of every cell, then every second prompt, ...: a sweep
     # cut short (the GPU host's calls are 10 minutes) has whole tables, on fewer prompts, early.
-    clock = Clock("cpu")
-    started = clock.now()
 
     def too_late_for(name: str) -> bool:
         elapsed = clock.now() - started
@@ -348,7 +354,8 @@ def calibrate_machine(spec: SweepSpec, config: ModelConfig) -> str:
     to the run folder, which the rows of this invocation record."""
     result = calibrate(config, spec.device, spec.dtype, spec.cpu_threads, attempts=1)
     release_cached_memory()  # its device buffers must not count in the first system's memory
-    stamp = result["created"].replace(":", "").replace("+0000", "Z")
+    # microseconds: two invocations within a second must not share a file
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H%M%S.%fZ")
     relative = Path(MACHINE_CALIBRATIONS) / f"{stamp}.json"
     save_calibration(result, spec.out / relative)
     log.info(
@@ -364,9 +371,10 @@ def _failure(system: str, phase: str, err: Exception) -> str:
     return f"{phase}: {type(err).__name__}: {message[0] if message else ''}"[:FAILURE_REASON_CHARS]
 
 
-# Settings a resumed sweep may change: where it writes, and how long a slow generation may run
-# (a row cut short by the limit says so in its reason, and its cells say how many steps stand
-# behind them); everything else defines what is measured and must stay.
+# Settings a resumed sweep may change: where it writes, how long a slow generation may run (a
+# row cut short by the limit says so in its reason, and its cells say how many steps stand
+# behind them), when it stops loading systems, whether it calibrates its machine for the record
+# and how many rounds it measures now; everything else defines what is measured and must stay.
 RESUMABLE_WITH_OTHER = ("out", "run_time_limit_s", "no_new_system_after_s", "calibrate_machine", "rounds")
 MACHINE_CALIBRATIONS = "machine-calibrations"  # the run folder's subfolder of per-invocation calibrations
 

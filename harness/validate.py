@@ -78,8 +78,9 @@ def _machine_of(row: dict) -> str | None:
 
 def machine_calibrations(run_dir: str | Path, calibration: str | Path) -> list[dict]:
     """Each machine calibration the rows name (oldest first): its file, when it was made, how
-    many measured rows it prices, its CPU expert at one token and its copy time against
-    ``calibration``'s, and what ``fiddler.steadiness`` found disturbed in it."""
+    many measured rows name it (of every system, simulated or not), its CPU expert at one token
+    and its copy time against ``calibration``'s, and what ``fiddler.steadiness`` found disturbed
+    in it."""
     run_dir = Path(run_dir)
     counts: dict[str, int] = {}
     for row in _measured_rows(run_dir):
@@ -111,6 +112,11 @@ def validate(
     corrections: dict[str, tuple[float, float]] | None = None,
     per_machine: bool = False,
 ) -> pd.DataFrame:
+    if per_machine and corrections:
+        raise ValueError(
+            "--per-machine and --with-run-corrections do not combine: the run's corrections were learned "
+            "against the run's calibration, not each machine's; validate with one of them"
+        )
     run_dir = Path(run_dir)
     path = run_dir / "summary.csv"
     if not path.exists():
@@ -177,7 +183,8 @@ def _predict_per_machine(
     run_dir: Path, calibration: str | Path, predict: Callable[[str | Path], pd.DataFrame]
 ) -> pd.DataFrame:
     """Every cell predicted with the calibration of each machine that measured one of its rows
-    (a cell of ``o`` output tokens is measured by the rows that generated at least ``o``); the
+    (a single-batch cell of ``o`` output tokens is measured by the rows that generated toward at
+    least ``o``, ``harness.scenarios.runs``' prefix rule; a beam cell by its own run's rows); the
     cell's prediction is the median over its rows'."""
     machines: dict[tuple, list[tuple[int, str | None]]] = {}
     for row in _measured_rows(run_dir):
@@ -193,7 +200,8 @@ def _predict_per_machine(
     frame = by_file[None].copy()
     for cell in frame.index:
         system, scenario, inputs, outputs, width = cell
-        measured_by = [n for out, n in machines.get((system, scenario, inputs, width), []) if out >= outputs]
+        rows = machines.get((system, scenario, inputs, width), [])
+        measured_by = [n for out, n in rows if out >= outputs if width == 1 or out == outputs]
         for metric in METRICS:
             values = [by_file[n].at[cell, metric] for n in measured_by] or [frame.at[cell, metric]]
             values = [v for v in values if pd.notna(v)]
@@ -211,11 +219,12 @@ def validation_markdown(
 ) -> str:
     """``machines``: ``machine_calibrations``' list when each row was priced on its own machine."""
     title = "# Predicted against measured" + (", each row on its own machine's calibration" if machines else "")
+    priced = "each row's machine calibration (below), else" if machines else "the run's calibration"
     lines = [
         title + (", with the run's own CPU corrections" if corrections else ""),
         "",
         f"Measured: `{run_dir}`. Predicted: `python -m harness validate` on hardware profile `{hardware}` with "
-        f"the run's calibration `{calibration}`. Error = predicted / measured - 1; target within "
+        f"{priced} `{calibration}`. Error = predicted / measured - 1; target within "
         f"+-{TOLERANCE:.0%} (decode tokens/s and TTFT). `extrapolated`: the measured end-to-end figure was "
         "itself extrapolated from the steps that fit the run's time limit.",
         "",

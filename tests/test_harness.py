@@ -6,6 +6,7 @@ import json
 import random
 import shutil
 import statistics
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -573,9 +574,49 @@ def test_a_resumed_piece_calibrates_its_machine_and_validation_prices_its_rows_t
     assert main([*args, "--per-machine"]) == 0
     text = (out / "validation-per-machine.md").read_text()
     assert "own machine's calibration" in text and f"`{machine.relative_to(out)}`" in text and "| 3.00x |" in text
+    with pytest.raises(ValueError, match="do not combine"):
+        validate(out, "h200-host", calibration, corrections={"fiddler-paper": (1.0, 1.0)}, per_machine=True)
     with pytest.raises(ValueError, match="--calibrate-machine"):
         pd.DataFrame(raw).assign(telemetry="{}").to_csv(out / "raw.csv", index=False)
         validate(out, "h200-host", calibration, samples=2, per_machine=True)
+
+
+def test_per_machine_prices_each_cell_with_the_machines_of_its_own_rows(tmp_path):
+    """A single-batch cell is measured by the longer greedy runs of its input (prefix), a beam
+    cell by its own run only; the cell's prediction is the median over those rows' machines."""
+    from harness.validate import CELL_KEY, METRICS, _predict_per_machine
+
+    def row(scenario, inputs, width, out, machine):
+        telemetry = json.dumps({"machine_calibration": machine} if machine else {})
+        return dict(
+            system="s", scenario=scenario, input_tokens=inputs, beam_width=width, run_output_tokens=out,
+            status="ok", telemetry=telemetry, stats="{}",
+        )  # fmt: skip
+
+    pd.DataFrame(
+        [
+            row("single-batch", 32, 1, 8, "m/a.json"),
+            row("single-batch", 32, 1, 8, "m/b.json"),
+            row("single-batch", 32, 1, 8, None),
+            row("beam-search", 32, 4, 8, "m/a.json"),
+            row("beam-search", 32, 4, 16, "m/b.json"),
+        ]
+    ).to_csv(tmp_path / "raw.csv", index=False)
+    speed = {"cal.json": 1.0, "a.json": 2.0, "b.json": 4.0}  # what each file predicts
+
+    def predict(calibration):
+        grid = [("single-batch", 32, 4, 1), ("single-batch", 32, 8, 1), ("beam-search", 32, 8, 4)]
+        grid.append(("beam-search", 32, 16, 4))
+        value = speed[Path(calibration).name]
+        return pd.DataFrame(
+            [dict(zip(CELL_KEY, ("s", *c), strict=True)) | dict.fromkeys(METRICS, value) for c in grid]
+        ).assign(status="ok")
+
+    frame = _predict_per_machine(tmp_path, tmp_path / "cal.json", predict).set_index(CELL_KEY)
+    assert frame.at[("s", "single-batch", 32, 4, 1), "ttft_s"] == 2.0  # median of 1, 2, 4
+    assert frame.at[("s", "single-batch", 32, 8, 1), "ttft_s"] == 2.0
+    assert frame.at[("s", "beam-search", 32, 8, 4), "ttft_s"] == 2.0  # its own run: machine a only
+    assert frame.at[("s", "beam-search", 32, 16, 4), "ttft_s"] == 4.0
 
 
 def test_validation_of_a_truncated_preset(sweep, tmp_path):
