@@ -19,10 +19,16 @@
 #      then sweep48's (Fiddler's policies and the two strongest baselines: ~3 calls); ROUNDS=1
 #      (`harness run --rounds 1`) keeps sweep24 from starting its round 1 first.
 #   2. Rounds 1-2 of sweep24, then of sweep48 (`sweep24`, then `sweep48`, without ROUNDS).
+#   Optional, ~4 min: `orchestration-beam` (where hybrid's beam steps lose the time the
+#   simulator does not see: results/h200-beam-search-24gb/README.md, last item).
 # Stages (in the order given):
 #   kernels        issue 6: CPU expert paths x tokens x threads, alone and beside copies
 #   orchestration  issues 3/6: calibration (kernel chosen by measurement), correctness, every
 #                  policy at 24 GB (hybrid decode with the chosen CPU kernel)
+#   orchestration-beam  issue 7: hybrid and paper in beam search of width 8 at 24 GB, with the
+#                  layer timelines of beam steps (~4 min: its own calibration, the 2-layer
+#                  correctness check, 24 new tokens), where the simulator misses most; into
+#                  $OUT/orchestration-beam (python experiments/orchestration_report.py renders it)
 #   baselines      issue 4: every system on one prompt at 24 GB (resumable)
 #   lru            issue 4: expert-lru(-prefetch) again, with the cache spread over the whole budget
 #   threads-ab     issue 3: hybrid and paper under three CPU thread settings, each calibrated
@@ -140,6 +146,9 @@ for name in "$@"; do
                --paths torch-split,native,amx ;;
     orchestration) stage orchestration python3 experiments/orchestration_gpu.py --out "$OUT/orchestration" \
                      --gpu-memory-gb 24 --new-tokens 24 --repeats 2 ;;
+    orchestration-beam) stage orchestration-beam python3 experiments/orchestration_gpu.py \
+                     --out "$OUT/orchestration-beam" --gpu-memory-gb 24 --new-tokens 24 --repeats 1 \
+                     --beam-width 8 --policies hybrid,paper ;;
     baselines)
       calibration=()  # reuse the orchestration stage's calibration when it ran in this machine
       [ -f "$OUT/orchestration/calibration.json" ] && calibration=(--calibration "$OUT/orchestration/calibration.json")

@@ -6,7 +6,10 @@
    float32), beside the resident engine's own bf16 error.
 3. Speed: full-size Mixtral-8x7B, bf16, ``--gpu-memory-gb`` budget; one engine, every policy in
    turn: TTFT, decode tokens/s, what moved per decode token, peak GPU memory; then one run of
-   each policy with per-layer timing (predicted vs measured).
+   each policy with per-layer timing (predicted vs measured). ``--beam-width W`` measures beam
+   search of width W instead of greedy decode (a step decodes W tokens per layer): the per-layer
+   timelines of beam steps, where the simulator's Fiddler predictions miss most
+   (results/h200-beam-search-24gb/).
 
 Writes ``<out>/orchestration.json`` after each step (atomically).
 Usage: ``python experiments/orchestration_gpu.py --out $OUT``.
@@ -112,6 +115,7 @@ def full_size_engine(args, config, calibration_path: Path):
             device=args.device,
             dtype=torch.bfloat16,
             max_seq_len=args.prompt_len + args.new_tokens,
+            beam_width=args.beam_width,
             gpu_memory_gb=args.gpu_memory_gb,
             policy="hybrid",
             calibration=calibration_path,
@@ -133,14 +137,16 @@ def speed(args, calibration_path: Path) -> dict:
     engine, record = full_size_engine(args, config, calibration_path)
     result = {"build": record, "policies": {}}
     executor = engine.model.experts
-    long = GenerationSettings(max_new_tokens=args.new_tokens)
+    long = GenerationSettings(max_new_tokens=args.new_tokens, beam_width=args.beam_width)
+    # a decode layer routes one token per beam; a prefill layer the whole prompt
+    decode_rows = args.beam_width * config.num_experts_per_token
     variants = [(p, mode) for p in args.policies.split(",") for mode in args.cpu_modes.split(",")]
     for policy, mode in variants:
         executor.policy, executor.cpu_inline = policy, mode == "inline"
         # each variant learns its own in-run corrections, from the calibration up
         executor.cpu_factor, executor.cpu_slowdown = 1.0, executor.latency.cpu_slowdown
         name = policy if mode == "thread" else f"{policy} (CPU rows on the main thread)"
-        generate(engine, prompt, GenerationSettings(max_new_tokens=3))  # warm-up
+        generate(engine, prompt, GenerationSettings(max_new_tokens=3, beam_width=args.beam_width))  # warm-up
         runs = [generate(engine, prompt, long) for _ in range(args.repeats)]
         decode_tokens = args.new_tokens - 1
         decoded = runs[-1].decode_counters(COUNTED)
@@ -158,9 +164,11 @@ def speed(args, calibration_path: Path) -> dict:
             "token_ids": runs[-1].token_ids,
         }
         executor.layer_timing = True
-        timed = generate(engine, prompt, GenerationSettings(max_new_tokens=min(8, args.new_tokens)))
+        timed = generate(
+            engine, prompt, GenerationSettings(max_new_tokens=min(8, args.new_tokens), beam_width=args.beam_width)
+        )
         executor.layer_timing = False
-        decode_layers = [e for e in executor.layer_log if sum(e["tokens"].values()) <= config.num_experts_per_token]
+        decode_layers = [e for e in executor.layer_log if sum(e["tokens"].values()) <= decode_rows]
         row["layer_timing_decode"] = {
             "layers": len(decode_layers),
             "predicted_ms_mean": 1e3 * statistics.mean(e["predicted_s"] for e in decode_layers),
@@ -171,7 +179,7 @@ def speed(args, calibration_path: Path) -> dict:
             "sample": decode_layers[:LAYER_LOG_SAMPLE],
         }
         # the prefill's layers of the same timed run: where TTFT goes, against the planner's prediction
-        prefill_layers = [e for e in executor.layer_log if sum(e["tokens"].values()) > config.num_experts_per_token]
+        prefill_layers = [e for e in executor.layer_log if sum(e["tokens"].values()) > decode_rows]
         row["layer_timing_prefill"] = {
             "layers": len(prefill_layers),
             "predicted_ms_total": 1e3 * sum(e["predicted_s"] for e in prefill_layers),
@@ -294,6 +302,7 @@ def main() -> int:
     parser.add_argument("--gpu-memory-gb", type=float, default=24.0)
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=24)
+    parser.add_argument("--beam-width", type=int, default=1, help="speed: beam search of this width (1: greedy)")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--policies", default=",".join(POLICIES))
     parser.add_argument(
@@ -320,6 +329,8 @@ def main() -> int:
         parser.error(f"--cpu-modes takes {', '.join(CPU_MODES)}; got {', '.join(unknown)}")
     if args.new_tokens < 2 or args.repeats < 1:  # decode rates need a decode step, medians a run
         parser.error("--new-tokens must be at least 2 and --repeats at least 1")
+    if not 1 <= args.beam_width < args.prompt_len:  # a decode layer's rows must tell it from prefill's
+        parser.error("--beam-width must be at least 1 and below --prompt-len")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "orchestration.json"
