@@ -68,7 +68,7 @@ def run_series(
 def summarise(series: list[tuple[float, float]], burst: float, seconds: float) -> dict[str, object]:
     first = [d for t, d in series if t < FIRST_WINDOW_S] or [series[0][1]]
     last = [d for t, d in series if t >= seconds - LAST_WINDOW_S] or [series[-1][1]]
-    step = max(1, len(series) // SERIES_POINTS)
+    step = max(1, -(-len(series) // SERIES_POINTS))  # rounded up: at most SERIES_POINTS points
     elapsed = series[-1][0] + series[-1][1]
     return {
         "calls": len(series),

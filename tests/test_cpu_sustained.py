@@ -29,6 +29,9 @@ def test_windows_and_ratios():
 def test_a_long_series_is_thinned():
     series = [(i * 1e-4, 0.001) for i in range(10 * SERIES_POINTS)]
     assert len(summarise(series, burst=0.001, seconds=2.0)["series"]) == SERIES_POINTS
+    for calls in (SERIES_POINTS + 1, 2 * SERIES_POINTS - 1, 3 * SERIES_POINTS + 7):  # not a multiple
+        thinned = summarise([(i * 1e-4, 0.001) for i in range(calls)], burst=0.001, seconds=2.0)["series"]
+        assert SERIES_POINTS // 2 <= len(thinned) <= SERIES_POINTS
 
 
 class Rotation:
