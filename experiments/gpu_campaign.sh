@@ -59,6 +59,7 @@
 #                  cell, into results/h200-paper-v3-24gb/ (see sweep() below: each call
 #                  resumes it; commit what comes back before the next call)
 #   sweep48        the same grid at 48 GB: Fiddler's policies and the two strongest baselines
+#                  (expert-lru and expert-lru-prefetch)
 #   prefill24      long-prefill TTFT (512-8192 tokens) at 24 GB: Fiddler, layer-streaming, expert-lru
 #   beam24         beam search (widths 4, 8, 16) at 24 GB: Fiddler and the strongest baselines
 # The tree there has no .git: pass FIDDLER_GIT_COMMIT=<sha> so run records name the commit
@@ -185,8 +186,11 @@ for name in "$@"; do
         --gpu-memory-gb "$budget" --prompts-per-cell 2 --dataset random --reference cpu-only ;;
     sweep24) sweep sweep24 results/h200-paper-v3-24gb --scenario single-batch --grid paper-v3 --gpu-memory-gb 24 \
                --systems fiddler-hybrid,expert-lru,fiddler-paper,layer-streaming,cpu-only,accelerate-offload,expert-lru-prefetch,fiddler-cpu-experts,fiddler-copy-experts ;;
+    # the two strongest baselines at 24 GB (round 0): expert-lru, then expert-lru-prefetch (2.4
+    # tokens/s against cpu-only's 2.0-2.3); cpu-only keeps nothing on the GPU, so a 48 GB run of
+    # it would measure its 24 GB rows again
     sweep48) sweep sweep48 results/h200-paper-v3-48gb --scenario single-batch --grid paper-v3 --gpu-memory-gb 48 \
-               --systems fiddler-hybrid,fiddler-paper,expert-lru,cpu-only ;;
+               --systems fiddler-hybrid,fiddler-paper,expert-lru,expert-lru-prefetch ;;
     prefill24) sweep prefill24 results/h200-long-prefill-24gb --scenario long-prefill --gpu-memory-gb 24 \
                --systems fiddler-hybrid,fiddler-paper,layer-streaming,expert-lru ;;
     beam24) sweep beam24 results/h200-beam-search-24gb --scenario beam-search --beam-widths 4,8,16 --gpu-memory-gb 24 \
