@@ -18,6 +18,7 @@ measured here.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import statistics
@@ -351,6 +352,28 @@ def _decode_hit_rates(raw: list[dict]) -> dict[tuple, float]:
     return {k: statistics.median(v) for k, v in rates.items()}
 
 
+def _row_machines(raw: list[dict]) -> dict[tuple, list[tuple[int, str | None]]]:
+    """Per (system, scenario, input tokens, beam width): each measured row's run length and the
+    machine calibration it names (``telemetry.machine_calibration``; None where it names none)."""
+    found: dict[tuple, list[tuple[int, str | None]]] = {}
+    for row in raw:
+        if row["status"] in MEASURED_ROW_STATUSES:
+            name = json.loads(row.get("telemetry") or "{}").get("machine_calibration")
+            key = (row["system"], row["scenario"], _int(row["input_tokens"]), _int(row["beam_width"]))
+            found.setdefault(key, []).append((_int(row["run_output_tokens"]), name))
+    return found
+
+
+def machine_calibrations_named(raw: list[dict], run_dir: Path) -> dict[str, dict]:
+    """The machine calibrations the rows name that the run folder holds, by name."""
+    names = {n for pairs in _row_machines(raw).values() for _, n in pairs if n}
+    found = {}
+    for name in sorted(names):
+        with contextlib.suppress(OSError, ValueError):  # missing or unreadable: its rows take the run's
+            found[name] = json.loads((run_dir / name).read_text())
+    return found
+
+
 def _resident_experts(raw: list[dict], compared: list[str]) -> int | None:
     """How many experts Fiddler's placement kept on the accelerator under the run's budget (the
     compared Fiddler systems' rows); None when no such row says, or they disagree."""
@@ -391,12 +414,20 @@ def prefill_bound_markdown(summary: pd.DataFrame, config, model, raw: list[dict]
     return "\n".join(lines) + "\n"
 
 
-def bounds_markdown(summary: pd.DataFrame, calibration: dict, raw: list[dict], compared: list[str]) -> str:
+def bounds_markdown(
+    summary: pd.DataFrame,
+    calibration: dict,
+    raw: list[dict],
+    compared: list[str],
+    machines: dict[str, dict] | None = None,
+) -> str:
     """Fiddler's single-batch decode against the bandwidth bound of the run's own calibration
     (``fiddler.bounds``), per cell, at decode's GPU hit rate (the whole run's, marked, where the
     rows do not record decode's own), then every system's long-prefill TTFT against the
     copy-bound limit; empty when the run has no such cells, or its model does not resolve or
-    does not match the calibration."""
+    does not match the calibration. ``machines`` (a machine calibration's run-folder-relative
+    name -> its contents, for rows that name one: ``harness run --calibrate-machine``): a cell's
+    bound is then the median over its rows of the bound on each row's machine."""
     import torch
 
     from fiddler.bounds import decode_bound_tokens_per_s
@@ -414,6 +445,10 @@ def bounds_markdown(summary: pd.DataFrame, calibration: dict, raw: list[dict], c
         model = LatencyModel.from_calibration(calibration)
     except (FileNotFoundError, ValueError, KeyError, AttributeError):
         return ""
+    on_machine = {}
+    for name, machine in (machines or {}).items():
+        with contextlib.suppress(ValueError, KeyError):  # an unreadable one: its rows take the run's
+            on_machine[name] = LatencyModel.from_calibration(machine)
     prefill = prefill_bound_markdown(summary, config, model, raw, compared)
     cells = summary[
         summary.system.isin(BOUND_SYSTEMS) & (summary.scenario == "single-batch") & summary.gpu_hit_rate.notna()
@@ -421,6 +456,7 @@ def bounds_markdown(summary: pd.DataFrame, calibration: dict, raw: list[dict], c
     if cells.empty:
         return prefill
     decode_rates = _decode_hit_rates(raw)
+    row_machines = _row_machines(raw)
     lines = [
         "",
         "## Decode against the bandwidth bound (single-batch)",
@@ -428,7 +464,9 @@ def bounds_markdown(summary: pd.DataFrame, calibration: dict, raw: list[dict], c
         "Bound: the routed experts the GPU does not hold in decode (1 - the GPU hit rate) moved at the "
         "calibration's best division between the CPU path and the copy path, nothing else counted "
         f"(`fiddler.bounds`). Issue 8's target for fiddler-hybrid: {BOUND_TARGET:.0%} of it. "
-        "A hit rate marked + is the whole run's (prefill included): the rows did not record decode's own.",
+        "A hit rate marked + is the whole run's (prefill included): the rows did not record decode's own. "
+        "Where rows name the calibration of the machine that measured them (`harness run --calibrate-machine`), "
+        "a cell's bound is the median over its rows of each machine's.",
         "",
         "| system | input/output | GPU hit rate | decode tokens/s | bound | share of bound |",
         "|---|---|---|---|---|---|",
@@ -436,7 +474,12 @@ def bounds_markdown(summary: pd.DataFrame, calibration: dict, raw: list[dict], c
     for r in cells.sort_values(["system", "input_tokens", "output_tokens"]).itertuples():
         key = (r.system, r.scenario, int(r.input_tokens), int(r.beam_width))
         hit, mark = (decode_rates[key], "") if key in decode_rates else (float(r.gpu_hit_rate), "+")
-        bound = decode_bound_tokens_per_s(config, model, hit)
+        measured_on = [
+            on_machine.get(name, model) if name else model
+            for out, name in row_machines.get(key, [])
+            if out >= int(r.output_tokens)
+        ]
+        bound = statistics.median(decode_bound_tokens_per_s(config, m, hit) for m in measured_on or [model])
         shown = (f"{bound:.3g}", f"{r.decode_tokens_per_s / bound:.0%}") if math.isfinite(bound) else ("-", "-")
         lines.append(
             f"| {r.system} | {r.input_tokens}/{r.output_tokens} | {hit:.1%}{mark} | "
@@ -529,7 +572,8 @@ def render(run_dir: str | Path) -> pd.DataFrame:
     calibration = None
     if (run_dir / "calibration.json").exists():  # a sweep's own calibration (experiments/gpu_campaign.sh)
         calibration = json.loads((run_dir / "calibration.json").read_text())
-        tables += bounds_markdown(summary, calibration, raw, matrix.get("compared") or matrix["systems"])
+        machines = machine_calibrations_named(raw, run_dir)
+        tables += bounds_markdown(summary, calibration, raw, matrix.get("compared") or matrix["systems"], machines)
     tables += disturbance_markdown(raw, calibration)
     write_text_atomic(run_dir / "tables.md", tables)
     plot(summary, run_dir)

@@ -574,6 +574,21 @@ def test_a_resumed_piece_calibrates_its_machine_and_validation_prices_its_rows_t
     assert main([*args, "--per-machine"]) == 0
     text = (out / "validation-per-machine.md").read_text()
     assert "own machine's calibration" in text and f"`{machine.relative_to(out)}`" in text and "| 3.00x |" in text
+    # the decode bound (tables.md) of a cell measured on both machines is the median of the two
+    from harness.report import bounds_markdown, machine_calibrations_named
+
+    raw_now = read_raw(out / "raw.csv")
+    machines = machine_calibrations_named(raw_now, out)
+    assert set(machines) == {str(machine.relative_to(out))}
+    summary = pd.read_csv(out / "summary.csv")
+    base = load_calibration(calibration)
+
+    def bounds(text: str) -> list[float]:
+        return [float(line.split("|")[5]) for line in text.splitlines() if line.startswith("| fiddler-paper | 16/")]
+
+    plain_bounds = bounds(bounds_markdown(summary, base, raw_now, ["fiddler-paper"]))
+    machine_bounds = bounds(bounds_markdown(summary, base, raw_now, ["fiddler-paper"], machines))
+    assert len(plain_bounds) == 2 and all(m < p for m, p in zip(machine_bounds, plain_bounds, strict=True))
     with pytest.raises(ValueError, match="do not combine"):
         validate(out, "h200-host", calibration, corrections={"fiddler-paper": (1.0, 1.0)}, per_machine=True)
     with pytest.raises(ValueError, match="--calibrate-machine"):
