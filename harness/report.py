@@ -352,7 +352,7 @@ def _decode_hit_rates(raw: list[dict]) -> dict[tuple, float]:
     return {k: statistics.median(v) for k, v in rates.items()}
 
 
-def _row_machines(raw: list[dict]) -> dict[tuple, list[tuple[int, str | None]]]:
+def row_machines(raw: list[dict]) -> dict[tuple, list[tuple[int, str | None]]]:
     """Per (system, scenario, input tokens, beam width): each measured row's run length and the
     machine calibration it names (``telemetry.machine_calibration``; None where it names none)."""
     found: dict[tuple, list[tuple[int, str | None]]] = {}
@@ -364,9 +364,18 @@ def _row_machines(raw: list[dict]) -> dict[tuple, list[tuple[int, str | None]]]:
     return found
 
 
+def machines_of_cell(machines: dict[tuple, list[tuple[int, str | None]]], cell: tuple) -> list[str | None]:
+    """The machine calibrations (``row_machines``) of the rows that measured ``cell`` (system,
+    scenario, input tokens, output tokens, beam width): a greedy cell by the runs that generated
+    toward at least its output (``harness.scenarios.runs``' prefix rule), a beam cell by its own."""
+    system, scenario, inputs, outputs, width = cell
+    rows = machines.get((system, scenario, inputs, width), [])
+    return [name for out, name in rows if (out >= outputs if width == 1 else out == outputs)]
+
+
 def machine_calibrations_named(raw: list[dict], run_dir: Path) -> dict[str, dict]:
     """The machine calibrations the rows name that the run folder holds, by name."""
-    names = {n for pairs in _row_machines(raw).values() for _, n in pairs if n}
+    names = {n for pairs in row_machines(raw).values() for _, n in pairs if n}
     found = {}
     for name in sorted(names):
         with contextlib.suppress(OSError, ValueError):  # missing or unreadable: its rows take the run's
@@ -456,7 +465,7 @@ def bounds_markdown(
     if cells.empty:
         return prefill
     decode_rates = _decode_hit_rates(raw)
-    row_machines = _row_machines(raw)
+    measured_by = row_machines(raw)
     lines = [
         "",
         "## Decode against the bandwidth bound (single-batch)",
@@ -474,11 +483,8 @@ def bounds_markdown(
     for r in cells.sort_values(["system", "input_tokens", "output_tokens"]).itertuples():
         key = (r.system, r.scenario, int(r.input_tokens), int(r.beam_width))
         hit, mark = (decode_rates[key], "") if key in decode_rates else (float(r.gpu_hit_rate), "+")
-        measured_on = [
-            on_machine.get(name, model) if name else model
-            for out, name in row_machines.get(key, [])
-            if out >= int(r.output_tokens)
-        ]
+        cell = (r.system, r.scenario, int(r.input_tokens), int(r.output_tokens), int(r.beam_width))
+        measured_on = [on_machine.get(name, model) if name else model for name in machines_of_cell(measured_by, cell)]
         bound = statistics.median(decode_bound_tokens_per_s(config, m, hit) for m in measured_on or [model])
         shown = (f"{bound:.3g}", f"{r.decode_tokens_per_s / bound:.0%}") if math.isfinite(bound) else ("-", "-")
         lines.append(

@@ -36,6 +36,7 @@ import pandas as pd
 
 from fiddler.calibrate import load_calibration
 from fiddler.config import resolve_recorded_model
+from harness.report import machines_of_cell, row_machines
 from harness.scenarios import Cell
 from harness.simulate import SIMULATED_SYSTEMS, SimulationSpec, simulate
 from harness.timing import MEASURED_ROW_STATUSES
@@ -63,17 +64,12 @@ def run_corrections(run_dir: str | Path) -> dict[str, tuple[float, float]]:
     }
 
 
-def _measured_rows(run_dir: Path) -> list[dict]:
+def _row_machines(run_dir: Path) -> dict[tuple, list[tuple[int, str | None]]]:
+    """``harness.report.row_machines`` of the run folder's raw rows."""
     path = run_dir / "raw.csv"
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist: validate a run folder written by 'python -m harness run'")
-    rows = pd.read_csv(path, keep_default_na=False).to_dict("records")
-    return [r for r in rows if r["status"] in MEASURED_ROW_STATUSES]
-
-
-def _machine_of(row: dict) -> str | None:
-    """The run-folder-relative calibration file of the machine that measured ``row``, if named."""
-    return json.loads(row["telemetry"] or "{}").get("machine_calibration")
+    return row_machines(pd.read_csv(path, keep_default_na=False).to_dict("records"))
 
 
 def machine_calibrations(run_dir: str | Path, calibration: str | Path) -> list[dict]:
@@ -83,9 +79,10 @@ def machine_calibrations(run_dir: str | Path, calibration: str | Path) -> list[d
     in it."""
     run_dir = Path(run_dir)
     counts: dict[str, int] = {}
-    for row in _measured_rows(run_dir):
-        if (name := _machine_of(row)) is not None:
-            counts[name] = counts.get(name, 0) + 1
+    for pairs in _row_machines(run_dir).values():
+        for _, name in pairs:
+            if name is not None:
+                counts[name] = counts.get(name, 0) + 1
     base = load_calibration(calibration)
     found = []
     for name, rows in counts.items():
@@ -183,13 +180,8 @@ def _predict_per_machine(
     run_dir: Path, calibration: str | Path, predict: Callable[[str | Path], pd.DataFrame]
 ) -> pd.DataFrame:
     """Every cell predicted with the calibration of each machine that measured one of its rows
-    (a single-batch cell of ``o`` output tokens is measured by the rows that generated toward at
-    least ``o``, ``harness.scenarios.runs``' prefix rule; a beam cell by its own run's rows); the
-    cell's prediction is the median over its rows'."""
-    machines: dict[tuple, list[tuple[int, str | None]]] = {}
-    for row in _measured_rows(run_dir):
-        key = (row["system"], row["scenario"], int(row["input_tokens"]), int(row["beam_width"]))
-        machines.setdefault(key, []).append((int(row["run_output_tokens"]), _machine_of(row)))
+    (``harness.report.machines_of_cell``); the cell's prediction is the median over its rows'."""
+    machines = _row_machines(run_dir)
     if not any(name for pairs in machines.values() for _, name in pairs):
         raise ValueError(
             f"no measured row in {run_dir} names its machine's calibration (telemetry.machine_calibration): "
@@ -199,9 +191,7 @@ def _predict_per_machine(
     by_file = {name: predict(calibration if name is None else run_dir / name).set_index(CELL_KEY) for name in names}
     frame = by_file[None].copy()
     for cell in frame.index:
-        system, scenario, inputs, outputs, width = cell
-        rows = machines.get((system, scenario, inputs, width), [])
-        measured_by = [n for out, n in rows if out >= outputs if width == 1 or out == outputs]
+        measured_by = machines_of_cell(machines, cell)
         for metric in METRICS:
             values = [by_file[n].at[cell, metric] for n in measured_by] or [frame.at[cell, metric]]
             values = [v for v in values if pd.notna(v)]
