@@ -217,8 +217,9 @@ def run_sweep(spec: SweepSpec) -> Path:
     rows = {_key(r): r for r in read_raw(raw_path)}
     done = {key for key, r in rows.items() if r["status"] != "failed"}
     longest = max(r.input_tokens + r.output_tokens for r in plan)
-    total = len(systems) * len(plan) * rounds  # what this invocation may measure
-    progress = _Progress(total, len(done))
+    # what this invocation may measure; rows of later rounds or other systems are not its progress
+    scope = {_key(_row_key(name, r, i)) for name in systems for r in plan for i in range(rounds)}
+    progress = _Progress(len(scope), len(scope & done))
     base = {
         "model": config.name,
         "num_layers": config.num_layers,
@@ -230,7 +231,7 @@ def run_sweep(spec: SweepSpec) -> Path:
         "git_commit": measuring_commit(),
     }
     # which machine measured the row, when this invocation calibrated it (in each row's telemetry)
-    left = any(_key(_row_key(name, r, i)) not in done for name in systems for r in plan for i in range(rounds))
+    left = bool(scope - done)
     machine = {}
     if spec.calibrate_machine and left:  # nothing left to measure: no need
         try:

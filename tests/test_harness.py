@@ -2,6 +2,7 @@
 its CSV schema, resume after a crash, tables, plots and the agreement column."""
 
 import dataclasses
+import re
 import json
 import random
 import shutil
@@ -526,6 +527,23 @@ def test_a_sweep_measures_only_the_rounds_asked_for_and_resumes_the_rest(tmp_pat
     assert loads == ["expert-lru", "expert-lru"]
     with pytest.raises(ValueError, match="at least 1 round"):
         run_sweep(dataclasses.replace(first, rounds=0))
+
+
+def test_progress_counts_only_the_runs_this_invocation_may_measure(tmp_path, capsys):
+    """Rows of later rounds already measured are not this invocation's progress: a resume of
+    round 0, with both rounds of one system measured and round 1 of the other, counts 4 runs,
+    2 of them done."""
+    from harness.runner import _write_raw
+
+    first = dataclasses.replace(spec(tmp_path), reference=None)
+    out = run_sweep(first)
+    rows = read_raw(out / "raw.csv")
+    kept = [r for r in rows if not (r["system"] == "fiddler-paper" and int(r["prompt_index"]) == 0)]
+    _write_raw(out / "raw.csv", kept)
+    capsys.readouterr()
+    run_sweep(dataclasses.replace(first, rounds=1))
+    counts = re.findall(r"^\[(\d+)/(\d+)\]", capsys.readouterr().err, flags=re.M)
+    assert counts == [("3", "4"), ("4", "4")]
 
 
 def test_a_resumed_piece_calibrates_its_machine_and_validation_prices_its_rows_there(tmp_path):
