@@ -2,9 +2,9 @@
 its CSV schema, resume after a crash, tables, plots and the agreement column."""
 
 import dataclasses
-import re
 import json
 import random
+import re
 import shutil
 import statistics
 from pathlib import Path
