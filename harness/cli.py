@@ -18,7 +18,8 @@
   each row priced with the calibration of the machine that measured it (``run
   --calibrate-machine``; validation-per-machine.*); with ``--with-run-corrections``, Fiddler
   planned with the CPU corrections its executor learned in the run (not a prediction;
-  ...-run-corrections.*).
+  ...-run-corrections.*). Each markdown ends with where Fiddler's TTFT went against its own
+  plan (``harness.prefill_breakdown``), for rows that recorded prefill counters.
 
 A user error prints one ``error:`` line and exits with status 2.
 """
@@ -173,6 +174,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    from harness.prefill_breakdown import prefill_breakdown, prefill_markdown
     from harness.validate import machine_calibrations, run_corrections, validate, validation_markdown
 
     corrections = run_corrections(args.dir) if args.with_run_corrections else None
@@ -188,6 +190,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     name += "-run-corrections" if corrections is not None else ""
     write_csv_atomic(rows, out / f"{name}.csv")
     markdown = validation_markdown(rows, args.dir, args.hardware, args.calibration, corrections, machines)
+    markdown += "\n".join(["", *prefill_markdown(prefill_breakdown(args.dir, args.hardware))])
     write_text_atomic(out / f"{name}.md", markdown)
     print(out / f"{name}.md")
     return 0

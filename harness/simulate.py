@@ -15,7 +15,8 @@ The model of each system, per decoder layer and forward pass over T new tokens:
   (``fiddler.cost_model``) and planner (``fiddler.planner``): the planner's predicted time,
   plus the profile's host overhead around the CPU path in a layer whose plan uses the CPU
   (``cpu_path_overhead_per_layer_s``: the planner counts the CPU's compute and the activations'
-  transfers, not the hand-off around them);
+  transfers, not the hand-off around them; ``prefill_cpu_path_overhead_per_layer_s`` in the
+  prefill pass, whose hand-off moves every prompt row and starts later);
 - ``gpu-resident``: every expert on the GPU (refused when it does not fit);
 - ``expert-lru``: the LRU cache replayed over the sampled routing (the baseline's own slot
   count, ``baselines.expert_lru.lru_slots``); each miss costs a pinned copy, copies serialised;
@@ -62,6 +63,7 @@ HARDWARE_FIELDS = (
     "cpu_tflops",
     "step_overhead_per_layer_s",
     "cpu_path_overhead_per_layer_s",
+    "prefill_cpu_path_overhead_per_layer_s",
 )
 SIMULATED_SYSTEMS = (
     *(f"fiddler-{p}" for p in POLICIES),
@@ -84,6 +86,7 @@ class Hardware:
     cpu_tflops: float
     step_overhead_per_layer_s: float
     cpu_path_overhead_per_layer_s: float
+    prefill_cpu_path_overhead_per_layer_s: float
 
 
 def profile_names() -> list[str]:
@@ -244,12 +247,14 @@ class _Simulator:
 
     # ---- systems: each returns (seconds of one forward pass, counters) --------------------
 
-    def forward(self, system: str, layers: list[dict[int, int]], tokens: int, kv_len: int, state: dict) -> tuple:
+    def forward(
+        self, system: str, layers: list[dict[int, int]], tokens: int, kv_len: int, state: dict, prefill: bool = False
+    ) -> tuple:
         on_cpu = system == "cpu-only"
         total = self.head_s(tokens, on_cpu)
         hits = rows = h2d = 0
         for layer, routed in enumerate(layers):
-            moe, layer_hits, layer_h2d = self.moe_layer(system, layer, routed, state, tokens)
+            moe, layer_hits, layer_h2d = self.moe_layer(system, layer, routed, state, tokens, prefill)
             dense = self.dense_layer_s(tokens, kv_len, on_cpu)
             if system == "layer-streaming":  # the next layer's copy runs under this layer's compute
                 total += max(state["layer_bytes"] / (self.hw.h2d_pinned_gb_per_s * GB), dense + moe)
@@ -264,7 +269,7 @@ class _Simulator:
         return total, hits, rows, h2d
 
     def moe_layer(
-        self, system: str, layer: int, routed: dict[int, int], state: dict, tokens: int
+        self, system: str, layer: int, routed: dict[int, int], state: dict, tokens: int, prefill: bool = False
     ) -> tuple[float, int, int]:
         m = self.model
         if system.startswith("fiddler-") or system == "gpu-resident":
@@ -278,7 +283,10 @@ class _Simulator:
             copied = len(plan.copy) + ((self.blocks - plan.split.cpu_blocks) / self.blocks if plan.split else 0)
             # the host work around a CPU job (hand-off, gathering rows, results up) that the
             # planner does not count: the plan is the engine's, its price the host's
-            handoff = self.hw.cpu_path_overhead_per_layer_s if plan.cpu or plan.split else 0.0
+            overhead = (
+                self.hw.prefill_cpu_path_overhead_per_layer_s if prefill else self.hw.cpu_path_overhead_per_layer_s
+            )
+            handoff = overhead if plan.cpu or plan.split else 0.0
             return plan.predicted_s + handoff, hits, int(copied * self.expert_bytes)
         if system == "expert-lru":  # as baselines.expert_lru: hits first, then misses in order
             cache: collections.OrderedDict = state["lru"][layer]
@@ -384,7 +392,7 @@ def simulate(spec: SimulationSpec) -> list[dict]:
                 continue
             sampler = RoutingSampler(spec.config, spec.routing, spec.seed)
             ttft, prefill_hits, prefill_rows, prefill_h2d = sim.forward(
-                system, sampler.step(run.input_tokens), run.input_tokens, run.input_tokens, state
+                system, sampler.step(run.input_tokens), run.input_tokens, run.input_tokens, state, prefill=True
             )
             steps, hit_rows, all_rows, decode_h2d = [], 0, 0, 0
             for i in range(spec.samples):

@@ -465,7 +465,7 @@ def test_validation_sets_the_simulator_against_the_measured_cells(sweep, tmp_pat
         == 0
     )
     text = (tmp_path / "v" / "validation.md").read_text()
-    assert "| fiddler-paper |" in text
+    assert "| fiddler-paper |" in text and "Where Fiddler's TTFT goes against its own plan" in text
     cells = len(summary[summary.system == "fiddler-paper"])
     assert f"| fiddler-paper | ttft_s | {cells} |" in text  # the summary above the whole table
     one_token = shutil.copytree(sweep, tmp_path / "one-token")
@@ -706,3 +706,31 @@ def test_report_names_a_disturbed_calibration_and_rows_measured_on_a_busy_host()
     text = disturbance_markdown(busy, {"steadiness": {"problems": ["other processes kept 2.00 cores busy"]}})
     assert "calibration was measured on a disturbed host (other processes kept 2.00 cores busy)" in text
     assert "| llama-cpp | 32/32 w1 | 0 | 0.20 | 1.25 |" in text and "fiddler-hybrid" not in text
+
+
+def test_prefill_breakdown_sets_fiddlers_ttft_against_its_own_plan(sweep, tmp_path):
+    """Per (Fiddler system, input length): the rest is TTFT less the planner's prefill
+    prediction, per layer; systems without prefill counters have no row; nothing to break down
+    renders nothing."""
+    from harness.prefill_breakdown import prefill_breakdown, prefill_markdown
+    from harness.simulate import load_profile
+
+    rows = prefill_breakdown(sweep, "h200-host")
+    assert set(rows.system) == {"fiddler-paper"}  # expert-lru and the reference record no plan
+    assert sorted(rows.input_tokens) == [16, 32] and (rows.rows == 2).all()
+    raw = [r for r in read_raw(sweep / "raw.csv") if r["system"] == "fiddler-paper"]
+    layers = int(raw[0]["num_layers"])
+    _, hw = load_profile("h200-host")
+    for r in rows.itertuples():
+        # two rows a cell: each median is the mean, so the rest is the medians' difference
+        assert r.rest_per_layer_ms == pytest.approx(1e3 * (r.ttft_s - r.planned_s) / layers)
+        assert r.planned_s > 0 and r.cpu_wait_s >= 0
+        assert r.profile_per_layer_ms in (
+            pytest.approx(1e3 * hw.step_overhead_per_layer_s),
+            pytest.approx(1e3 * (hw.step_overhead_per_layer_s + hw.prefill_cpu_path_overhead_per_layer_s)),
+        )
+    text = "\n".join(prefill_markdown(rows))
+    assert "Where Fiddler's TTFT goes" in text and "| fiddler-paper | 16 | 2 |" in text
+    assert prefill_markdown(rows.iloc[0:0]) == []
+    with pytest.raises(FileNotFoundError, match="raw rows"):
+        prefill_breakdown(tmp_path, "h200-host")

@@ -43,7 +43,8 @@ def test_bad_profiles_are_refused(tmp_path):
 def test_decode_step_is_the_planners_prediction_summed_over_layers(tmp_path):
     """With a routing trace, one decode step = head + sum over layers of (dense part + the
     planner's predicted MoE time + the profile's overhead around the CPU path where the plan
-    uses the CPU): the simulator adds nothing else of its own to the MoE part."""
+    uses the CPU): the simulator adds nothing else of its own to the MoE part. The prefill (here
+    one token routed as the decode step) is the same sum with the prefill's CPU-path overhead."""
     config = MIXTRAL.with_layers(2)
     trace = [[[[0, 1]], [[2, 5]]]]  # one step; layer 0 routes its token to experts 0 and 1, layer 1 to 2 and 5
     path = tmp_path / "trace.json"
@@ -64,7 +65,7 @@ def test_decode_step_is_the_planners_prediction_summed_over_layers(tmp_path):
     from harness.simulate import _Simulator
 
     sim = _Simulator(spec, calibration, hw)
-    expected, cpu_layers = sim.head_s(1), 0
+    expected, ttft, cpu_layers = sim.head_s(1), sim.head_s(1), 0
     for layer, experts in enumerate(([0, 1], [2, 5])):
         plan = plan_layer(
             dict.fromkeys(experts, 1),
@@ -78,8 +79,11 @@ def test_decode_step_is_the_planners_prediction_summed_over_layers(tmp_path):
         uses_cpu = bool(plan.cpu or plan.split)
         cpu_layers += uses_cpu
         expected += sim.dense_layer_s(1, 2 + 0) + plan.predicted_s + uses_cpu * hw.cpu_path_overhead_per_layer_s
+        ttft += sim.dense_layer_s(1, 1) + plan.predicted_s + uses_cpu * hw.prefill_cpu_path_overhead_per_layer_s
     assert cpu_layers and hw.cpu_path_overhead_per_layer_s > 0, "the trace should send some expert to the CPU"
+    assert hw.prefill_cpu_path_overhead_per_layer_s != hw.cpu_path_overhead_per_layer_s  # told apart
     assert 1 / row["decode_tokens_per_s"] == pytest.approx(expected)
+    assert row["ttft_s"] == pytest.approx(ttft)
 
 
 def run(
