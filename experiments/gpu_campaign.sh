@@ -4,21 +4,21 @@
 # (kernels + orchestration ~6 min; baselines ~8 min; quick ~8 min). Results are packed into $OUT/campaign.tar.gz (the device tool
 # returns at most 8 files). Usage, on the GPU host from the repository root:
 #   bash experiments/gpu_campaign.sh kernels orchestration baselines quick
-# What is left (plan of 2026-12-01, tenth session; ~30 GPU minutes a session, a fresh machine
+# What is left (plan of 2026-12-01, eleventh session; ~30 GPU minutes a session, a fresh machine
 # costs ~1 minute of it). Done: orchestration run 10, prefill24 and beam24 (whole), llama v1 and
-# v3 (v2 on a disturbed calibration), cpu-sustained, sweep24 round 0 but for
-# expert-lru-prefetch at 256 in and the two ablations. After each call run
+# v3 (v2 on a disturbed calibration), cpu-sustained, sweep24 round 0 (whole), sweep48 round 0
+# but for expert-lru-prefetch. After each call run
 # `bash tools/take_campaign_results.sh DIR` (DIR: the folder its files came back to) and commit
 # BEFORE the next call: the tree travels with each call, and a sweep resumes from the rows it
 # carries (the seventh session re-measured a piece for want of this). Pass carry [".carry"]
 # (the tokenizer; llama.cpp's CUDA programs as xz parts, unpacked instead of the ~6-minute build).
 # Sweeps count SWEEP_SECONDS from the script's start, so stages chain within one call; a resumed
 # sweep calibrates its machine first (~15 s, machine-calibrations/ in the run folder). Next:
-#   1. `ROUNDS=1 SWEEP_SECONDS=560 ... sweep24 sweep48` until sweep24's round 0 is whole
-#      (expert-lru-prefetch 256 in, fiddler-cpu-experts, fiddler-copy-experts: ~1.5 calls) and
-#      then sweep48's (Fiddler's policies and the two strongest baselines: ~3 calls); ROUNDS=1
-#      (`harness run --rounds 1`) keeps sweep24 from starting its round 1 first.
-#   2. Rounds 1-2 of sweep24, then of sweep48 (`sweep24`, then `sweep48`, without ROUNDS).
+#   1. `ROUNDS=1 SWEEP_SECONDS=565 ... sweep48`: expert-lru-prefetch at 32-256 in (~5.5 min)
+#      closes sweep48's round 0 (ROUNDS holds for every stage of a call, so sweep24's round 1
+#      waits for the next call).
+#   2. Rounds 1-2 of sweep24 (`sweep24` without ROUNDS; 72 generations, ~9-10 calls), then of
+#      sweep48 (32, ~4-5 calls).
 #   Optional, ~4 min: `orchestration-beam` (where hybrid's beam steps lose the time the
 #   simulator does not see: results/h200-beam-search-24gb/README.md, last item).
 # Stages (in the order given):
