@@ -185,12 +185,13 @@ def cmd_validate(args: argparse.Namespace) -> int:
         )
     rows = validate(args.dir, args.hardware, args.calibration, args.samples, corrections, args.per_machine)
     machines = machine_calibrations(args.dir, args.calibration) if args.per_machine else None
+    breakdown = prefill_markdown(prefill_breakdown(args.dir, args.hardware))  # before any file is written
     out = Path(args.out or args.dir)
     name = "validation" + ("-per-machine" if args.per_machine else "")
     name += "-run-corrections" if corrections is not None else ""
     write_csv_atomic(rows, out / f"{name}.csv")
     markdown = validation_markdown(rows, args.dir, args.hardware, args.calibration, corrections, machines)
-    markdown += "\n".join(["", *prefill_markdown(prefill_breakdown(args.dir, args.hardware))])
+    markdown += "\n".join(["", *breakdown])
     write_text_atomic(out / f"{name}.md", markdown)
     print(out / f"{name}.md")
     return 0

@@ -709,28 +709,32 @@ def test_report_names_a_disturbed_calibration_and_rows_measured_on_a_busy_host()
 
 
 def test_prefill_breakdown_sets_fiddlers_ttft_against_its_own_plan(sweep, tmp_path):
-    """Per (Fiddler system, input length): the rest is TTFT less the planner's prefill
-    prediction, per layer; systems without prefill counters have no row; nothing to break down
-    renders nothing."""
+    """Per (Fiddler system, scenario, input length): medians over the rows of each row's rest
+    (TTFT less the planner's prefill prediction, per layer) and of the profile's overheads on
+    the share of layers that used the CPU; systems without prefill counters have no row; a
+    folder without raw rows, or nothing to break down, renders nothing."""
     from harness.prefill_breakdown import prefill_breakdown, prefill_markdown
     from harness.simulate import load_profile
 
     rows = prefill_breakdown(sweep, "h200-host")
     assert set(rows.system) == {"fiddler-paper"}  # expert-lru and the reference record no plan
     assert sorted(rows.input_tokens) == [16, 32] and (rows.rows == 2).all()
-    raw = [r for r in read_raw(sweep / "raw.csv") if r["system"] == "fiddler-paper"]
-    layers = int(raw[0]["num_layers"])
     _, hw = load_profile("h200-host")
     for r in rows.itertuples():
-        # two rows a cell: each median is the mean, so the rest is the medians' difference
-        assert r.rest_per_layer_ms == pytest.approx(1e3 * (r.ttft_s - r.planned_s) / layers)
-        assert r.planned_s > 0 and r.cpu_wait_s >= 0
-        assert r.profile_per_layer_ms in (
-            pytest.approx(1e3 * hw.step_overhead_per_layer_s),
-            pytest.approx(1e3 * (hw.step_overhead_per_layer_s + hw.prefill_cpu_path_overhead_per_layer_s)),
-        )
+        raw = [
+            (float(x["ttft_s"]), json.loads(x["stats"])["prefill"], int(x["num_layers"]))
+            for x in read_raw(sweep / "raw.csv")
+            if x["system"] == r.system and int(x["input_tokens"]) == r.input_tokens
+        ]
+        rests = [1e3 * (ttft - p["predicted_s"]) / layers for ttft, p, layers in raw]
+        profiles = [
+            1e3 * (hw.step_overhead_per_layer_s + p["cpu_jobs"] / layers * hw.prefill_cpu_path_overhead_per_layer_s)
+            for _, p, layers in raw
+        ]
+        assert r.rest_per_layer_ms == pytest.approx(statistics.median(rests))
+        assert r.profile_per_layer_ms == pytest.approx(statistics.median(profiles))
+        assert r.ttft_s == pytest.approx(statistics.median(t for t, _, _ in raw)) and r.planned_s > 0
     text = "\n".join(prefill_markdown(rows))
-    assert "Where Fiddler's TTFT goes" in text and "| fiddler-paper | 16 | 2 |" in text
+    assert "Where Fiddler's TTFT goes" in text and "| fiddler-paper | single-batch | 16 | 2 |" in text
     assert prefill_markdown(rows.iloc[0:0]) == []
-    with pytest.raises(FileNotFoundError, match="raw rows"):
-        prefill_breakdown(tmp_path, "h200-host")
+    assert prefill_breakdown(tmp_path, "h200-host").empty  # no raw rows: nothing to add
