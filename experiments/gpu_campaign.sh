@@ -19,6 +19,10 @@
 #      waits for the next call).
 #   2. Rounds 1-2 of sweep24 (`sweep24` without ROUNDS; 72 generations, ~9-10 calls), then of
 #      sweep48 (32, ~4-5 calls).
+#   Issue 7, ~2 min each: `python3 experiments/orchestration_gpu.py --prompt-len 128` (and 256;
+#      timed prefill layers) to measure how the prefill's time outside the plan grows with the
+#      prompt (harness.prefill_breakdown: 3.9-6.9 ms a layer at 32-256 tokens in sweep24's rows,
+#      the profile's prefill term from one 32-token run), before modelling it.
 #   Optional, ~4 min: `orchestration-beam` (where hybrid's beam steps lose the time the
 #   simulator does not see: results/h200-beam-search-24gb/README.md, last item).
 # Stages (in the order given):
