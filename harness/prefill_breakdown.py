@@ -29,6 +29,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from harness.runner import read_raw
 from harness.simulate import load_profile
 from harness.timing import MEASURED_ROW_STATUSES
 
@@ -47,12 +48,9 @@ COLUMNS = [
 
 
 def prefill_breakdown(run_dir: str | Path, hardware: str) -> pd.DataFrame:
-    path = Path(run_dir) / "raw.csv"
-    if not path.exists():
-        return pd.DataFrame(columns=COLUMNS)
     _, hw = load_profile(hardware)
     groups: dict[tuple[str, str, int], list[dict]] = {}
-    for row in pd.read_csv(path, keep_default_na=False).to_dict("records"):
+    for row in read_raw(Path(run_dir) / "raw.csv"):  # none where the folder has no raw rows
         stats = json.loads(row.get("stats") or "{}") if row["status"] in MEASURED_ROW_STATUSES else {}
         prefill = stats.get("prefill") or {}
         if "predicted_s" not in prefill or int(row["beam_width"]) != 1:
