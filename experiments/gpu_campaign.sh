@@ -29,6 +29,9 @@
 #   kernels        issue 6: CPU expert paths x tokens x threads, alone and beside copies
 #   orchestration  issues 3/6: calibration (kernel chosen by measurement), correctness, every
 #                  policy at 24 GB (hybrid decode with the chosen CPU kernel)
+#   orchestration-prefill  issue 7: the timed prefill (layer timelines against the plan) of every
+#                  policy at 24 GB for each of PREFILL_LENS prompt tokens (128,256), ~1.5 min a
+#                  length on a calibrated machine; into $OUT/prefill-N/orchestration.json
 #   orchestration-beam  issue 7: hybrid and paper in beam search of width 8 at 24 GB, with the
 #                  layer timelines of beam steps (~4 min: its own calibration, the 2-layer
 #                  correctness check, 24 new tokens), where the simulator misses most; into
@@ -72,6 +75,8 @@
 # The GPU host lacks mistral-common and network: carry .carry/ (`make carry` writes it:
 # tokenizer.model from mistral-common, llama.cpp-src.tar.gz from PyPI's llama-cpp-python).
 set -u
+PREFILL_LENS="${PREFILL_LENS:-128,256}"
+MACHINE_CALIBRATION=""  # set by a sweep that calibrated this machine
 export PYTHONPATH="$PWD" PYTHONUNBUFFERED=1
 [ -f .carry/tokenizer.model ] && export FIDDLER_TOKENIZER="$PWD/.carry/tokenizer.model"
 OUT="${OUT:-/tmp/campaign}"
@@ -139,9 +144,15 @@ sweep() {
   fi
   # no system is loaded in the last $margin s: a load, warm-up and first generation
   # that cannot finish would only spend device time (the call then ends early)
+  local before
+  before=$(ls "$OUT/$dir/machine-calibrations" 2>/dev/null)
   stage "$name" timeout -k 30 --signal=INT "$left" python3 -m harness run --model mixtral-8x7b \
     --prompts-per-cell 3 --reference '' --run-time-limit "${RUN_TIME_LIMIT:-60}" --calibration "$dir/calibration.json" \
     --no-new-system-after $(( left - margin )) --out "$OUT/$dir" "${machine[@]}" ${ROUNDS:+--rounds "$ROUNDS"} "$@"
+  # this machine's calibration, for later stages of the call (the folder also holds other machines')
+  local new
+  new=$(comm -13 <(echo "$before") <(ls "$OUT/$dir/machine-calibrations" 2>/dev/null) | tail -1)
+  [ -n "$new" ] && MACHINE_CALIBRATION="$OUT/$dir/machine-calibrations/$new"
 }
 for name in "$@"; do
   case "$name" in
@@ -154,6 +165,17 @@ for name in "$@"; do
     orchestration-beam) stage orchestration-beam python3 experiments/orchestration_gpu.py \
                      --out "$OUT/orchestration-beam" --gpu-memory-gb 24 --new-tokens 24 --repeats 1 \
                      --beam-width 8 --policies hybrid,paper ;;
+    orchestration-prefill)
+      # issue 7: the timed prefill at each of $PREFILL_LENS prompt tokens, every policy, no
+      # correctness check; the calibration of this call's machine is reused (a sweep's
+      # --calibrate-machine, or the first length's own), so the lengths share one plan basis
+      calibration=$(ls "$OUT/orchestration/calibration.json" 2>/dev/null || echo "$MACHINE_CALIBRATION")
+      for len in ${PREFILL_LENS//,/ }; do
+        stage "orchestration-prefill-$len" python3 experiments/orchestration_gpu.py --out "$OUT/prefill-$len" \
+          --gpu-memory-gb 24 --prompt-len "$len" --new-tokens 8 --repeats 2 --check-layers 0 \
+          ${calibration:+--calibration "$calibration"}
+        [ -n "$calibration" ] || calibration=$(ls "$OUT/prefill-$len/calibration.json" 2>/dev/null)
+      done ;;
     baselines)
       calibration=()  # reuse the orchestration stage's calibration when it ran in this machine
       [ -f "$OUT/orchestration/calibration.json" ] && calibration=(--calibration "$OUT/orchestration/calibration.json")
