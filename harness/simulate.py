@@ -16,7 +16,10 @@ The model of each system, per decoder layer and forward pass over T new tokens:
   plus the profile's host overhead around the CPU path in a layer whose plan uses the CPU
   (``cpu_path_overhead_per_layer_s``: the planner counts the CPU's compute and the activations'
   transfers, not the hand-off around them; ``prefill_cpu_path_overhead_per_layer_s`` in the
-  prefill pass, whose hand-off moves every prompt row and starts later);
+  prefill pass, whose hand-off moves every prompt row and starts later); in the prefill pass
+  the plan (made as the engine makes it, from the calibration) is priced with the CPU's
+  compute scaled by ``prefill_cpu_factor_by_rows`` at the layer's rows per routed expert
+  (measured: a prefill CPU job against decode's in the same run);
 - ``gpu-resident``: every expert on the GPU (refused when it does not fit);
 - ``expert-lru``: the LRU cache replayed over the sampled routing (the baseline's own slot
   count, ``baselines.expert_lru.lru_slots``); each miss costs a pinned copy, copies serialised;
@@ -33,6 +36,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import itertools
 import json
 import logging
 import random
@@ -46,7 +50,7 @@ from fiddler.calibrate import calibration_matches
 from fiddler.config import ModelConfig
 from fiddler.cost_model import LatencyModel
 from fiddler.placement import GB, budget_breakdown, check_popularity, plan_placement
-from fiddler.planner import COPY_EXPERTS, POLICIES, plan_layer
+from fiddler.planner import COPY_EXPERTS, POLICIES, plan_layer, predict_layer
 from harness.scenarios import Cell, runs
 
 log = logging.getLogger(__name__)
@@ -65,6 +69,7 @@ HARDWARE_FIELDS = (
     "cpu_path_overhead_per_layer_s",
     "prefill_cpu_path_overhead_per_layer_s",
 )
+PREFILL_CPU_CURVE = "prefill_cpu_factor_by_rows"  # a list of pairs, beside the numbers above
 SIMULATED_SYSTEMS = (
     *(f"fiddler-{p}" for p in POLICIES),
     "gpu-resident",
@@ -87,6 +92,19 @@ class Hardware:
     step_overhead_per_layer_s: float
     cpu_path_overhead_per_layer_s: float
     prefill_cpu_path_overhead_per_layer_s: float
+    # (rows per expert, factor): a prefill CPU job's compute against decode's at the same
+    # calibration, held flat beyond the first and last points
+    prefill_cpu_factor_by_rows: tuple[tuple[float, float], ...] = ((1.0, 1.0),)
+
+    def prefill_cpu_factor(self, rows_per_expert: float) -> float:
+        """The prefill CPU factor at this many rows per routed expert, interpolated linearly."""
+        points = self.prefill_cpu_factor_by_rows
+        if rows_per_expert <= points[0][0]:
+            return points[0][1]
+        for (x0, y0), (x1, y1) in itertools.pairwise(points):
+            if rows_per_expert <= x1:
+                return y0 + (y1 - y0) * (rows_per_expert - x0) / (x1 - x0)
+        return points[-1][1]
 
 
 def profile_names() -> list[str]:
@@ -101,7 +119,9 @@ def load_profile(name_or_path: str) -> tuple[dict, Hardware]:
         )
     data = json.loads(path.read_text())
     validate_profile(data, str(path))
-    return data, Hardware(**{k: float(data["hardware"][k]) for k in HARDWARE_FIELDS})
+    section = data["hardware"]
+    curve = tuple((float(rows), float(factor)) for rows, factor in section[PREFILL_CPU_CURVE])
+    return data, Hardware(**{k: float(section[k]) for k in HARDWARE_FIELDS}, prefill_cpu_factor_by_rows=curve)
 
 
 def profile_with_calibration(name_or_path: str, calibration_path: str | Path) -> tuple[dict, Hardware]:
@@ -127,9 +147,17 @@ def validate_profile(data: dict, where: str) -> None:
         k for k in ("token_counts", "cpu_expert_s", "gpu_expert_s", "copy_expert_s", "concurrent") if k not in data
     ]
     hardware = data.get("hardware", {})
-    missing += [f"hardware.{k}" for k in HARDWARE_FIELDS if k not in hardware]
+    missing += [f"hardware.{k}" for k in (*HARDWARE_FIELDS, PREFILL_CPU_CURVE) if k not in hardware]
     if missing:
         raise ValueError(f"{where} lacks {missing}: add them (see harness/hardware/*.json)")
+    curve = hardware[PREFILL_CPU_CURVE]
+    pairs_ok = isinstance(curve, list) and curve and all(isinstance(p, list) and len(p) == 2 for p in curve)
+    rows = [p[0] for p in curve] if pairs_ok else []
+    if not pairs_ok or rows != sorted(set(rows)) or min(min(p) for p in curve) <= 0:
+        raise ValueError(
+            f"{where}: hardware.{PREFILL_CPU_CURVE} must list [rows per expert, factor] pairs, "
+            "rows strictly increasing, every value positive (e.g. [[1, 1.0]]: no change)"
+        )
     profile = data.get("profile", {})
     if not profile.get("measured", False) and not profile.get("assumptions"):
         raise ValueError(f"{where} is written from specifications but states no assumptions")
@@ -279,6 +307,13 @@ class _Simulator:
             down = tokens if policy != COPY_EXPERTS else None
             model = self.corrected.get(system, m)
             plan = plan_layer(routed, resident, policy, model, STAGING_SLOTS, self.blocks, down)
+            predicted = plan.predicted_s
+            if prefill and (plan.cpu or plan.split):  # planned as the engine would, priced at prefill's CPU speed
+                factor = self.hw.prefill_cpu_factor(sum(routed.values()) / len(routed))
+                priced = model.with_cpu_factor(factor)
+                predicted = predict_layer(
+                    routed, plan.gpu, plan.cpu, plan.copy, priced, STAGING_SLOTS, plan.split, down
+                )
             hits = sum(routed[e] for e in plan.gpu)
             copied = len(plan.copy) + ((self.blocks - plan.split.cpu_blocks) / self.blocks if plan.split else 0)
             # the host work around a CPU job (hand-off, gathering rows, results up) that the
@@ -287,7 +322,7 @@ class _Simulator:
                 self.hw.prefill_cpu_path_overhead_per_layer_s if prefill else self.hw.cpu_path_overhead_per_layer_s
             )
             handoff = overhead if plan.cpu or plan.split else 0.0
-            return plan.predicted_s + handoff, hits, int(copied * self.expert_bytes)
+            return predicted + handoff, hits, int(copied * self.expert_bytes)
         if system == "expert-lru":  # as baselines.expert_lru: hits first, then misses in order
             cache: collections.OrderedDict = state["lru"][layer]
             needed = sorted(routed)

@@ -38,6 +38,35 @@ def test_bad_profiles_are_refused(tmp_path):
         validate_profile(broken, "x")
     with pytest.raises(FileNotFoundError, match="neither a profile"):
         load_profile(str(tmp_path / "none.json"))
+    for curve in ([[8, 1.0], [4, 1.1]], [[1, 0.0]], [], [[1]]):  # rows out of order, a zero, empty, no factor
+        broken = copy.deepcopy(data)
+        broken["hardware"]["prefill_cpu_factor_by_rows"] = curve
+        with pytest.raises(ValueError, match="prefill_cpu_factor_by_rows"):
+            validate_profile(broken, "x")
+
+
+def test_prefill_cpu_factor_interpolates_and_holds_flat_outside():
+    _, hw = load_profile("h200-host")
+    (first_rows, first), *_, (last_rows, last) = hw.prefill_cpu_factor_by_rows
+    assert hw.prefill_cpu_factor(first_rows / 2) == first and hw.prefill_cpu_factor(10 * last_rows) == last
+    (x0, y0), (x1, y1) = hw.prefill_cpu_factor_by_rows[1:3]
+    assert hw.prefill_cpu_factor((x0 + x1) / 2) == pytest.approx((y0 + y1) / 2)
+
+
+def test_prefill_cpu_factor_prices_only_the_prefills_cpu_work(tmp_path):
+    """Doubling the prefill's CPU factor slows the TTFT of a policy that uses the CPU, not that
+    of copy-experts (no CPU work), and no decode step."""
+    data, _ = load_profile("h200-host")
+    slower = copy.deepcopy(data)
+    slower["hardware"]["prefill_cpu_factor_by_rows"] = [[1, 2.0]]
+    path = tmp_path / "slow-prefill-cpu.json"
+    path.write_text(json.dumps(slower))
+    systems = ("fiddler-cpu-experts", "fiddler-copy-experts")
+    base, slow = run("h200-host", systems=systems), run(str(path), systems=systems)
+    assert slow["fiddler-cpu-experts"]["ttft_s"] > 1.2 * base["fiddler-cpu-experts"]["ttft_s"]
+    assert slow["fiddler-copy-experts"]["ttft_s"] == pytest.approx(base["fiddler-copy-experts"]["ttft_s"])
+    for system in systems:
+        assert slow[system]["decode_tokens_per_s"] == pytest.approx(base[system]["decode_tokens_per_s"])
 
 
 def test_decode_step_is_the_planners_prediction_summed_over_layers(tmp_path):
