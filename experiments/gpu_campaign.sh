@@ -20,7 +20,7 @@
 #      generations: ~7 calls), then sweep48's rounds 1-2 (`... sweep48`, 32: ~4-5 calls).
 #   Issue 7, optional (~4 min): `orchestration-beam` (where hybrid's beam steps lose the time the
 #      simulator does not see: results/h200-beam-search-24gb/README.md, last item); and the cause
-#      of the prefill CPU job's 1.1-1.3x over decode's (results/orchestration-h200/ run 11): time
+#      of the prefill CPU job's 1.06-1.28x over decode's (results/orchestration-h200/ run 11): time
 #      the kernel at 32-64 tokens from the engine's worker on its pinned expert pool.
 # Stages (in the order given):
 #   kernels        issue 6: CPU expert paths x tokens x threads, alone and beside copies
@@ -73,7 +73,7 @@
 # tokenizer.model from mistral-common, llama.cpp-src.tar.gz from PyPI's llama-cpp-python).
 set -u
 PREFILL_LENS="${PREFILL_LENS:-128,256}"
-MACHINE_CALIBRATION=""  # set by a sweep that calibrated this machine
+MACHINE_CALIBRATION=""  # this machine's steady calibration, once a sweep has measured one
 export PYTHONPATH="$PWD" PYTHONUNBUFFERED=1
 [ -f .carry/tokenizer.model ] && export FIDDLER_TOKENIZER="$PWD/.carry/tokenizer.model"
 OUT="${OUT:-/tmp/campaign}"
@@ -95,6 +95,10 @@ stage() {
   tail -5 "$OUT/$name.log"
   pack
   return "$rc"  # the command's status, for a caller that acts on it (no set -e here)
+}
+steady() {  # the calibration FILE records nothing that disturbed its measurement
+  python3 -c "import json, sys; from fiddler.steadiness import recorded_problems
+sys.exit(bool(recorded_problems(json.load(open(sys.argv[1])))))" "$1" 2>/dev/null
 }
 pack() {  # into a file of its own, renamed when complete: a packer killed mid-way renames nothing
   local tmp
@@ -132,6 +136,7 @@ sweep() {
       [ "$try" = 1 ] && echo "=== $name: calibration disturbed; again in ${CALIBRATION_PAUSE:-20} s" \
         | tee -a "$OUT/campaign.log" && sleep "${CALIBRATION_PAUSE:-20}"
     done
+    if steady "$dir/calibration.json"; then MACHINE_CALIBRATION="$dir/calibration.json"; fi
   fi
   mkdir -p "$OUT/$dir" && cp -r "$dir/." "$OUT/$dir/"
   local left=$(( ${SWEEP_SECONDS:-480} - SECONDS )) margin=${SYSTEM_MARGIN:-150}
@@ -146,10 +151,13 @@ sweep() {
   stage "$name" timeout -k 30 --signal=INT "$left" python3 -m harness run --model mixtral-8x7b \
     --prompts-per-cell 3 --reference '' --run-time-limit "${RUN_TIME_LIMIT:-60}" --calibration "$dir/calibration.json" \
     --no-new-system-after $(( left - margin )) --out "$OUT/$dir" "${machine[@]}" ${ROUNDS:+--rounds "$ROUNDS"} "$@"
-  # this machine's calibration, for later stages of the call (the folder also holds other machines')
+  # this machine's calibration, for later stages of the call (the folder also holds other
+  # machines'), unless the hypervisor or other processes disturbed it
   local new
   new=$(comm -13 <(echo "$before") <(ls "$OUT/$dir/machine-calibrations" 2>/dev/null) | tail -1)
-  [ -n "$new" ] && MACHINE_CALIBRATION="$OUT/$dir/machine-calibrations/$new"
+  if [ -n "$new" ] && steady "$OUT/$dir/machine-calibrations/$new"; then
+    MACHINE_CALIBRATION="$OUT/$dir/machine-calibrations/$new"
+  fi
 }
 for name in "$@"; do
   case "$name" in
@@ -164,14 +172,17 @@ for name in "$@"; do
                      --beam-width 8 --policies hybrid,paper ;;
     orchestration-prefill)
       # issue 7: the timed prefill at each of $PREFILL_LENS prompt tokens, every policy, no
-      # correctness check; the calibration of this call's machine is reused (a sweep's
-      # --calibrate-machine, or the first length's own), so the lengths share one plan basis
-      calibration=$(ls "$OUT/orchestration/calibration.json" 2>/dev/null || echo "$MACHINE_CALIBRATION")
+      # correctness check; a steady calibration of this call's machine is reused (the
+      # orchestration stage's, a sweep's, or the first length's own), so the lengths share one
+      # plan basis
+      prefill_calibration=$(ls "$OUT/orchestration/calibration.json" 2>/dev/null || echo "$MACHINE_CALIBRATION")
       for len in ${PREFILL_LENS//,/ }; do
         stage "orchestration-prefill-$len" python3 experiments/orchestration_gpu.py --out "$OUT/prefill-$len" \
           --gpu-memory-gb 24 --prompt-len "$len" --new-tokens 8 --repeats 2 --check-layers 0 \
-          ${calibration:+--calibration "$calibration"}
-        [ -n "$calibration" ] || calibration=$(ls "$OUT/prefill-$len/calibration.json" 2>/dev/null)
+          ${prefill_calibration:+--calibration "$prefill_calibration"}
+        if [ -z "$prefill_calibration" ] && steady "$OUT/prefill-$len/calibration.json"; then
+          prefill_calibration="$OUT/prefill-$len/calibration.json"
+        fi
       done ;;
     baselines)
       calibration=()  # reuse the orchestration stage's calibration when it ran in this machine

@@ -97,7 +97,8 @@ class Hardware:
     prefill_cpu_factor_by_rows: tuple[tuple[float, float], ...] = ((1.0, 1.0),)
 
     def prefill_cpu_factor(self, rows_per_expert: float) -> float:
-        """The prefill CPU factor at this many rows per routed expert, interpolated linearly."""
+        """The prefill CPU factor at this many rows per routed expert (the layer's rows over every
+        expert it routed to, resident or not, as the curve was measured), interpolated linearly."""
         points = self.prefill_cpu_factor_by_rows
         if rows_per_expert <= points[0][0]:
             return points[0][1]
@@ -151,7 +152,12 @@ def validate_profile(data: dict, where: str) -> None:
     if missing:
         raise ValueError(f"{where} lacks {missing}: add them (see harness/hardware/*.json)")
     curve = hardware[PREFILL_CPU_CURVE]
-    pairs_ok = isinstance(curve, list) and curve and all(isinstance(p, list) and len(p) == 2 for p in curve)
+    number = (int, float)
+    pairs_ok = (
+        isinstance(curve, list)
+        and bool(curve)
+        and all(isinstance(p, list) and len(p) == 2 and all(isinstance(v, number) for v in p) for p in curve)
+    )
     rows = [p[0] for p in curve] if pairs_ok else []
     if not pairs_ok or rows != sorted(set(rows)) or min(min(p) for p in curve) <= 0:
         raise ValueError(

@@ -38,7 +38,8 @@ def test_bad_profiles_are_refused(tmp_path):
         validate_profile(broken, "x")
     with pytest.raises(FileNotFoundError, match="neither a profile"):
         load_profile(str(tmp_path / "none.json"))
-    for curve in ([[8, 1.0], [4, 1.1]], [[1, 0.0]], [], [[1]]):  # rows out of order, a zero, empty, no factor
+    # rows out of order, a zero, empty, no factor, not numbers
+    for curve in ([[8, 1.0], [4, 1.1]], [[1, 0.0]], [], [[1]], [["8", 1.0]], [[1, None]]):
         broken = copy.deepcopy(data)
         broken["hardware"]["prefill_cpu_factor_by_rows"] = curve
         with pytest.raises(ValueError, match="prefill_cpu_factor_by_rows"):
