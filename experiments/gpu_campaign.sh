@@ -17,7 +17,9 @@
 # Sweeps count SWEEP_SECONDS from the script's start, so stages chain within one call; a resumed
 # sweep calibrates its machine first (~15 s, machine-calibrations/ in the run folder). Next:
 #   1. The rest of sweep24's round 1 and its round 2 (`SWEEP_SECONDS=565 ... sweep24`; 55
-#      generations: ~7 calls), then sweep48's rounds 1-2 (`... sweep48`, 32: ~4-5 calls).
+#      generations: ~7 calls, first measuring again fiddler-hybrid's three round-1 rows that the
+#      hypervisor disturbed: sweeps pass --remeasure-disturbed), then sweep48's rounds 1-2
+#      (`... sweep48`, 32: ~4-5 calls).
 #   Issue 7, optional (~4 min): `orchestration-beam` (where hybrid's beam steps lose the time the
 #      simulator does not see: results/h200-beam-search-24gb/README.md, last item); and the cause
 #      of the prefill CPU job's 1.06-1.28x over decode's (results/orchestration-h200/ run 11): time
@@ -118,8 +120,11 @@ sweep() {
   local name="$1" dir="$2"
   shift 2
   mkdir -p "$dir"
-  local machine=()
-  [ -f "$dir/calibration.json" ] && machine=(--calibrate-machine)  # a resumed folder: another machine
+  local resume=()
+  [ -f "$dir/calibration.json" ] && resume=(--calibrate-machine)  # a resumed folder: another machine
+  # rows during which the hypervisor or other processes took cores are measured again, once
+  # (the replaced ones kept in DIR/raw-disturbed.csv); REMEASURE_DISTURBED=0 keeps them
+  [ "${REMEASURE_DISTURBED:-1}" = 1 ] && resume+=(--remeasure-disturbed)
   # a new run folder takes this machine's calibration when the orchestration stage just measured
   # one (the same `calibrate`, same kernel choice): it saves the minute a second one costs
   if [ ! -f "$dir/calibration.json" ] && [ -f "$OUT/orchestration/calibration.json" ]; then
@@ -150,7 +155,7 @@ sweep() {
   before=$(ls "$OUT/$dir/machine-calibrations" 2>/dev/null)
   stage "$name" timeout -k 30 --signal=INT "$left" python3 -m harness run --model mixtral-8x7b \
     --prompts-per-cell 3 --reference '' --run-time-limit "${RUN_TIME_LIMIT:-60}" --calibration "$dir/calibration.json" \
-    --no-new-system-after $(( left - margin )) --out "$OUT/$dir" "${machine[@]}" ${ROUNDS:+--rounds "$ROUNDS"} "$@"
+    --no-new-system-after $(( left - margin )) --out "$OUT/$dir" "${resume[@]}" ${ROUNDS:+--rounds "$ROUNDS"} "$@"
   # this machine's calibration, for later stages of the call (the folder also holds other
   # machines'), unless the hypervisor or other processes disturbed it
   local new

@@ -4,9 +4,9 @@
   [--beam-widths 4,8] --model <preset|dir> [--layers L] [--gpu-memory-gb G] [--device cuda|cpu]
   [--dtype bfloat16|float32] [--dataset sharegpt|random|FILE] [--prompts-per-cell N]
   [--reference SYSTEM] [--run-time-limit S] [--no-new-system-after S] [--calibration FILE]
-  [--calibrate-machine] [--rounds N] [--out DIR]``: writes everything into DIR (default
-  ``results/<date>_<gpu or cpu>_<model>``) and resumes a folder it finds there; exits 1 when
-  a system failed (its rows say why; the other systems ran).
+  [--calibrate-machine] [--rounds N] [--remeasure-disturbed] [--out DIR]``: writes everything
+  into DIR (default ``results/<date>_<gpu or cpu>_<model>``) and resumes a folder it finds
+  there; exits 1 when a system failed (its rows say why; the other systems ran).
 - ``simulate --hardware <paper-env1|paper-env2|paper-env3|h200-host|FILE> --systems ... --scenario S
   [--grid ...] [--gpu-memory-gb G] [--routing uniform|FILE] [--calibration FILE] --out DIR``:
   predicted cells, same summary.csv columns (``source`` simulated), tables and plots;
@@ -112,6 +112,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         calibration=args.calibration,
         calibrate_machine=args.calibrate_machine,
         rounds=args.rounds,
+        remeasure_disturbed=args.remeasure_disturbed,
         cpu_threads=args.cpu_threads,
         out=Path(args.out) if args.out else default_out(args.model, device),
     )
@@ -230,6 +231,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="also calibrate this machine at the start when rows are left to measure, into "
         "DIR/machine-calibrations/ (the rows name it; Fiddler still plans with --calibration): a resumed "
         "sweep's pieces may run on other machines, and validate --per-machine prices each row on its own",
+    )
+    run.add_argument(
+        "--remeasure-disturbed",
+        action="store_true",
+        help="on a resume, also measure again (once) the rows during which other processes or the hypervisor "
+        "took over half a core (tables.md's 'Host disturbance'); the rows replaced go to DIR/raw-disturbed.csv",
     )
     run.add_argument("--cpu-threads", type=int)
     run.add_argument(

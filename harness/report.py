@@ -32,7 +32,7 @@ from fiddler.orchestrator import CPU_PATH_COUNTERS
 from fiddler.steadiness import BUSY_CORES_LIMIT, recorded_problems
 from harness.scenarios import Cell, Run
 from harness.telemetry import DIRTY
-from harness.timing import MEASURED_ROW_STATUSES, cell_metrics
+from harness.timing import MEASURED_ROW_STATUSES, cell_metrics, disturbed, host_disturbance
 
 SUMMARY_COLUMNS = [
     "system",
@@ -563,7 +563,7 @@ def plot(summary: pd.DataFrame, out: Path) -> list[Path]:
 
 
 def render(run_dir: str | Path) -> pd.DataFrame:
-    from harness.runner import read_raw
+    from harness.runner import DISTURBED_RAW, read_raw
 
     run_dir = Path(run_dir)
     if not (run_dir / "matrix.json").exists():
@@ -580,17 +580,19 @@ def render(run_dir: str | Path) -> pd.DataFrame:
         calibration = json.loads((run_dir / "calibration.json").read_text())
         machines = machine_calibrations_named(raw, run_dir)
         tables += bounds_markdown(summary, calibration, raw, matrix.get("compared") or matrix["systems"], machines)
-    tables += disturbance_markdown(raw, calibration)
+    tables += disturbance_markdown(raw, calibration, read_raw(run_dir / DISTURBED_RAW))
     write_text_atomic(run_dir / "tables.md", tables)
     plot(summary, run_dir)
     return summary
 
 
-def disturbance_markdown(raw: list[dict], calibration: dict | None) -> str:
+def disturbance_markdown(raw: list[dict], calibration: dict | None, replaced: list[dict] = ()) -> str:
     """What disturbed the measurements, where anything did: a calibration measured on a busy
-    host (every Fiddler row planned with its latencies), and the rows during which other
-    processes or the hypervisor kept more than ``BUSY_CORES_LIMIT`` cores busy (rows from before
-    the harness recorded it say nothing). Empty when nothing is known to have disturbed them."""
+    host (every Fiddler row planned with its latencies), the rows during which other processes
+    or the hypervisor kept more than ``BUSY_CORES_LIMIT`` cores busy (rows from before the
+    harness recorded it say nothing), and such rows that were measured again (``replaced``: the
+    run folder's raw-disturbed.csv, out of the tables). Empty when nothing is known to have
+    disturbed them."""
     lines = []
     problems = recorded_problems(calibration) if calibration else []
     if problems:
@@ -599,22 +601,25 @@ def disturbance_markdown(raw: list[dict], calibration: dict | None) -> str:
             "policies in these rows divided the work by its latencies, not the host's.",
             "",
         ]
-    busy = []
-    for row in raw:
-        load = json.loads(row.get("telemetry") or "{}")
-        other, steal = load.get("host_other_busy_cores", 0.0), load.get("host_steal_cores", 0.0)
-        if row.get("status") in MEASURED_ROW_STATUSES and max(other, steal) > BUSY_CORES_LIMIT:
+    for rows, heading in (
+        (raw, "Rows measured while other processes or the hypervisor kept over {} cores busy:"),
+        (replaced, "Rows measured again (`--remeasure-disturbed`), kept in raw-disturbed.csv, over {} cores busy:"),
+    ):
+        busy = []
+        for row in filter(disturbed, rows):
+            other, steal = host_disturbance(row)
             cell = f"{_int(row['input_tokens'])}/{_int(row['run_output_tokens'])} w{_int(row['beam_width'])}"
             busy.append(f"| {row['system']} | {cell} | {_int(row['prompt_index'])} | {other:.2f} | {steal:.2f} |")
-    if busy:
-        lines += [
-            f"Rows measured while other processes or the hypervisor kept over {BUSY_CORES_LIMIT} cores busy:",
-            "",
-            "| system | input/output, beams | prompt | other processes' cores | hypervisor's (steal) |",
-            "|---|---|---|---|---|",
-            *busy,
-        ]
-    return "\n".join(["", "## Host disturbance", "", *lines]) + "\n" if lines else ""
+        if busy:
+            lines += [
+                heading.format(BUSY_CORES_LIMIT),
+                "",
+                "| system | input/output, beams | prompt | other processes' cores | hypervisor's (steal) |",
+                "|---|---|---|---|---|",
+                *busy,
+                "",
+            ]
+    return "\n".join(["", "## Host disturbance", "", *lines]).rstrip("\n") + "\n" if lines else ""
 
 
 def _cpu_path_per_job(row: dict) -> dict[str, float] | None:

@@ -25,6 +25,10 @@ generation it would have run; one that cannot do a scenario (beam search) gets `
 rows. A system that raises while loading or generating gets ``failed`` rows (the reason in the
 row, the traceback in the log) for the runs it had left, and the sweep goes on with the next
 system; a resumed sweep runs failed rows again (each stays on record until it is measured anew).
+With ``remeasure_disturbed`` it also measures again, once, the rows during which other processes
+or the hypervisor took cores (``harness.timing.disturbed``), each replaced row kept in
+``DISTURBED_RAW`` (a failure to measure it again leaves it in raw.csv; a row measured again
+stands, disturbed or not, so a host that stays noisy costs one more generation per row).
 The reference system (for token agreement) runs like the others."""
 
 from __future__ import annotations
@@ -54,10 +58,11 @@ from fiddler.tokenizer import find_tokenizer
 from harness import prompts as prompt_sources
 from harness.scenarios import Cell, Run, runs
 from harness.telemetry import NvmlSampler, environment, measuring_commit, process_rss_gb
-from harness.timing import steps_within
+from harness.timing import MEASURED_ROW_STATUSES, disturbed, steps_within
 
 log = logging.getLogger(__name__)
 FAILURE_REASON_CHARS = 600  # a row keeps the error's first line; the log keeps the rest
+DISTURBED_RAW = "raw-disturbed.csv"  # the measurements that remeasure_disturbed replaced
 
 RAW_COLUMNS = [
     "system",
@@ -121,6 +126,9 @@ class SweepSpec:
     # measure only the first this many rounds of prompts in this invocation (the rest is left
     # for a resume): another sweep's first round can come before this one's later rounds
     rounds: int | None = None
+    # measure again, once, the rows during which other processes or the hypervisor took cores
+    # (``harness.timing.disturbed``); each one replaced is kept in ``DISTURBED_RAW``
+    remeasure_disturbed: bool = False
 
     def settings(self) -> dict[str, object]:
         fields = dataclasses.asdict(self)
@@ -136,6 +144,15 @@ def _write_raw(path: Path, rows: list[dict]) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _set_aside(path: Path, row: dict) -> None:
+    """Keep a measured row that is about to be replaced (written before raw.csv is, so a crash
+    between the two writes finds it in both files, never in neither; once only)."""
+    kept = read_raw(path)
+    same = [r for r in kept if _key(r) == _key(row) and str(r["step_times_s"]) == str(row["step_times_s"])]
+    if not same:
+        _write_raw(path, [*kept, row])
 
 
 def read_raw(path: Path) -> list[dict]:
@@ -215,7 +232,13 @@ def run_sweep(spec: SweepSpec) -> Path:
     # by key: a resumed sweep runs failed rows again, and each keeps its place (and its failure on
     # record) until its run is measured anew
     rows = {_key(r): r for r in read_raw(raw_path)}
-    done = {key for key, r in rows.items() if r["status"] != "failed"}
+    # a disturbed row is measured again once: on a host that stays noisy the second one stands
+    again = set() if not spec.remeasure_disturbed else {_key(r) for r in read_raw(spec.out / DISTURBED_RAW)}
+    done = {
+        key
+        for key, r in rows.items()
+        if r["status"] != "failed" and not (spec.remeasure_disturbed and disturbed(r) and key not in again)
+    }
     longest = max(r.input_tokens + r.output_tokens for r in plan)
     # what this invocation may measure; rows of later rounds or other systems are not its progress
     scope = {_key(_row_key(name, r, i)) for name in systems for r in plan for i in range(rounds)}
@@ -243,7 +266,8 @@ def run_sweep(spec: SweepSpec) -> Path:
         """One row per run the system still had to do, all with the same status."""
         for run, index in todo:
             row = base | _row_key(name, run, index) | {"status": status, "reason": reason}
-            rows[_key(row)] = row
+            if rows.get(_key(row), {}).get("status") not in MEASURED_ROW_STATUSES:
+                rows[_key(row)] = row  # a disturbed measurement outranks a failure to measure it again
             progress.step(name, run, index)
         _write_raw(raw_path, list(rows.values()))
 
@@ -288,6 +312,8 @@ def run_sweep(spec: SweepSpec) -> Path:
                 run, index = todo[0]
                 prompt = bank.prompts(run.scenario, run.input_tokens)[index]
                 row = base | _row_key(name, run, index) | _measure(system, run, prompt, spec, budget, machine)
+                if rows.get(_key(row), {}).get("status") in MEASURED_ROW_STATUSES:  # a disturbed row, again
+                    _set_aside(spec.out / DISTURBED_RAW, rows[_key(row)])
                 rows[_key(row)] = row
                 todo.pop(0)
                 _write_raw(raw_path, list(rows.values()))  # atomically, after every run
@@ -376,7 +402,14 @@ def _failure(system: str, phase: str, err: Exception) -> str:
 # row cut short by the limit says so in its reason, and its cells say how many steps stand
 # behind them), when it stops loading systems, whether it calibrates its machine for the record
 # and how many rounds it measures now; everything else defines what is measured and must stay.
-RESUMABLE_WITH_OTHER = ("out", "run_time_limit_s", "no_new_system_after_s", "calibrate_machine", "rounds")
+RESUMABLE_WITH_OTHER = (
+    "out",
+    "run_time_limit_s",
+    "no_new_system_after_s",
+    "calibrate_machine",
+    "rounds",
+    "remeasure_disturbed",
+)
 MACHINE_CALIBRATIONS = "machine-calibrations"  # the run folder's subfolder of per-invocation calibrations
 
 

@@ -7,13 +7,19 @@ generation's TTFT and per-step decode times, ``cell_metrics`` reports a cell of
 and the paper's end-to-end metric, output tokens / (prefill + decode time). A cell shorter
 than the generation is read off its prefix (``derived``, exact for greedy decoding). A cell
 longer than the steps measured (a slow system under a time limit) is ``extrapolated`` from
-the mean measured step, and says how many steps stand behind it.
+the mean measured step, and says how many steps stand behind it. ``host_disturbance(row)``
+reads a raw row's record of the cores other processes and the hypervisor took while it ran,
+and ``disturbed(row)`` says whether a measured row ran with more than ``BUSY_CORES_LIMIT`` of
+either taken (the limit calibration holds its own measurements to).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import statistics
+
+from fiddler.steadiness import BUSY_CORES_LIMIT
 
 # a raw row's statuses for a generation that ran: whole, or cut short by the run's time limit
 # (its measured steps stand; the report extrapolates the cells beyond them)
@@ -55,3 +61,16 @@ def steps_within(limit_s: float | None, ttft_s: float, step_s: float, wanted_ste
     if limit_s is None or step_s <= 0:
         return wanted_steps
     return max(1, min(wanted_steps, int((limit_s - ttft_s) / step_s)))
+
+
+def host_disturbance(row: dict) -> tuple[float, float]:
+    """(cores other processes kept busy, cores the hypervisor took) while a raw row ran; zeros
+    for rows from before the harness recorded them."""
+    load = json.loads(row.get("telemetry") or "{}")
+    return float(load.get("host_other_busy_cores", 0.0)), float(load.get("host_steal_cores", 0.0))
+
+
+def disturbed(row: dict) -> bool:
+    """A measured row during which other processes or the hypervisor took more than
+    ``BUSY_CORES_LIMIT`` cores on average."""
+    return row.get("status") in MEASURED_ROW_STATUSES and max(host_disturbance(row)) > BUSY_CORES_LIMIT

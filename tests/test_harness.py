@@ -529,6 +529,65 @@ def test_a_sweep_measures_only_the_rounds_asked_for_and_resumes_the_rest(tmp_pat
         run_sweep(dataclasses.replace(first, rounds=0))
 
 
+def _mark_disturbed(out: Path, system: str, prompt_index: int, steal: float) -> None:
+    """Give one row of a run folder the hypervisor's steal in its telemetry, as the host recorded it."""
+    from harness.runner import _write_raw
+
+    rows = read_raw(out / "raw.csv")
+    for r in rows:
+        if r["system"] == system and int(r["prompt_index"]) == prompt_index and int(r["input_tokens"]) == 16:
+            r["telemetry"] = json.dumps(json.loads(r["telemetry"] or "{}") | {"host_steal_cores": steal})
+    _write_raw(out / "raw.csv", rows)
+
+
+def test_rows_the_host_disturbed_are_measured_again_only_when_asked(tmp_path, loads):
+    """A row during which the hypervisor took cores is flagged in tables.md; a resume with
+    remeasure_disturbed measures it again and keeps the replaced row in raw-disturbed.csv."""
+    from harness.runner import DISTURBED_RAW
+
+    first = dataclasses.replace(spec(tmp_path, systems=("expert-lru",)), reference=None)
+    out = run_sweep(first)
+    _mark_disturbed(out, "expert-lru", 1, 0.9)
+    render(out)
+    assert "| expert-lru | 16/6 w1 | 1 | 0.00 | 0.90 |" in (out / "tables.md").read_text()
+    loads.clear()
+    run_sweep(first)  # a plain resume keeps it
+    assert loads == [] and not (out / DISTURBED_RAW).exists()
+    run_sweep(dataclasses.replace(first, remeasure_disturbed=True))
+    assert loads == ["expert-lru"]
+    rows = read_raw(out / "raw.csv")
+    kept = read_raw(out / DISTURBED_RAW)
+    assert len(rows) == 4 and len(kept) == 1
+    assert json.loads(kept[0]["telemetry"])["host_steal_cores"] == 0.9 and int(kept[0]["prompt_index"]) == 1
+    again = next(r for r in rows if _same_run(r, kept[0]))
+    assert again["status"] in ("ok", "time-limited") and again["step_times_s"] != kept[0]["step_times_s"]
+    assert "kept in raw-disturbed.csv" in (out / "tables.md").read_text()
+    _mark_disturbed(out, "expert-lru", 1, 0.8)  # disturbed again: it stands, once measured again
+    loads.clear()
+    run_sweep(dataclasses.replace(first, remeasure_disturbed=True))
+    assert loads == [] and len(read_raw(out / DISTURBED_RAW)) == 1
+
+
+def _same_run(a: dict, b: dict) -> bool:
+    return all(str(a[k]) == str(b[k]) for k in KEY)
+
+
+def test_a_disturbed_row_stays_when_measuring_it_again_fails(tmp_path, monkeypatch):
+    from harness import runner
+
+    first = dataclasses.replace(spec(tmp_path, systems=("expert-lru",)), reference=None)
+    out = run_sweep(first)
+    _mark_disturbed(out, "expert-lru", 0, 0.9)
+    before = read_raw(out / "raw.csv")
+
+    def broken(name, options):
+        raise RuntimeError("the GPU went away")
+
+    monkeypatch.setattr(runner, "load_system", broken)
+    run_sweep(dataclasses.replace(first, remeasure_disturbed=True))
+    assert read_raw(out / "raw.csv") == before and not (out / runner.DISTURBED_RAW).exists()
+
+
 def test_progress_counts_only_the_runs_this_invocation_may_measure(tmp_path, capsys):
     """Rows of later rounds already measured are not this invocation's progress: a resume of
     round 0, with both rounds of one system measured and round 1 of the other, counts 4 runs,
