@@ -124,7 +124,7 @@ sweep() {
   [ -f "$dir/calibration.json" ] && resume=(--calibrate-machine)  # a resumed folder: another machine
   # rows during which the hypervisor or other processes took cores are measured again, once
   # (the replaced ones kept in DIR/raw-disturbed.csv); REMEASURE_DISTURBED=0 keeps them
-  [ "${REMEASURE_DISTURBED:-1}" = 1 ] && resume+=(--remeasure-disturbed)
+  [ "${REMEASURE_DISTURBED:-1}" != 0 ] && resume+=(--remeasure-disturbed)
   # a new run folder takes this machine's calibration when the orchestration stage just measured
   # one (the same `calibrate`, same kernel choice): it saves the minute a second one costs
   if [ ! -f "$dir/calibration.json" ] && [ -f "$OUT/orchestration/calibration.json" ]; then

@@ -563,7 +563,7 @@ def plot(summary: pd.DataFrame, out: Path) -> list[Path]:
 
 
 def render(run_dir: str | Path) -> pd.DataFrame:
-    from harness.runner import DISTURBED_RAW, read_raw
+    from harness.runner import DISTURBED_RAW, read_raw, same_measurement
 
     run_dir = Path(run_dir)
     if not (run_dir / "matrix.json").exists():
@@ -580,7 +580,9 @@ def render(run_dir: str | Path) -> pd.DataFrame:
         calibration = json.loads((run_dir / "calibration.json").read_text())
         machines = machine_calibrations_named(raw, run_dir)
         tables += bounds_markdown(summary, calibration, raw, matrix.get("compared") or matrix["systems"], machines)
-    tables += disturbance_markdown(raw, calibration, read_raw(run_dir / DISTURBED_RAW))
+    # a kept row raw.csv still holds was not replaced (the sweep stopped between the two writes)
+    replaced = [r for r in read_raw(run_dir / DISTURBED_RAW) if not any(same_measurement(r, x) for x in raw)]
+    tables += disturbance_markdown(raw, calibration, replaced)
     write_text_atomic(run_dir / "tables.md", tables)
     plot(summary, run_dir)
     return summary
@@ -601,6 +603,7 @@ def disturbance_markdown(raw: list[dict], calibration: dict | None, replaced: li
             "policies in these rows divided the work by its latencies, not the host's.",
             "",
         ]
+    tables = 0
     for rows, heading in (
         (raw, "Rows measured while other processes or the hypervisor kept over {} cores busy:"),
         (replaced, "Rows measured again (`--remeasure-disturbed`), kept in raw-disturbed.csv, over {} cores busy:"),
@@ -611,15 +614,15 @@ def disturbance_markdown(raw: list[dict], calibration: dict | None, replaced: li
             cell = f"{_int(row['input_tokens'])}/{_int(row['run_output_tokens'])} w{_int(row['beam_width'])}"
             busy.append(f"| {row['system']} | {cell} | {_int(row['prompt_index'])} | {other:.2f} | {steal:.2f} |")
         if busy:
-            lines += [
+            lines += [""] * bool(tables) + [
                 heading.format(BUSY_CORES_LIMIT),
                 "",
                 "| system | input/output, beams | prompt | other processes' cores | hypervisor's (steal) |",
                 "|---|---|---|---|---|",
                 *busy,
-                "",
             ]
-    return "\n".join(["", "## Host disturbance", "", *lines]).rstrip("\n") + "\n" if lines else ""
+            tables += 1
+    return "\n".join(["", "## Host disturbance", "", *lines]) + "\n" if lines else ""
 
 
 def _cpu_path_per_job(row: dict) -> dict[str, float] | None:

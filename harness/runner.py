@@ -27,8 +27,9 @@ row, the traceback in the log) for the runs it had left, and the sweep goes on w
 system; a resumed sweep runs failed rows again (each stays on record until it is measured anew).
 With ``remeasure_disturbed`` it also measures again, once, the rows during which other processes
 or the hypervisor took cores (``harness.timing.disturbed``), each replaced row kept in
-``DISTURBED_RAW`` (a failure to measure it again leaves it in raw.csv; a row measured again
-stands, disturbed or not, so a host that stays noisy costs one more generation per row).
+``DISTURBED_RAW`` (a failure to measure it again is a ``failed`` row like any other, retried
+by the next resume, the measurement kept there meanwhile; a row measured again stands,
+disturbed or not, so a host that stays noisy costs one more generation per row).
 The reference system (for token agreement) runs like the others."""
 
 from __future__ import annotations
@@ -146,12 +147,17 @@ def _write_raw(path: Path, rows: list[dict]) -> None:
         raise
 
 
+def same_measurement(a: dict, b: dict) -> bool:
+    """Two raw rows of one generation: the same run and the same step times."""
+    return _key(a) == _key(b) and str(a["step_times_s"]) == str(b["step_times_s"])
+
+
 def _set_aside(path: Path, row: dict) -> None:
-    """Keep a measured row that is about to be replaced (written before raw.csv is, so a crash
-    between the two writes finds it in both files, never in neither; once only)."""
+    """Keep a measured row that is about to be replaced, once. Written before raw.csv is: a
+    crash between the two writes leaves it in both files, never in neither, and the resume
+    measures it again (it is not yet replaced there)."""
     kept = read_raw(path)
-    same = [r for r in kept if _key(r) == _key(row) and str(r["step_times_s"]) == str(row["step_times_s"])]
-    if not same:
+    if not any(same_measurement(r, row) for r in kept):
         _write_raw(path, [*kept, row])
 
 
@@ -233,7 +239,9 @@ def run_sweep(spec: SweepSpec) -> Path:
     # record) until its run is measured anew
     rows = {_key(r): r for r in read_raw(raw_path)}
     # a disturbed row is measured again once: on a host that stays noisy the second one stands
-    again = set() if not spec.remeasure_disturbed else {_key(r) for r in read_raw(spec.out / DISTURBED_RAW)}
+    # (a row kept there that raw.csv still holds was not replaced yet: a crash between the writes)
+    kept = read_raw(spec.out / DISTURBED_RAW) if spec.remeasure_disturbed else []
+    again = {_key(r) for r in kept if _key(r) in rows and not same_measurement(r, rows[_key(r)])}
     done = {
         key
         for key, r in rows.items()
@@ -262,12 +270,18 @@ def run_sweep(spec: SweepSpec) -> Path:
         except Exception:  # a record, not a condition of the measurement: the rows then name none
             log.exception("could not calibrate this machine; its rows name no machine calibration")
 
+    def put(row: dict) -> None:
+        """Into ``rows``; a measurement it replaces (a disturbed row measured again, or that
+        failed to be) is kept in ``DISTURBED_RAW`` first."""
+        old = rows.get(_key(row))
+        if old is not None and old["status"] in MEASURED_ROW_STATUSES:
+            _set_aside(spec.out / DISTURBED_RAW, old)
+        rows[_key(row)] = row
+
     def record(name: str, todo: list[tuple[Run, int]], status: str, reason: str) -> None:
         """One row per run the system still had to do, all with the same status."""
         for run, index in todo:
-            row = base | _row_key(name, run, index) | {"status": status, "reason": reason}
-            if rows.get(_key(row), {}).get("status") not in MEASURED_ROW_STATUSES:
-                rows[_key(row)] = row  # a disturbed measurement outranks a failure to measure it again
+            put(base | _row_key(name, run, index) | {"status": status, "reason": reason})
             progress.step(name, run, index)
         _write_raw(raw_path, list(rows.values()))
 
@@ -312,9 +326,7 @@ def run_sweep(spec: SweepSpec) -> Path:
                 run, index = todo[0]
                 prompt = bank.prompts(run.scenario, run.input_tokens)[index]
                 row = base | _row_key(name, run, index) | _measure(system, run, prompt, spec, budget, machine)
-                if rows.get(_key(row), {}).get("status") in MEASURED_ROW_STATUSES:  # a disturbed row, again
-                    _set_aside(spec.out / DISTURBED_RAW, rows[_key(row)])
-                rows[_key(row)] = row
+                put(row)
                 todo.pop(0)
                 _write_raw(raw_path, list(rows.values()))  # atomically, after every run
                 progress.step(name, run, index)

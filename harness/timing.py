@@ -65,7 +65,8 @@ def steps_within(limit_s: float | None, ttft_s: float, step_s: float, wanted_ste
 
 def host_disturbance(row: dict) -> tuple[float, float]:
     """(cores other processes kept busy, cores the hypervisor took) while a raw row ran; zeros
-    for rows from before the harness recorded them."""
+    where nothing was recorded (rows from before the harness recorded it, or a generation too
+    short for ``fiddler.host_load`` to know)."""
     load = json.loads(row.get("telemetry") or "{}")
     return float(load.get("host_other_busy_cores", 0.0)), float(load.get("host_steal_cores", 0.0))
 

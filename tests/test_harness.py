@@ -572,20 +572,42 @@ def _same_run(a: dict, b: dict) -> bool:
     return all(str(a[k]) == str(b[k]) for k in KEY)
 
 
-def test_a_disturbed_row_stays_when_measuring_it_again_fails(tmp_path, monkeypatch):
+def test_a_disturbed_row_that_fails_to_be_measured_again_is_a_failed_row_until_it_is(tmp_path, monkeypatch):
+    """The failure is on record (and a resume retries it); the measurement is kept meanwhile."""
     from harness import runner
 
-    first = dataclasses.replace(spec(tmp_path, systems=("expert-lru",)), reference=None)
+    first = dataclasses.replace(spec(tmp_path, systems=("expert-lru",)), reference=None, remeasure_disturbed=True)
     out = run_sweep(first)
     _mark_disturbed(out, "expert-lru", 0, 0.9)
-    before = read_raw(out / "raw.csv")
+    original = runner.load_system
 
     def broken(name, options):
         raise RuntimeError("the GPU went away")
 
     monkeypatch.setattr(runner, "load_system", broken)
-    run_sweep(dataclasses.replace(first, remeasure_disturbed=True))
-    assert read_raw(out / "raw.csv") == before and not (out / runner.DISTURBED_RAW).exists()
+    run_sweep(first)
+    statuses = sorted(r["status"] for r in read_raw(out / "raw.csv"))
+    assert statuses == ["failed", "ok", "ok", "ok"] and len(read_raw(out / runner.DISTURBED_RAW)) == 1
+    monkeypatch.setattr(runner, "load_system", original)
+    run_sweep(first)
+    assert {r["status"] for r in read_raw(out / "raw.csv")} == {"ok"}
+    assert len(read_raw(out / runner.DISTURBED_RAW)) == 1
+
+
+def test_a_sweep_stopped_between_setting_aside_and_replacing_measures_the_row_again(tmp_path, monkeypatch, loads):
+    from harness import runner
+
+    first = dataclasses.replace(spec(tmp_path, systems=("expert-lru",)), reference=None, remeasure_disturbed=True)
+    out = run_sweep(first)
+    _mark_disturbed(out, "expert-lru", 0, 0.9)
+    disturbed_row = next(r for r in read_raw(out / "raw.csv") if "0.9" in r["telemetry"])
+    runner._set_aside(out / runner.DISTURBED_RAW, disturbed_row)  # the first write, then the stop
+    render(out)
+    assert "kept in raw-disturbed.csv" not in (out / "tables.md").read_text()  # not replaced yet
+    loads.clear()
+    run_sweep(first)
+    assert loads == ["expert-lru"] and len(read_raw(out / runner.DISTURBED_RAW)) == 1
+    assert not any(runner.same_measurement(r, disturbed_row) for r in read_raw(out / "raw.csv"))
 
 
 def test_progress_counts_only_the_runs_this_invocation_may_measure(tmp_path, capsys):
