@@ -14,10 +14,12 @@ layer outside the plan (the simulator's ``step_overhead_per_layer_s``, plus
 CPU job per such layer). ``prefill_markdown`` renders the rows. A folder without raw rows, or
 none with prefill counters, gives an empty frame: the breakdown is an addendum to validation.
 
-Why: the simulator prices a Fiddler layer as the engine's plan plus the profile's overheads, so
+Why: the simulator prices a Fiddler layer as the engine's plan plus the profile's overheads (in
+the prefill, the plan's CPU compute scaled by the profile's ``prefill_cpu_factor_by_rows``), so
 when its TTFT misses, either the plan's prices were wrong (CPU compute against the plan, where
 the plan is the CPU's alone) or the host spent time outside any plan (the rest against the
-profile's overheads).
+profile's overheads). The plan here is the run's own, made with the executor's in-run
+corrections, so it shows the CPU's speed as the run learned it, not as calibrated.
 """
 
 from __future__ import annotations
