@@ -17,7 +17,7 @@ warmed up with one generation before its first measured one. Every row is writte
 atomically as soon as it is measured, so an interrupted sweep resumes where it stopped, with no
 duplicate or lost row (``spec.out`` found with a ``raw.csv``: finished runs are skipped; only
 ``RESUMABLE_WITH_OTHER`` (the folder, the time limit, ``no_new_system_after_s``,
-``calibrate_machine``, ``rounds``) may differ from the settings that started it; past that many
+``calibrate_machine``, ``rounds``, ``remeasure_disturbed``) may differ from the settings that started it; past that many
 seconds no further system is loaded and the sweep returns, to be resumed). A per-run time limit
 makes slow systems generate only the steps that fit (the cells beyond are extrapolated by the
 report, marked so). A system that cannot run within its budget gets one ``refused`` row per
@@ -240,13 +240,12 @@ def run_sweep(spec: SweepSpec) -> Path:
     rows = {_key(r): r for r in read_raw(raw_path)}
     # a disturbed row is measured again once: on a host that stays noisy the second one stands
     # (a row kept there that raw.csv still holds was not replaced yet: a crash between the writes)
-    kept = read_raw(spec.out / DISTURBED_RAW) if spec.remeasure_disturbed else []
-    again = {_key(r) for r in kept if _key(r) in rows and not same_measurement(r, rows[_key(r)])}
-    done = {
-        key
-        for key, r in rows.items()
-        if r["status"] != "failed" and not (spec.remeasure_disturbed and disturbed(r) and key not in again)
-    }
+    remeasure = set()
+    if spec.remeasure_disturbed:
+        kept = read_raw(spec.out / DISTURBED_RAW)
+        again = {_key(r) for r in kept if _key(r) in rows and not same_measurement(r, rows[_key(r)])}
+        remeasure = {key for key, r in rows.items() if disturbed(r) and key not in again}
+    done = {key for key, r in rows.items() if r["status"] != "failed"} - remeasure
     longest = max(r.input_tokens + r.output_tokens for r in plan)
     # what this invocation may measure; rows of later rounds or other systems are not its progress
     scope = {_key(_row_key(name, r, i)) for name in systems for r in plan for i in range(rounds)}

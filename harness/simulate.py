@@ -316,10 +316,11 @@ class _Simulator:
             predicted = plan.predicted_s
             if prefill and (plan.cpu or plan.split):  # planned as the engine would, priced at prefill's CPU speed
                 factor = self.hw.prefill_cpu_factor(sum(routed.values()) / len(routed))
-                priced = model.with_cpu_factor(factor)
-                predicted = predict_layer(
-                    routed, plan.gpu, plan.cpu, plan.copy, priced, STAGING_SLOTS, plan.split, down
-                )
+                if factor != 1.0:  # (1.0: the plan's own price)
+                    priced = model.with_cpu_factor(factor)
+                    predicted = predict_layer(
+                        routed, plan.gpu, plan.cpu, plan.copy, priced, STAGING_SLOTS, plan.split, down
+                    )
             hits = sum(routed[e] for e in plan.gpu)
             copied = len(plan.copy) + ((self.blocks - plan.split.cpu_blocks) / self.blocks if plan.split else 0)
             # the host work around a CPU job (hand-off, gathering rows, results up) that the
