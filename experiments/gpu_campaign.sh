@@ -4,26 +4,25 @@
 # (kernels + orchestration ~6 min; baselines ~8 min; quick ~8 min). Results are packed into $OUT/campaign.tar.gz (the device tool
 # returns at most 8 files). Usage, on the GPU host from the repository root:
 #   bash experiments/gpu_campaign.sh kernels orchestration baselines quick
-# What is left (plan of 2026-12-01, twelfth session; ~30 GPU minutes a session, a fresh machine
+# What is left (plan of 2026-12-01, thirteenth session; ~30 GPU minutes a session, a fresh machine
 # costs ~1 minute of it, and a machine goes back 30 s after a call: take the results and commit
-# at once). Done: orchestration runs 10-11 (run 11: the timed prefill at 128/256 tokens),
-# prefill24 and beam24 (whole), llama v1 and v3 (v2 on a disturbed calibration), cpu-sustained,
-# sweep24 round 0 (whole) and round 1 for fiddler-hybrid, expert-lru, fiddler-paper and
-# layer-streaming, sweep48 round 0 (whole). After each call run
+# at once). Done: orchestration runs 10-12 (11: the timed prefill at 128/256 tokens; 12: beam
+# steps timed, `orchestration-beam`), prefill24 and beam24 (whole), llama v1 and v3 (v2 on a
+# disturbed calibration), cpu-sustained, sweep24 round 0 (whole) and 28 of round 1's 36 (64 of
+# 108), sweep48 round 0 (whole). After each call run
 # `bash tools/take_campaign_results.sh DIR` (DIR: the folder its files came back to) and commit
 # BEFORE the next call: the tree travels with each call, and a sweep resumes from the rows it
 # carries (the seventh session re-measured a piece for want of this). Pass carry [".carry"]
 # (the tokenizer; llama.cpp's CUDA programs as xz parts, unpacked instead of the ~6-minute build).
 # Sweeps count SWEEP_SECONDS from the script's start, so stages chain within one call; a resumed
 # sweep calibrates its machine first (~15 s, machine-calibrations/ in the run folder). Next:
-#   1. The rest of sweep24's round 1 and its round 2 (`SWEEP_SECONDS=565 ... sweep24`; 55
-#      generations: ~7 calls, first measuring again fiddler-hybrid's three round-1 rows that the
-#      hypervisor disturbed: sweeps pass --remeasure-disturbed), then sweep48's rounds 1-2
-#      (`... sweep48`, 32: ~4-5 calls).
-#   Issue 7, optional (~4 min): `orchestration-beam` (where hybrid's beam steps lose the time the
-#      simulator does not see: results/h200-beam-search-24gb/README.md, last item); and the cause
-#      of the prefill CPU job's 1.06-1.28x over decode's (results/orchestration-h200/ run 11): time
-#      the kernel at 32-64 tokens from the engine's worker on its pinned expert pool.
+#   1. The rest of sweep24's round 1 (expert-lru-prefetch at 256 in, fiddler-cpu-experts,
+#      fiddler-copy-experts: 9 generations) and its round 2 (35): `SWEEP_SECONDS=565 ... sweep24`,
+#      ~6 calls (sweeps pass --remeasure-disturbed: a row during which the hypervisor took over
+#      half a core is measured again, once); then sweep48's rounds 1-2 (`... sweep48`, 32: ~4-5
+#      calls). Three calls fit a session (~26-29 device minutes).
+#   Optional: the cause of the prefill CPU job's 1.06-1.28x over decode's (results/orchestration-h200/
+#      run 11): time the kernel at 32-64 tokens from the engine's worker on its pinned expert pool.
 # Stages (in the order given):
 #   kernels        issue 6: CPU expert paths x tokens x threads, alone and beside copies
 #   orchestration  issues 3/6: calibration (kernel chosen by measurement), correctness, every

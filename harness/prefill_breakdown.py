@@ -10,8 +10,8 @@ predictions, with the routing the run met: the CPU path's, the copies' and the a
 work together); the CPU path's compute and the main thread's wait for it; the rest, (TTFT -
 planned) per decoder layer, the median of each row's; and what the hardware profile adds per
 layer outside the plan (the simulator's ``step_overhead_per_layer_s``, plus
-``prefill_cpu_path_overhead_per_layer_s`` on the share of layers whose plan used the CPU: one
-CPU job per such layer). ``prefill_markdown`` renders the rows. A folder without raw rows, or
+its ``cpu_path_overhead_s_by_tokens`` at the prompt's tokens on the share of layers whose plan
+used the CPU: one CPU job per such layer). ``prefill_markdown`` renders the rows. A folder without raw rows, or
 none with prefill counters, gives an empty frame: the breakdown is an addendum to validation.
 
 Why: the simulator prices a Fiddler layer as the engine's plan plus the profile's overheads (in
@@ -70,7 +70,7 @@ def prefill_breakdown(run_dir: str | Path, hardware: str) -> pd.DataFrame:
                 "cpu_wait_s": prefill.get("cpu_wait_s", 0.0),
                 "rest_per_layer_ms": 1e3 * (ttft - prefill["predicted_s"]) / layers,
                 "profile_per_layer_ms": 1e3
-                * (hw.step_overhead_per_layer_s + cpu_share * hw.prefill_cpu_path_overhead_per_layer_s),
+                * (hw.step_overhead_per_layer_s + cpu_share * hw.cpu_path_overhead(int(row["input_tokens"]))),
             }
         )
     rows = [

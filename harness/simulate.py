@@ -14,9 +14,10 @@ The model of each system, per decoder layer and forward pass over T new tokens:
 - Fiddler's policies: the engine's own placement (``fiddler.placement``), latency model
   (``fiddler.cost_model``) and planner (``fiddler.planner``): the planner's predicted time,
   plus the profile's host overhead around the CPU path in a layer whose plan uses the CPU
-  (``cpu_path_overhead_per_layer_s``: the planner counts the CPU's compute and the activations'
-  transfers, not the hand-off around them; ``prefill_cpu_path_overhead_per_layer_s`` in the
-  prefill pass, whose hand-off moves every prompt row and starts later); in the prefill pass
+  (``cpu_path_overhead_s_by_tokens`` at the pass's tokens: the planner counts the CPU's compute
+  and the activations' transfers, not the hand-off around them, which sorts, gathers and sends
+  down every row of the pass and brings the results up, so it grows from a decode step's one
+  token to a beam step's few and a prompt's many); in the prefill pass
   the plan (made as the engine makes it, from the calibration) is priced with the CPU's
   compute scaled by ``prefill_cpu_factor_by_rows`` at the layer's rows per routed expert
   (measured: a prefill CPU job against decode's in the same run);
@@ -66,10 +67,13 @@ HARDWARE_FIELDS = (
     "cpu_mem_gb_per_s",
     "cpu_tflops",
     "step_overhead_per_layer_s",
-    "cpu_path_overhead_per_layer_s",
-    "prefill_cpu_path_overhead_per_layer_s",
 )
-PREFILL_CPU_CURVE = "prefill_cpu_factor_by_rows"  # a list of pairs, beside the numbers above
+# curves beside the numbers above: lists of [x, y] pairs, x strictly increasing, interpolated
+# linearly and held flat beyond the first and last points; what x and y are, and whether y may be 0
+CURVES = {
+    "prefill_cpu_factor_by_rows": ("[rows per expert, factor]", False),
+    "cpu_path_overhead_s_by_tokens": ("[tokens in the pass, seconds per layer]", True),
+}
 SIMULATED_SYSTEMS = (
     *(f"fiddler-{p}" for p in POLICIES),
     "gpu-resident",
@@ -90,22 +94,31 @@ class Hardware:
     cpu_mem_gb_per_s: float
     cpu_tflops: float
     step_overhead_per_layer_s: float
-    cpu_path_overhead_per_layer_s: float
-    prefill_cpu_path_overhead_per_layer_s: float
     # (rows per expert, factor): a prefill CPU job's compute against decode's at the same
-    # calibration, held flat beyond the first and last points
+    # calibration
     prefill_cpu_factor_by_rows: tuple[tuple[float, float], ...] = ((1.0, 1.0),)
+    # (tokens in the pass, seconds): the host's work around the CPU path in a layer that uses it
+    cpu_path_overhead_s_by_tokens: tuple[tuple[float, float], ...] = ((1.0, 0.0),)
 
     def prefill_cpu_factor(self, rows_per_expert: float) -> float:
         """The prefill CPU factor at this many rows per routed expert (the layer's rows over every
-        expert it routed to, resident or not, as the curve was measured), interpolated linearly."""
-        points = self.prefill_cpu_factor_by_rows
-        if rows_per_expert <= points[0][0]:
-            return points[0][1]
-        for (x0, y0), (x1, y1) in itertools.pairwise(points):
-            if rows_per_expert <= x1:
-                return y0 + (y1 - y0) * (rows_per_expert - x0) / (x1 - x0)
-        return points[-1][1]
+        expert it routed to, resident or not, as the curve was measured)."""
+        return _interpolate(self.prefill_cpu_factor_by_rows, rows_per_expert)
+
+    def cpu_path_overhead(self, tokens: int) -> float:
+        """Seconds of host work around the CPU path of a layer whose plan uses it, in a pass over
+        this many tokens (decode: 1; a beam step: the width; a prefill: the prompt)."""
+        return _interpolate(self.cpu_path_overhead_s_by_tokens, tokens)
+
+
+def _interpolate(points: tuple[tuple[float, float], ...], x: float) -> float:
+    """The curve's value at x: linear between its points, flat beyond its ends."""
+    if x <= points[0][0]:
+        return points[0][1]
+    for (x0, y0), (x1, y1) in itertools.pairwise(points):
+        if x <= x1:
+            return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+    return points[-1][1]
 
 
 def profile_names() -> list[str]:
@@ -121,8 +134,8 @@ def load_profile(name_or_path: str) -> tuple[dict, Hardware]:
     data = json.loads(path.read_text())
     validate_profile(data, str(path))
     section = data["hardware"]
-    curve = tuple((float(rows), float(factor)) for rows, factor in section[PREFILL_CPU_CURVE])
-    return data, Hardware(**{k: float(section[k]) for k in HARDWARE_FIELDS}, prefill_cpu_factor_by_rows=curve)
+    curves = {name: tuple((float(x), float(y)) for x, y in section[name]) for name in CURVES}
+    return data, Hardware(**{k: float(section[k]) for k in HARDWARE_FIELDS}, **curves)
 
 
 def profile_with_calibration(name_or_path: str, calibration_path: str | Path) -> tuple[dict, Hardware]:
@@ -148,28 +161,34 @@ def validate_profile(data: dict, where: str) -> None:
         k for k in ("token_counts", "cpu_expert_s", "gpu_expert_s", "copy_expert_s", "concurrent") if k not in data
     ]
     hardware = data.get("hardware", {})
-    missing += [f"hardware.{k}" for k in (*HARDWARE_FIELDS, PREFILL_CPU_CURVE) if k not in hardware]
+    missing += [f"hardware.{k}" for k in (*HARDWARE_FIELDS, *CURVES) if k not in hardware]
     if missing:
         raise ValueError(f"{where} lacks {missing}: add them (see harness/hardware/*.json)")
-    curve = hardware[PREFILL_CPU_CURVE]
-    number = (int, float)
-    pairs_ok = (
-        isinstance(curve, list)
-        and bool(curve)
-        and all(isinstance(p, list) and len(p) == 2 and all(isinstance(v, number) for v in p) for p in curve)
-    )
-    rows = [p[0] for p in curve] if pairs_ok else []
-    if not pairs_ok or rows != sorted(set(rows)) or min(min(p) for p in curve) <= 0:
-        raise ValueError(
-            f"{where}: hardware.{PREFILL_CPU_CURVE} must list [rows per expert, factor] pairs, "
-            "rows strictly increasing, every value positive (e.g. [[1, 1.0]]: no change)"
-        )
+    for name, (pairs, zero_allowed) in CURVES.items():
+        _check_curve(hardware[name], f"{where}: hardware.{name}", pairs, zero_allowed)
     profile = data.get("profile", {})
     if not profile.get("measured", False) and not profile.get("assumptions"):
         raise ValueError(f"{where} is written from specifications but states no assumptions")
     for key in ("cpu_expert_s", "gpu_expert_s"):
         if len(data[key]) != len(data["token_counts"]) or min(data[key]) <= 0:
             raise ValueError(f"{where}: {key} must give a positive time for every token count")
+
+
+def _check_curve(curve: object, where: str, pairs: str, zero_allowed: bool) -> None:
+    number = (int, float)
+    pairs_ok = (
+        isinstance(curve, list)
+        and bool(curve)
+        and all(
+            isinstance(p, list) and len(p) == 2 and all(isinstance(v, number) and not isinstance(v, bool) for v in p)
+            for p in curve
+        )
+    )
+    xs = [p[0] for p in curve] if pairs_ok else []  # type: ignore[union-attr]
+    ys = [p[1] for p in curve] if pairs_ok else []  # type: ignore[union-attr]
+    if not pairs_ok or xs != sorted(set(xs)) or min(xs) <= 0 or min(ys) < 0 or (not zero_allowed and min(ys) == 0):
+        value = "every value non-negative, x positive" if zero_allowed else "every value positive"
+        raise ValueError(f"{where} must list {pairs} pairs, x strictly increasing, {value} (e.g. [[1, 1.0]])")
 
 
 class RoutingSampler:
@@ -325,10 +344,7 @@ class _Simulator:
             copied = len(plan.copy) + ((self.blocks - plan.split.cpu_blocks) / self.blocks if plan.split else 0)
             # the host work around a CPU job (hand-off, gathering rows, results up) that the
             # planner does not count: the plan is the engine's, its price the host's
-            overhead = (
-                self.hw.prefill_cpu_path_overhead_per_layer_s if prefill else self.hw.cpu_path_overhead_per_layer_s
-            )
-            handoff = overhead if plan.cpu or plan.split else 0.0
+            handoff = self.hw.cpu_path_overhead(tokens) if plan.cpu or plan.split else 0.0
             return predicted + handoff, hits, int(copied * self.expert_bytes)
         if system == "expert-lru":  # as baselines.expert_lru: hits first, then misses in order
             cache: collections.OrderedDict = state["lru"][layer]

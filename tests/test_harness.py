@@ -809,7 +809,7 @@ def test_prefill_breakdown_sets_fiddlers_ttft_against_its_own_plan(sweep, tmp_pa
         ]
         rests = [1e3 * (ttft - p["predicted_s"]) / layers for ttft, p, layers in raw]
         profiles = [
-            1e3 * (hw.step_overhead_per_layer_s + p["cpu_jobs"] / layers * hw.prefill_cpu_path_overhead_per_layer_s)
+            1e3 * (hw.step_overhead_per_layer_s + p["cpu_jobs"] / layers * hw.cpu_path_overhead(r.input_tokens))
             for _, p, layers in raw
         ]
         assert r.rest_per_layer_ms == pytest.approx(statistics.median(rests))

@@ -38,20 +38,64 @@ def test_bad_profiles_are_refused(tmp_path):
         validate_profile(broken, "x")
     with pytest.raises(FileNotFoundError, match="neither a profile"):
         load_profile(str(tmp_path / "none.json"))
-    # rows out of order, a zero, empty, no factor, not numbers
-    for curve in ([[8, 1.0], [4, 1.1]], [[1, 0.0]], [], [[1]], [["8", 1.0]], [[1, None]]):
+    # x out of order, a zero factor, empty, no value, not numbers, a zero or negative x
+    for curve in ([[8, 1.0], [4, 1.1]], [[1, 0.0]], [], [[1]], [["8", 1.0]], [[1, None]], [[0, 1.0]], [[True, 1.0]]):
         broken = copy.deepcopy(data)
         broken["hardware"]["prefill_cpu_factor_by_rows"] = curve
         with pytest.raises(ValueError, match="prefill_cpu_factor_by_rows"):
             validate_profile(broken, "x")
+    # an overhead may be zero (the paper environments'), not negative
+    for curve, refused in (([[1, 0.0]], False), ([[1, -0.001]], True), ([[8, 0.001], [1, 0.0]], True)):
+        changed = copy.deepcopy(data)
+        changed["hardware"]["cpu_path_overhead_s_by_tokens"] = curve
+        if refused:
+            with pytest.raises(ValueError, match="cpu_path_overhead_s_by_tokens"):
+                validate_profile(changed, "x")
+        else:
+            validate_profile(changed, "x")
 
 
-def test_prefill_cpu_factor_interpolates_and_holds_flat_outside():
+def test_profile_curves_interpolate_and_hold_flat_outside():
     _, hw = load_profile("h200-host")
-    (first_rows, first), *_, (last_rows, last) = hw.prefill_cpu_factor_by_rows
-    assert hw.prefill_cpu_factor(first_rows / 2) == first and hw.prefill_cpu_factor(10 * last_rows) == last
-    (x0, y0), (x1, y1) = hw.prefill_cpu_factor_by_rows[1:3]
-    assert hw.prefill_cpu_factor((x0 + x1) / 2) == pytest.approx((y0 + y1) / 2)
+    for points, at in (
+        (hw.prefill_cpu_factor_by_rows, hw.prefill_cpu_factor),
+        (hw.cpu_path_overhead_s_by_tokens, hw.cpu_path_overhead),
+    ):
+        (first_x, first), *_, (last_x, last) = points
+        assert at(first_x / 2) == first and at(10 * last_x) == last
+        (x0, y0), (x1, y1) = points[1:3]
+        assert at((x0 + x1) / 2) == pytest.approx((y0 + y1) / 2)
+
+
+def test_cpu_path_overhead_follows_the_passs_tokens(tmp_path):
+    """The host's work around the CPU path is priced at the pass's tokens: raising the curve at
+    a beam step's width slows beam decode of a policy that uses the CPU, and neither a one-token
+    decode step nor copy-experts (no CPU path)."""
+    data, _ = load_profile("h200-host")
+    width = 8
+    slower = copy.deepcopy(data)
+    slower["hardware"]["cpu_path_overhead_s_by_tokens"] = [[1, 0.00062], [width, 0.05]]
+    path = tmp_path / "slow-beam-handoff.json"
+    path.write_text(json.dumps(slower))
+    systems = ("fiddler-paper", "fiddler-copy-experts")
+
+    def simulated(hardware, scenario_cells):
+        spec = SimulationSpec(
+            systems=systems,
+            cells=tuple(scenario_cells),
+            config=MIXTRAL,
+            hardware=hardware,
+            gpu_memory_gb=24.0,
+            samples=2,
+        )
+        return {r["system"]: r["decode_tokens_per_s"] for r in simulate(spec)}
+
+    one = cells("single-batch", inputs=(32,), outputs=(8,))
+    beam = cells("beam-search", inputs=(32,), outputs=(8,), beam_widths=(width,))
+    assert simulated(str(path), one) == pytest.approx(simulated("h200-host", one))
+    base, slow = simulated("h200-host", beam), simulated(str(path), beam)
+    assert slow["fiddler-paper"] < 0.8 * base["fiddler-paper"]
+    assert slow["fiddler-copy-experts"] == pytest.approx(base["fiddler-copy-experts"])
 
 
 def test_prefill_cpu_factor_prices_only_the_prefills_cpu_work(tmp_path):
@@ -73,8 +117,8 @@ def test_prefill_cpu_factor_prices_only_the_prefills_cpu_work(tmp_path):
 def test_decode_step_is_the_planners_prediction_summed_over_layers(tmp_path):
     """With a routing trace, one decode step = head + sum over layers of (dense part + the
     planner's predicted MoE time + the profile's overhead around the CPU path where the plan
-    uses the CPU): the simulator adds nothing else of its own to the MoE part. The prefill (here
-    one token routed as the decode step) is the same sum with the prefill's CPU-path overhead."""
+    uses the CPU, at the pass's one token): the simulator adds nothing else of its own to the MoE
+    part. The prefill (here one token routed as the decode step) is the same sum."""
     config = MIXTRAL.with_layers(2)
     trace = [[[[0, 1]], [[2, 5]]]]  # one step; layer 0 routes its token to experts 0 and 1, layer 1 to 2 and 5
     path = tmp_path / "trace.json"
@@ -108,10 +152,9 @@ def test_decode_step_is_the_planners_prediction_summed_over_layers(tmp_path):
         )
         uses_cpu = bool(plan.cpu or plan.split)
         cpu_layers += uses_cpu
-        expected += sim.dense_layer_s(1, 2 + 0) + plan.predicted_s + uses_cpu * hw.cpu_path_overhead_per_layer_s
-        ttft += sim.dense_layer_s(1, 1) + plan.predicted_s + uses_cpu * hw.prefill_cpu_path_overhead_per_layer_s
-    assert cpu_layers and hw.cpu_path_overhead_per_layer_s > 0, "the trace should send some expert to the CPU"
-    assert hw.prefill_cpu_path_overhead_per_layer_s != hw.cpu_path_overhead_per_layer_s  # told apart
+        expected += sim.dense_layer_s(1, 2 + 0) + plan.predicted_s + uses_cpu * hw.cpu_path_overhead(1)
+        ttft += sim.dense_layer_s(1, 1) + plan.predicted_s + uses_cpu * hw.cpu_path_overhead(1)
+    assert cpu_layers and hw.cpu_path_overhead(1) > 0, "the trace should send some expert to the CPU"
     assert 1 / row["decode_tokens_per_s"] == pytest.approx(expected)
     assert row["ttft_s"] == pytest.approx(ttft)
 
