@@ -9,10 +9,11 @@ TTFT; the planner's own prediction of the prefill's MoE layers (the sum of its p
 predictions, with the routing the run met: the CPU path's, the copies' and the accelerator's
 work together); the CPU path's compute and the main thread's wait for it; the rest, (TTFT -
 planned) per decoder layer, the median of each row's; and what the hardware profile adds per
-layer outside the plan (the simulator's ``step_overhead_per_layer_s``, plus
-its ``cpu_path_overhead_s_by_tokens`` at the prompt's tokens on the share of layers whose plan
-used the CPU: one CPU job per such layer). ``prefill_markdown`` renders the rows. A folder without raw rows, or
-none with prefill counters, gives an empty frame: the breakdown is an addendum to validation.
+layer outside the plan (the simulator's ``step_overhead_per_layer_s``, plus its
+``cpu_path_overhead_s_by_tokens`` at the prompt's tokens on the share of layers whose plan used
+the CPU: one CPU job per such layer). ``prefill_markdown`` renders the rows. A folder without
+raw rows, or none with prefill counters, gives an empty frame: the breakdown is an addendum to
+validation.
 
 Why: the simulator prices a Fiddler layer as the engine's plan plus the profile's overheads (in
 the prefill, the plan's CPU compute scaled by the profile's ``prefill_cpu_factor_by_rows``), so
