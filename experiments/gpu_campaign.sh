@@ -8,8 +8,8 @@
 # costs ~1 minute of it, and a machine goes back 30 s after a call: take the results and commit
 # at once). Done: orchestration runs 10-12 (11: the timed prefill at 128/256 tokens; 12: beam
 # steps timed, `orchestration-beam`), prefill24 and beam24 (whole), llama v1 and v3 (v2 on a
-# disturbed calibration), cpu-sustained, sweep24 round 0 (whole) and 28 of round 1's 36 (64 of
-# 108), sweep48 round 0 (whole). After each call run
+# disturbed calibration), cpu-sustained, sweep24 round 0 (whole), 27 of round 1's 36 and one of round 2's (64
+# of 108), sweep48 round 0 (whole). After each call run
 # `bash tools/take_campaign_results.sh DIR` (DIR: the folder its files came back to) and commit
 # BEFORE the next call: the tree travels with each call, and a sweep resumes from the rows it
 # carries (the seventh session re-measured a piece for want of this). Pass carry [".carry"]
@@ -18,7 +18,7 @@
 # sweep calibrates its machine first (~15 s, machine-calibrations/ in the run folder). Next:
 #   1. The rest of sweep24's round 1 (expert-lru-prefetch at 256 in, fiddler-cpu-experts,
 #      fiddler-copy-experts: 9 generations) and its round 2 (35): `SWEEP_SECONDS=565 ... sweep24`,
-#      ~6 calls (sweeps pass --remeasure-disturbed: a row during which the hypervisor took over
+#      ~7 calls (sweeps pass --remeasure-disturbed: a row during which the hypervisor took over
 #      half a core is measured again, once); then sweep48's rounds 1-2 (`... sweep48`, 32: ~4-5
 #      calls). Three calls fit a session (~26-29 device minutes).
 #   Optional: the cause of the prefill CPU job's 1.06-1.28x over decode's (results/orchestration-h200/

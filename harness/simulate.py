@@ -40,9 +40,11 @@ import dataclasses
 import itertools
 import json
 import logging
+import math
 import random
 import statistics
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -68,11 +70,22 @@ HARDWARE_FIELDS = (
     "cpu_tflops",
     "step_overhead_per_layer_s",
 )
+
+
+@dataclasses.dataclass(frozen=True)
+class CurveRule:
+    pairs: str  # what x and y are
+    zero_allowed: bool  # whether y may be 0
+    example: str  # a valid curve, for the error message
+
+
 # curves beside the numbers above: lists of [x, y] pairs, x strictly increasing, interpolated
-# linearly and held flat beyond the first and last points; what x and y are, and whether y may be 0
+# linearly and held flat beyond the first and last points
 CURVES = {
-    "prefill_cpu_factor_by_rows": ("[rows per expert, factor]", False),
-    "cpu_path_overhead_s_by_tokens": ("[tokens in the pass, seconds per layer]", True),
+    "prefill_cpu_factor_by_rows": CurveRule("[rows per expert, factor]", False, "[[1, 1.0]]: no change"),
+    "cpu_path_overhead_s_by_tokens": CurveRule(
+        "[tokens in the pass, seconds per layer]", True, "[[1, 0.0]]: no overhead"
+    ),
 }
 SIMULATED_SYSTEMS = (
     *(f"fiddler-{p}" for p in POLICIES),
@@ -105,7 +118,7 @@ class Hardware:
         expert it routed to, resident or not, as the curve was measured)."""
         return _interpolate(self.prefill_cpu_factor_by_rows, rows_per_expert)
 
-    def cpu_path_overhead(self, tokens: int) -> float:
+    def cpu_path_overhead(self, tokens: float) -> float:
         """Seconds of host work around the CPU path of a layer whose plan uses it, in a pass over
         this many tokens (decode: 1; a beam step: the width; a prefill: the prompt)."""
         return _interpolate(self.cpu_path_overhead_s_by_tokens, tokens)
@@ -164,8 +177,8 @@ def validate_profile(data: dict, where: str) -> None:
     missing += [f"hardware.{k}" for k in (*HARDWARE_FIELDS, *CURVES) if k not in hardware]
     if missing:
         raise ValueError(f"{where} lacks {missing}: add them (see harness/hardware/*.json)")
-    for name, (pairs, zero_allowed) in CURVES.items():
-        _check_curve(hardware[name], f"{where}: hardware.{name}", pairs, zero_allowed)
+    for name, rule in CURVES.items():
+        _check_curve(hardware[name], f"{where}: hardware.{name}", rule)
     profile = data.get("profile", {})
     if not profile.get("measured", False) and not profile.get("assumptions"):
         raise ValueError(f"{where} is written from specifications but states no assumptions")
@@ -174,21 +187,23 @@ def validate_profile(data: dict, where: str) -> None:
             raise ValueError(f"{where}: {key} must give a positive time for every token count")
 
 
-def _check_curve(curve: object, where: str, pairs: str, zero_allowed: bool) -> None:
-    number = (int, float)
+def _check_curve(curve: Any, where: str, rule: CurveRule) -> None:
+    def is_number(v: object) -> bool:
+        return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
     pairs_ok = (
         isinstance(curve, list)
         and bool(curve)
-        and all(
-            isinstance(p, list) and len(p) == 2 and all(isinstance(v, number) and not isinstance(v, bool) for v in p)
-            for p in curve
-        )
+        and all(isinstance(p, list) and len(p) == 2 and all(is_number(v) for v in p) for p in curve)
     )
-    xs = [p[0] for p in curve] if pairs_ok else []  # type: ignore[union-attr]
-    ys = [p[1] for p in curve] if pairs_ok else []  # type: ignore[union-attr]
-    if not pairs_ok or xs != sorted(set(xs)) or min(xs) <= 0 or min(ys) < 0 or (not zero_allowed and min(ys) == 0):
-        value = "every value non-negative, x positive" if zero_allowed else "every value positive"
-        raise ValueError(f"{where} must list {pairs} pairs, x strictly increasing, {value} (e.g. [[1, 1.0]])")
+    if pairs_ok:
+        xs, ys = [p[0] for p in curve], [p[1] for p in curve]
+        if xs == sorted(set(xs)) and min(xs) > 0 and min(ys) >= 0 and (rule.zero_allowed or min(ys) > 0):
+            return
+    value = "every value non-negative, x positive" if rule.zero_allowed else "every value positive"
+    raise ValueError(
+        f"{where} must list {rule.pairs} pairs of finite numbers, x strictly increasing, {value} (e.g. {rule.example})"
+    )
 
 
 class RoutingSampler:

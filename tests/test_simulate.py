@@ -38,8 +38,21 @@ def test_bad_profiles_are_refused(tmp_path):
         validate_profile(broken, "x")
     with pytest.raises(FileNotFoundError, match="neither a profile"):
         load_profile(str(tmp_path / "none.json"))
-    # x out of order, a zero factor, empty, no value, not numbers, a zero or negative x
-    for curve in ([[8, 1.0], [4, 1.1]], [[1, 0.0]], [], [[1]], [["8", 1.0]], [[1, None]], [[0, 1.0]], [[True, 1.0]]):
+    # x out of order, a zero factor, empty, no value, not numbers, a zero x, a negative x, a
+    # bool, not finite
+    for curve in (
+        [[8, 1.0], [4, 1.1]],
+        [[1, 0.0]],
+        [],
+        [[1]],
+        [["8", 1.0]],
+        [[1, None]],
+        [[0, 1.0]],
+        [[-1, 1.0]],
+        [[True, 1.0]],
+        [[1, float("nan")]],
+        [[1, float("inf")]],
+    ):
         broken = copy.deepcopy(data)
         broken["hardware"]["prefill_cpu_factor_by_rows"] = curve
         with pytest.raises(ValueError, match="prefill_cpu_factor_by_rows"):
@@ -96,6 +109,35 @@ def test_cpu_path_overhead_follows_the_passs_tokens(tmp_path):
     base, slow = simulated("h200-host", beam), simulated(str(path), beam)
     assert slow["fiddler-paper"] < 0.8 * base["fiddler-paper"]
     assert slow["fiddler-copy-experts"] == pytest.approx(base["fiddler-copy-experts"])
+
+
+def test_cpu_path_overhead_prices_the_prefill_at_the_prompts_tokens(tmp_path):
+    """Raising the curve only at a prompt's length slows the prefill (TTFT) of a policy that
+    uses the CPU at that length, and not one-token decode, nor a shorter prompt's prefill."""
+    data, _ = load_profile("h200-host")
+    slower = copy.deepcopy(data)
+    curve = slower["hardware"]["cpu_path_overhead_s_by_tokens"]  # the last point raised alone
+    (short, _), (prompt, _) = curve[-2:]
+    curve[-1][1] = 0.05
+    path = tmp_path / "slow-prefill-handoff.json"
+    path.write_text(json.dumps(slower))
+
+    def simulated(hardware, inputs):
+        spec = SimulationSpec(
+            systems=("fiddler-paper",),
+            cells=tuple(cells("single-batch", inputs=inputs, outputs=(8,))),
+            config=MIXTRAL,
+            hardware=hardware,
+            gpu_memory_gb=24.0,
+            samples=2,
+        )
+        return {r["input_tokens"]: r for r in simulate(spec)}
+
+    base, slow = simulated("h200-host", (short, prompt)), simulated(str(path), (short, prompt))
+    assert slow[prompt]["ttft_s"] > base[prompt]["ttft_s"] + 0.5  # ~32 CPU layers x ~50 ms
+    assert slow[short]["ttft_s"] == pytest.approx(base[short]["ttft_s"])
+    for tokens in (short, prompt):
+        assert slow[tokens]["decode_tokens_per_s"] == pytest.approx(base[tokens]["decode_tokens_per_s"])
 
 
 def test_prefill_cpu_factor_prices_only_the_prefills_cpu_work(tmp_path):
