@@ -50,11 +50,8 @@ MEASURED_STATUSES = ("ok", "derived", "extrapolated")
 def run_corrections(run_dir: str | Path) -> dict[str, tuple[float, float]]:
     """Per system whose rows record the executor's in-run corrections: (median CPU curve
     scale, median CPU slowdown beside copies) over its measured rows."""
-    path = Path(run_dir) / "raw.csv"
-    if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist: the run's corrections are read from its raw rows")
     learned: dict[str, list[tuple[float, float]]] = {}
-    for row in pd.read_csv(path, keep_default_na=False).to_dict("records"):
+    for row in _raw_records(Path(run_dir), "the run's corrections are read from its raw rows"):
         stats = json.loads(row["stats"] or "{}") if row["status"] in MEASURED_ROW_STATUSES else {}
         if "cpu_factor" in stats and "cpu_slowdown" in stats:
             learned.setdefault(row["system"], []).append((float(stats["cpu_factor"]), float(stats["cpu_slowdown"])))
@@ -64,12 +61,18 @@ def run_corrections(run_dir: str | Path) -> dict[str, tuple[float, float]]:
     }
 
 
-def _row_machines(run_dir: Path) -> dict[tuple, list[tuple[int, str | None]]]:
-    """``harness.report.row_machines`` of the run folder's raw rows."""
+def _raw_records(run_dir: Path, why: str) -> list[dict]:
+    """The run folder's raw rows as read, empty fields as "" (any columns: tests write partial
+    folders); a folder without raw.csv is refused, saying ``why`` it was needed."""
     path = run_dir / "raw.csv"
     if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist: validate a run folder written by 'python -m harness run'")
-    return row_machines(pd.read_csv(path, keep_default_na=False).to_dict("records"))
+        raise FileNotFoundError(f"{path} does not exist: {why}")
+    return pd.read_csv(path, keep_default_na=False).to_dict("records")
+
+
+def _row_machines(run_dir: Path) -> dict[tuple, list[tuple[int, str | None]]]:
+    """``harness.report.row_machines`` of the run folder's raw rows."""
+    return row_machines(_raw_records(run_dir, "validate a run folder written by 'python -m harness run'"))
 
 
 def machine_calibrations(run_dir: str | Path, calibration: str | Path) -> list[dict]:
