@@ -1,22 +1,24 @@
 """Where single-batch decode's time goes against the bandwidth bound, by simulation.
 
 Issue 8 holds ``fiddler-hybrid``'s decode to 85% of the bound from the missing experts' bytes
-alone (``fiddler.bounds``); the measured runs reach 64-78% of it. This script asks the simulator
-(``harness.simulate``, the engine's own planner priced on a run's calibration) what each term it
-adds beyond the bound costs, by removing them one at a time, cumulatively:
+alone (``fiddler.bounds``); the measured 24 GB sweep reaches 64-74% of it (medians over
+prompts). This script asks the simulator (``harness.simulate``, the engine's own planner priced
+on a run's calibration) what each term it adds beyond the bound costs, by removing them one at
+a time, cumulatively:
 
 1. as modelled (the profile's terms, the calibration as measured);
 2. without the host work around the CPU path (``cpu_path_overhead_s_by_tokens`` at 0);
 3. also without the per-layer host overhead every system pays (``step_overhead_per_layer_s`` 0);
 4. also without the two paths' slowdown beside each other (the calibration's concurrent
-   slowdowns at 1; the bound itself assumes them, so this row may pass it).
+   slowdowns at 1; the bound itself assumes them, so this row may pass 100%).
 
-Each row: decode tokens/s, ms per decoder layer, and its share of the bound (the calibration's,
-at the simulated GPU hit rate). What is left after step 3 is the plan's granularity (an expert
-is divided in the calibration's blocks), the accelerator's work on copied experts after they
-land and the dense part. A what-if of the model, not a measurement: it says how much each term
-would buy if it were removed, as far as the simulator prices the engine correctly (see each run
-folder's validation.md).
+Each row: decode tokens/s, ms per decoder layer, and its share of the bound (the given
+calibration's at the simulated generation's GPU hit rate, prefill included: decode's own
+differs by under 0.1 points under uniform routing). What step 3 leaves is the paths' slowdown
+(step 4), the plan's granularity (an expert is divided in the calibration's blocks), the
+accelerator's work on copied experts after they land and the dense part. A what-if of the
+model, not a measurement: it says how much each term would buy if it were removed, as far as
+the simulator prices the engine correctly (see each run folder's validation.md).
 
 Usage: python experiments/decode_gap.py --calibration results/h200-paper-v3-24gb/calibration.json
     [--hardware h200-host] [--system fiddler-hybrid] [--gpu-memory-gb 24] [--inputs 64]
@@ -37,12 +39,16 @@ from fiddler.config import ModelConfig
 from fiddler.cost_model import LatencyModel
 from fiddler.files import write_text_atomic
 from harness.scenarios import cells
-from harness.simulate import PROFILES, SimulationSpec, profile_names, simulate
+from harness.simulate import SimulationSpec, load_profile, simulate
 
-STEPS = (
+NO_HANDOFF = [[1, 0.0]]  # the hand-off curve at zero for every pass
+NO_OVERHEAD = 0.0
+NO_SLOWDOWN = {"cpu_slowdown": 1.0, "copy_slowdown": 1.0}  # each path as fast beside the other as alone
+# (name, hardware fields set, whether the calibration's concurrent slowdowns are removed)
+STEPS: tuple[tuple[str, dict, bool], ...] = (
     ("as modelled", {}, False),
-    ("without the host work around the CPU path", {"cpu_path_overhead_s_by_tokens": [[1, 0.0]]}, False),
-    ("also without the per-layer host overhead", {"step_overhead_per_layer_s": 0.0}, False),
+    ("without the host work around the CPU path", {"cpu_path_overhead_s_by_tokens": NO_HANDOFF}, False),
+    ("also without the per-layer host overhead", {"step_overhead_per_layer_s": NO_OVERHEAD}, False),
     ("also without the paths' slowdown beside each other", {}, True),
 )
 
@@ -59,16 +65,15 @@ def decode_gap(
 ) -> list[dict]:
     """One row per step above: its name, decode tokens/s, ms per decoder layer and share of the
     bound (the run's calibration as measured, at the first step's simulated GPU hit rate)."""
-    profile_path = PROFILES / f"{hardware}.json" if hardware in profile_names() else Path(hardware)
-    profile = json.loads(profile_path.read_text())
+    profile = copy.deepcopy(load_profile(hardware)[0])
     measured = json.loads(Path(calibration).read_text())
     rows, bound = [], None
     with tempfile.TemporaryDirectory() as scratch:
         for name, removed, no_slowdown in STEPS:
             profile["hardware"].update(removed)  # cumulative: each step keeps the previous ones
             calibrated = copy.deepcopy(measured)
-            if no_slowdown:
-                calibrated["concurrent"] = calibrated["concurrent"] | {"cpu_slowdown": 1.0, "copy_slowdown": 1.0}
+            if no_slowdown:  # the last step: nothing after it to keep it for
+                calibrated["concurrent"] = calibrated["concurrent"] | NO_SLOWDOWN
             hardware_file, calibration_file = Path(scratch) / "profile.json", Path(scratch) / "calibration.json"
             hardware_file.write_text(json.dumps(profile))
             calibration_file.write_text(json.dumps(calibrated))
@@ -92,17 +97,20 @@ def decode_gap(
                     "ms_per_layer": 1e3 / tokens_per_s / config.num_layers,
                     "share_of_bound": tokens_per_s / bound,
                     "bound_tokens_per_s": bound,
+                    "gpu_hit_rate": row["gpu_hit_rate"],
                 }
             )
     return rows
 
 
-def markdown(rows: list[dict], system: str, hardware: str, calibration: str) -> str:
+def markdown(rows: list[dict], system: str, command: str, setting: str) -> str:
     lines = [
         f"# {system}'s decode against the bandwidth bound, by simulation",
         "",
-        f"Profile `{hardware}`, calibration `{calibration}`; bound {rows[0]['bound_tokens_per_s']:.2f} tokens/s "
-        "(`fiddler.bounds`). Steps are cumulative; a what-if of the model, not a measurement.",
+        f"`{command}` ({setting}): bound {rows[0]['bound_tokens_per_s']:.2f} tokens/s (`fiddler.bounds`, "
+        f"this calibration, at the simulated generation's GPU hit rate {rows[0]['gpu_hit_rate']:.1%}, "
+        "prefill included). "
+        "Steps are cumulative; a what-if of the model, not a measurement.",
         "",
         "| step | decode tokens/s | ms per layer | share of bound |",
         "|---|---|---|---|",
@@ -138,7 +146,12 @@ def main(argv: list[str] | None = None) -> int:
         args.outputs,
         args.samples,
     )
-    text = markdown(rows, args.system, args.hardware, args.calibration)
+    shown = " ".join(argv if argv is not None else sys.argv[1:])
+    setting = (
+        f"{args.inputs} tokens in, {args.outputs} out, {args.gpu_memory_gb:g} GB, "
+        f"{args.samples} sampled decode steps, profile {args.hardware}"
+    )
+    text = markdown(rows, args.system, f"python experiments/decode_gap.py {shown}", setting)
     if args.out:
         write_text_atomic(Path(args.out), text)
     else:
