@@ -20,7 +20,8 @@
 #      fiddler-copy-experts: 9 generations) and its round 2 (35): `SWEEP_SECONDS=565 ... sweep24`,
 #      ~7 calls (sweeps pass --remeasure-disturbed: a row during which the hypervisor took over
 #      half a core is measured again, once); then sweep48's rounds 1-2 (`... sweep48`, 32: ~4-5
-#      calls). Three calls fit a session (~26-29 device minutes).
+#      calls). Three calls fit a session (~26-29 device minutes). When a sweep's rounds are
+#      whole, `python -m harness headline DIR --output 512` prints the README's tables from it.
 #   Optional: the cause of the prefill CPU job's 1.06-1.28x over decode's (results/orchestration-h200/
 #      run 11): time the kernel at 32-64 tokens from the engine's worker on its pinned expert pool.
 # Stages (in the order given):

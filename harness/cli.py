@@ -12,6 +12,9 @@
   predicted cells, same summary.csv columns (``source`` simulated), tables and plots;
   ``--calibration`` replaces a measured machine's latencies with a run's own file.
 - ``report DIR``: re-renders summary, tables and plots from DIR's raw rows.
+- ``headline DIR --output N [--prompts K] [--metric M]``: the README's headline tables (one
+  metric at one output length per system and input length, Fiddler's speedup over each
+  baseline) on each cell's first K prompts (K = 1: round 0), as markdown on stdout.
 - ``validate DIR --hardware <profile> --calibration FILE [--out DIR2] [--per-machine]
   [--with-run-corrections]``: the simulator on DIR's measured cells with the run's calibration;
   writes validation.csv and validation.md (into DIR unless ``--out``); with ``--per-machine``,
@@ -174,6 +177,13 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_headline(args: argparse.Namespace) -> int:
+    from harness.headline import headline_markdown
+
+    print(headline_markdown(args.dir, args.output, args.prompts, args.metric), end="")
+    return 0
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     from harness.prefill_breakdown import prefill_breakdown, prefill_markdown
     from harness.validate import machine_calibrations, run_corrections, validate, validation_markdown
@@ -270,6 +280,12 @@ def build_parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="re-render a run folder's summary, tables and plots")
     report.add_argument("dir")
     report.set_defaults(func=cmd_report)
+    head = sub.add_parser("headline", help="the README's headline tables from a run folder, as markdown")
+    head.add_argument("dir")
+    head.add_argument("--output", type=int, required=True, help="output tokens of the cells shown (e.g. 512)")
+    head.add_argument("--prompts", type=int, help="each cell's first N prompts only (1: round 0; default: all)")
+    head.add_argument("--metric", default="e2e_tokens_per_s", help="e2e_tokens_per_s, decode_tokens_per_s or ttft_s")
+    head.set_defaults(func=cmd_headline)
     check = sub.add_parser("validate", help="predicted against measured on a run folder's own cells")
     check.add_argument("dir")
     check.add_argument("--hardware", required=True, help="the measured machine's profile (e.g. h200-host) or a file")

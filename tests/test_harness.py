@@ -16,7 +16,7 @@ import torch
 from fiddler.config import ModelConfig
 from fiddler.tokenizer import find_tokenizer
 from harness import prompts as P
-from harness.report import SUMMARY_COLUMNS, render
+from harness.report import SUMMARY_COLUMNS, render, summarize
 from harness.runner import KEY, SweepSpec, read_raw, run_sweep
 from harness.scenarios import cells, runs
 from harness.timing import cell_metrics, steps_within
@@ -819,3 +819,33 @@ def test_prefill_breakdown_sets_fiddlers_ttft_against_its_own_plan(sweep, tmp_pa
     assert "Where Fiddler's TTFT goes" in text and "| fiddler-paper | single-batch | 16 | 2 |" in text
     assert prefill_markdown(rows.iloc[0:0]) == []
     assert prefill_breakdown(tmp_path, "h200-host").empty  # no raw rows: nothing to add
+
+
+def test_headline_tables_from_a_run_folder(sweep):
+    """The headline table shows each compared system's figure at one output length per input
+    length (the folder's summary over all prompts, or the first prompt's alone), the best of a
+    column in bold, and Fiddler's speedups; a length the folder lacks is one clear error."""
+    from harness.headline import _three_digits, headline_markdown
+
+    summary = pd.read_csv(sweep / "summary.csv")
+    text = headline_markdown(sweep, 6)
+    table = text.split("\n\n")[0]  # the figures, before the speedups
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in table.splitlines()}
+    assert "cpu-only" not in rows  # the reference is not compared
+    for system in ("expert-lru", "fiddler-paper"):
+        for tokens in (16, 32):
+            value = summary[
+                (summary.system == system) & (summary.input_tokens == tokens) & (summary.output_tokens == 6)
+            ].e2e_tokens_per_s.iloc[0]
+            assert _three_digits(value) in rows[system]
+    assert text.count("**") == 2 * 2  # one best per input length
+    assert "| expert-lru | 4 |" in text  # the speedup over the one baseline, on its 4 cells
+    first = headline_markdown(sweep, 6, prompts=1)
+    raw = [r for r in read_raw(sweep / "raw.csv") if int(r["prompt_index"]) == 0]
+    alone = summarize(raw, json.loads((sweep / "matrix.json").read_text()))
+    value = alone[(alone.system == "fiddler-paper") & (alone.input_tokens == 16) & (alone.output_tokens == 6)]
+    assert _three_digits(value.e2e_tokens_per_s.iloc[0]) in first
+    with pytest.raises(ValueError, match="no single-batch cell at 7 output tokens"):
+        headline_markdown(sweep, 7)
+    with pytest.raises(ValueError, match="--prompts must be at least 1"):
+        headline_markdown(sweep, 6, prompts=0)
