@@ -15,12 +15,11 @@ clear error.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pandas as pd
 
-from harness.report import speedups, summarize
+from harness.report import load_run, speedups, speedups_markdown, summarize
 
 SCENARIO = "single-batch"
 HIGHER_IS_BETTER = {"e2e_tokens_per_s": True, "decode_tokens_per_s": True, "ttft_s": False}
@@ -29,15 +28,9 @@ HIGHER_IS_BETTER = {"e2e_tokens_per_s": True, "decode_tokens_per_s": True, "ttft
 def headline_markdown(
     run_dir: str | Path, output_tokens: int, prompts: int | None = None, metric: str = "e2e_tokens_per_s"
 ) -> str:
-    from harness.runner import read_raw
-
-    run_dir = Path(run_dir)
     if metric not in HIGHER_IS_BETTER:
         raise ValueError(f"--metric must be one of {', '.join(HIGHER_IS_BETTER)}, got {metric!r}")
-    if not (run_dir / "matrix.json").exists():
-        raise FileNotFoundError(f"{run_dir} has no matrix.json: is it a run folder written by 'python -m harness run'?")
-    matrix = json.loads((run_dir / "matrix.json").read_text())
-    raw = read_raw(run_dir / "raw.csv")
+    matrix, raw = load_run(Path(run_dir))
     if prompts is not None:
         if prompts < 1:
             raise ValueError(f"--prompts must be at least 1, got {prompts}")
@@ -49,7 +42,8 @@ def headline_markdown(
     if at.empty:
         held = sorted(set(cells.output_tokens))
         raise ValueError(f"{run_dir} has no single-batch cell at {output_tokens} output tokens; it holds {held}")
-    return _table(at, compared, metric) + "\n" + _speedup_table(cells, compared, metric)
+    ratios = speedups(cells, SCENARIO, metric, compared)
+    return _table(at, compared, metric) + ("\n" + "\n".join(speedups_markdown(ratios)) + "\n" if len(ratios) else "")
 
 
 def _table(at: pd.DataFrame, compared: list[str], metric: str) -> str:
@@ -75,14 +69,3 @@ def _table(at: pd.DataFrame, compared: list[str], metric: str) -> str:
 def _three_digits(value: float) -> str:
     """Three significant digits, trailing zeros kept (5.90, not 5.9), no bare point (408, not 408.)."""
     return f"{value:#.3g}".rstrip(".")
-
-
-def _speedup_table(cells: pd.DataFrame, compared: list[str], metric: str) -> str:
-    ratios = speedups(cells, SCENARIO, metric, compared)
-    if ratios.empty:
-        return ""
-    lines = ["| baseline | cells | min | median | max |", "|---|---|---|---|---|"]
-    lines += [
-        f"| {r.baseline} | {r.cells} | {r.min:.2f}x | {r.median:.2f}x | {r.max:.2f}x |" for r in ratios.itertuples()
-    ]
-    return "\n".join(lines) + "\n"

@@ -219,6 +219,23 @@ def speedups(summary: pd.DataFrame, scenario: str, metric: str, compared: list[s
     return pd.DataFrame(rows)
 
 
+def speedups_markdown(ratios: pd.DataFrame) -> list[str]:
+    """The lines of a ``speedups`` table."""
+    return ["| baseline | cells | min | median | max |", "|---|---|---|---|---|"] + [
+        f"| {r.baseline} | {r.cells} | {r['min']:.2f}x | {r['median']:.2f}x | {r['max']:.2f}x |"
+        for _, r in ratios.iterrows()
+    ]
+
+
+def load_run(run_dir: Path) -> tuple[dict, list[dict]]:
+    """A run folder's matrix and raw rows; a folder without a matrix is refused."""
+    from harness.runner import read_raw
+
+    if not (run_dir / "matrix.json").exists():
+        raise FileNotFoundError(f"{run_dir} has no matrix.json: is it a run folder written by 'python -m harness run'?")
+    return json.loads((run_dir / "matrix.json").read_text()), read_raw(run_dir / "raw.csv")
+
+
 def _display(row: pd.Series, value: str) -> str:
     """A number (marked when extrapolated), or why there is none."""
     if pd.isna(row[value]):
@@ -260,17 +277,8 @@ def tables_markdown(summary: pd.DataFrame, compared: list[str] | None = None) ->
             parts += ["", f"## {scenario}: decode tokens/s", "", _pivot_markdown(frame, "decode_tokens_per_s")]
         ratios = speedups(summary, scenario, metric, compared)
         if not ratios.empty:
-            parts += [
-                "",
-                f"### Fiddler (best policy per cell) over each baseline, {scenario}",
-                "",
-                "| baseline | cells | min | median | max |",
-                "|---|---|---|---|---|",
-            ]
-            parts += [
-                f"| {r.baseline} | {r.cells} | {r['min']:.2f}x | {r['median']:.2f}x | {r['max']:.2f}x |"
-                for _, r in ratios.iterrows()
-            ]
+            parts += ["", f"### Fiddler (best policy per cell) over each baseline, {scenario}", ""]
+            parts += speedups_markdown(ratios)
     paper = paper_figures()
     if not paper.empty:
         parts += [
@@ -566,10 +574,7 @@ def render(run_dir: str | Path) -> pd.DataFrame:
     from harness.runner import DISTURBED_RAW, read_raw, same_measurement
 
     run_dir = Path(run_dir)
-    if not (run_dir / "matrix.json").exists():
-        raise FileNotFoundError(f"{run_dir} has no matrix.json: is it a run folder written by 'python -m harness run'?")
-    matrix = json.loads((run_dir / "matrix.json").read_text())
-    raw = read_raw(run_dir / "raw.csv")
+    matrix, raw = load_run(run_dir)
     summary = summarize(raw, matrix)
     tmp = run_dir / ".summary.csv.tmp"
     summary.to_csv(tmp, index=False)
