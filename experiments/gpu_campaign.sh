@@ -45,6 +45,12 @@
 #                  and CPU worker wait for a core; default / OMP_WAIT_POLICY=PASSIVE / 15
 #                  threads; layer timelines in each orchestration.json
 #                  (python experiments/orchestration_report.py DIR renders them side by side)
+#   handoff-ab     issue 8: hybrid and paper with the main thread waiting for the CPU rows on the
+#                  host (thread) and with the stream waiting on a host counter the CPU worker sets
+#                  (stream: the layer's tail and the next layer's attention queued while the CPU
+#                  computes), each checked for correctness on 2 layers and timed layer by layer,
+#                  share of the decode bound recorded (~5 min); into $OUT/handoff-ab
+#                  (python experiments/orchestration_report.py renders it)
 #   quick          issue 5: make reproduce-quick (measured cells for issue 7's validation)
 #   cpu-sustained  issue 7: the CPU kernels (AMX, AVX512-BF16) in calibration's bursts against
 #                  seconds of back-to-back calls and of calls with idle gaps (~1 min, CPU only):
@@ -206,6 +212,8 @@ for name in "$@"; do
           --out "$OUT/ab-$variant" --gpu-memory-gb 24 --new-tokens 24 --repeats 2 --policies hybrid,paper \
           --cpu-modes thread,inline ${threads[@]+"${threads[@]}"}
       done ;;
+    handoff-ab) stage handoff-ab python3 experiments/orchestration_gpu.py --out "$OUT/handoff-ab" \
+                  --gpu-memory-gb 24 --new-tokens 48 --repeats 2 --policies hybrid,paper --cpu-modes thread,stream ;;
     quick) stage quick python3 -m harness.reproduce --quick --results "$OUT/runs" ;;
     cpu-sustained) stage cpu-sustained python3 experiments/cpu_sustained.py --out "$OUT/results/cpu-sustained-h200" \
                      --kernels amx-bf16,avx512-bf16 --tokens 1,4,16,128 --seconds 3 ;;

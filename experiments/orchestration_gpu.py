@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from fiddler.bounds import decode_bound_tokens_per_s
 from fiddler.build import EngineOptions, build_engine
 from fiddler.calibrate import DEFAULT_TOKEN_COUNTS, calibrate, save_calibration
 from fiddler.config import resolve_model
@@ -33,6 +34,7 @@ from fiddler.engine import Engine
 from fiddler.files import write_json_atomic
 from fiddler.generate import GenerationSettings, generate
 from fiddler.machine import machine_identity
+from fiddler.orchestrator import CPU_MODES, INLINE, STREAM, THREAD
 from fiddler.planner import POLICIES
 from fiddler.streams import release_cached_memory
 from fiddler.weights import RandomWeights
@@ -95,13 +97,17 @@ def correctness(args, calibration_path: Path) -> dict:
         )
     )
     result["experts_resident"] = record["placement"]["num_resident"]
+    executor = engine.model.experts
     for policy in POLICIES:
-        engine.model.experts.policy = policy
-        runs = [teacher_forced(engine, sequence) for _ in range(args.check_repeats)]
-        result[policy] = error(runs[0], truth) | {
-            "max_abs_diff_between_repeats": max(float((r - runs[0]).abs().max()) for r in runs)
-        }
-        print("check", policy, result[policy], flush=True)
+        for mode in args.cpu_modes.split(","):
+            executor.policy, executor.cpu_mode = policy, mode
+            runs = [teacher_forced(engine, sequence) for _ in range(args.check_repeats)]
+            name = variant_name(policy, mode)
+            result[name] = error(runs[0], truth) | {
+                "max_abs_diff_between_repeats": max(float((r - runs[0]).abs().max()) for r in runs)
+            }
+            print("check", name, result[name], flush=True)
+    executor.cpu_mode = THREAD
     engine.close()
     return result
 
@@ -142,10 +148,10 @@ def speed(args, calibration_path: Path) -> dict:
     decode_rows = args.beam_width * config.num_experts_per_token
     variants = [(p, mode) for p in args.policies.split(",") for mode in args.cpu_modes.split(",")]
     for policy, mode in variants:
-        executor.policy, executor.cpu_inline = policy, mode == "inline"
+        executor.policy, executor.cpu_mode = policy, mode
         # each variant learns its own in-run corrections, from the calibration up
         executor.cpu_factor, executor.cpu_slowdown = 1.0, executor.latency.cpu_slowdown
-        name = policy if mode == "thread" else f"{policy} (CPU rows on the main thread)"
+        name = variant_name(policy, mode)
         generate(engine, prompt, GenerationSettings(max_new_tokens=3, beam_width=args.beam_width))  # warm-up
         runs = [generate(engine, prompt, long) for _ in range(args.repeats)]
         decode_tokens = args.new_tokens - 1
@@ -163,6 +169,11 @@ def speed(args, calibration_path: Path) -> dict:
             ),
             "token_ids": runs[-1].token_ids,
         }
+        # issue 8's yardstick: the missing experts' bytes alone at the calibration's rates
+        row["decode_bound_tokens_per_s"] = decode_bound_tokens_per_s(
+            config, executor.latency, row["gpu_hit_rate_decode"]
+        )
+        row["share_of_bound"] = row["decode_tokens_per_s"] / row["decode_bound_tokens_per_s"]
         executor.layer_timing = True
         timed = generate(
             engine, prompt, GenerationSettings(max_new_tokens=min(8, args.new_tokens), beam_width=args.beam_width)
@@ -194,7 +205,7 @@ def speed(args, calibration_path: Path) -> dict:
         for part in ("layer_timing_decode", "layer_timing_prefill"):
             shown[part] = {k: v for k, v in row[part].items() if k != "sample"}
         print("speed", name, shown, flush=True)
-    executor.cpu_inline = False
+    executor.cpu_mode = THREAD
     if torch.cuda.is_available():
         result["peak_gpu_gb"] = torch.cuda.max_memory_allocated() / 1e9
         free_bytes, total_bytes = torch.cuda.mem_get_info()
@@ -203,7 +214,13 @@ def speed(args, calibration_path: Path) -> dict:
     return result
 
 
-CPU_MODES = ("thread", "inline")  # FiddlerExecutor.cpu_inline off / on
+VARIANT_SUFFIX = {INLINE: " (CPU rows on the main thread)", STREAM: " (stream waits for the CPU rows)"}
+
+
+def variant_name(policy: str, mode: str) -> str:
+    """A policy's name in the record, with its CPU mode when not the default (the names earlier
+    runs' files use)."""
+    return policy + VARIANT_SUFFIX.get(mode, "")
 
 
 def timeline_medians(layers: list[dict]) -> dict[str, float]:
@@ -308,7 +325,8 @@ def main() -> int:
     parser.add_argument(
         "--cpu-modes",
         default="thread",
-        help="where the CPU rows run, each measured per policy: thread (the worker), inline (the main thread)",
+        help="how the CPU rows meet the main thread, each measured (and checked) per policy: thread (the "
+        "worker, the main thread waits), inline (the main thread), stream (the worker, the stream waits)",
     )
     parser.add_argument("--cpu-threads", type=int)
     parser.add_argument("--check-layers", type=int, default=2, help="layers of the correctness check (0: none)")

@@ -16,9 +16,16 @@ timelines, results/orchestration-h200/threads-ab/, showed hybrid's CPU work begi
 0.7-1.1 ms into a ~6 ms decode layer, after the copies had been queued and the CPU rows
 gathered on the accelerator and sent down. The planner charges the CPU path the transfer of
 the whole pass's hidden states: tens of microseconds in decode, milliseconds in a long prefill,
-where it runs beside the copies, in the other direction.) With ``cpu_inline`` set, the main thread
-computes the CPU rows itself once it has queued all of the accelerator's work (which then runs
-on its own), instead of handing them to the worker: no thread hand-off, a later start. An
+where it runs beside the copies, in the other direction.) ``cpu_mode`` says how the CPU rows and
+the main thread meet (``CPU_MODES``): ``thread`` hands them to the worker and the main thread
+waits for it on the host before it queues their way up and the rest of the layer; ``inline``
+has the main thread compute them itself once it has queued all of the accelerator's work
+(which then runs on its own): no thread hand-off, a later start; ``stream`` hands them to the
+worker, and the main thread queues their way up behind a wait of the accelerator's stream on a
+``fiddler.host_signal`` counter the worker sets when they are written, then goes on (the layer's
+tail and the next layer's attention are queued while the CPU computes; the main thread then
+sleeps on the job, not spinning in the next routing read's wait, and takes its measurements in
+there). An
 expert the plan divides runs its first blocks on the CPU and the rest after a copy of only
 those blocks; the two partial outputs are added. Every expert is kept in the split layout
 of ``fiddler.expert_layout``. Outputs are identical, up to summation order, to running every
@@ -47,7 +54,8 @@ unless the executor never uses the CPU) + the routing ids read on the host; ``ro
 routed (token, expert) pairs per path (a divided expert's rows count as ``rows_split``);
 ``cpu_jobs``, ``cpu_start_s``, ``cpu_compute_s`` and ``cpu_wait_s`` time the CPU path on the
 host clock in every run (no synchronisation): how long after the routing was known it began
-computing, how long it computed, how long the main thread then waited for it.
+computing, how long it computed, how long the main thread then waited for it (``stream``: how
+long it slept on the job at the next layer, after queueing the work between).
 
 Shape legend: N tokens, K experts per token, D hidden, R = N * K routed (token, slot) rows.
 """
@@ -66,6 +74,7 @@ from fiddler.config import ModelConfig
 from fiddler.cost_model import SHARE_CURVE_TOKENS, LatencyModel
 from fiddler.cpu_experts import CpuExpertKernel
 from fiddler.expert_layout import split_ffn, split_shapes
+from fiddler.host_signal import HostSignal, host_signal
 from fiddler.loading import HostWeights
 from fiddler.moe import Routing, combine
 from fiddler.placement import Placement
@@ -83,6 +92,11 @@ CPU_FACTOR_BOUNDS = (0.25, 4.0)
 CPU_SLOWDOWN_BOUNDS = (1.0, 4.0)  # copies never speed the CPU up
 # the counters that time the CPU path on the host clock (ExpertCounters, stats())
 CPU_PATH_COUNTERS = ("cpu_jobs", "cpu_start_s", "cpu_compute_s", "cpu_wait_s")
+# how the CPU rows and the main thread meet (the module docstring): the worker with the main
+# thread waiting on the host, the main thread computing them, the worker with the stream waiting
+THREAD, INLINE, STREAM = "thread", "inline", "stream"
+CPU_MODES = (THREAD, INLINE, STREAM)
+CPU_ROWS_ON = {THREAD: "worker thread", INLINE: "main thread", STREAM: "worker thread, stream waits"}
 
 
 def _smoothed(current: float, measured: float, bounds: tuple[float, float]) -> float:
@@ -115,6 +129,17 @@ class _InlineJob:
         if self._done is None:
             self._done = self._work()
         return self._done
+
+
+@dataclasses.dataclass(frozen=True)
+class _PendingCpuJob:
+    """A CPU job queued for its results, with what taking its measurements in needs."""
+
+    job: Future | _InlineJob
+    plan: LayerPlan
+    tokens: dict[int, int]
+    routed_at: float
+    issued_at: float
 
 
 @dataclasses.dataclass
@@ -157,7 +182,7 @@ class ExpertCounters:
 
 
 class FiddlerExecutor:
-    """The executor of the module docstring; ``policy`` and ``cpu_inline`` may be switched
+    """The executor of the module docstring; ``policy`` and ``cpu_mode`` may be switched
     between generations."""
 
     capturable = False
@@ -209,9 +234,26 @@ class FiddlerExecutor:
         self.cpu_slowdown = latency.cpu_slowdown
         self._models: dict[tuple[float, float], LatencyModel] = {}
         self.layer_timing = layer_timing
-        self.cpu_inline = False  # True: the main thread computes the CPU rows (see the module doc)
+        self._cpu_mode = THREAD
+        self._signal: HostSignal | None = None  # made when the stream mode is first asked for
+        self._signal_value = 0  # the value the last CPU job sets (stream mode)
+        self._pending: _PendingCpuJob | None = None  # a stream-mode job not yet taken in
         self.layer_log: list[dict[str, object]] = []
         self.counters = ExpertCounters()
+
+    @property
+    def cpu_mode(self) -> str:
+        """How the CPU rows and the main thread meet, one of ``CPU_MODES`` (module docstring)."""
+        return self._cpu_mode
+
+    @cpu_mode.setter
+    def cpu_mode(self, mode: str) -> None:
+        if mode not in CPU_MODES:
+            raise ValueError(f"cpu_mode must be one of {', '.join(CPU_MODES)}; got {mode!r}")
+        self._take_in_pending()
+        if mode == STREAM and self._signal is None:
+            self._signal = host_signal(self.device)  # ValueError, saying why, where it cannot work
+        self._cpu_mode = mode
 
     # ---- the executor interface ---------------------------------------------------------
 
@@ -300,6 +342,10 @@ class FiddlerExecutor:
         # hold the small read up on the device->host copy engine
         host_hidden, hidden_landed = self._send_hidden_down(hidden)
         flat_host = self._host_routing[: flat.shape[0]]
+        # stream mode: the routing read waits (on the device) for the last CPU job; sleep on the
+        # job first, then wait for the device's short rest, rather than spin through the CPU's
+        # compute in the read's wait (a spinning main thread takes a core from the CPU kernel)
+        self._take_in_pending()
         host_wait(routed)  # the one sync: the compute stream up to the routing read
         counts = torch.bincount(flat_host, minlength=self.config.num_experts).tolist()
         offsets = [0]
@@ -358,12 +404,14 @@ class FiddlerExecutor:
         if clock:
             marks["issued"] = issued_at
         if cpu_job is not None:
-            done = cpu_job.result()  # re-raises a failure in the worker
-            wait_over = host.now()
-            self._learn_cpu_factor(plan, tokens, done.seconds)
-            self._count_cpu_job(done, routed_at, issued_at, wait_over)
-            if clock:
-                marks["wait_over"] = wait_over
+            pending = _PendingCpuJob(cpu_job, plan, tokens, routed_at, issued_at)
+            if self._cpu_mode == STREAM:
+                self._signal.wait_on(self._signal_value)  # what follows waits for the worker's rows
+                self._pending = pending
+            else:
+                wait_over = self._take_in(pending)
+                if clock:
+                    marks["wait_over"] = wait_over
             rows = sum(counts[e] for e in cpu_experts)
             results = self._host_out[:rows].to(self.device, non_blocking=True)
             self._host_out_free = record(self.device)
@@ -387,6 +435,7 @@ class FiddlerExecutor:
             end = clock.now()
             measured = end - start
             self.counters.measured_s += measured
+            self._take_in_pending()  # the device is synchronised: the job is over
             job = cpu_job.result() if cpu_job else None
             if job:
                 marks |= {"cpu_picked": job.picked, "cpu_begin": job.begin, "cpu_end": job.end}
@@ -407,8 +456,9 @@ class FiddlerExecutor:
                     "predicted_s": plan.predicted_s,
                     "measured_s": measured,
                     "cpu_compute_s": job.seconds if job else 0.0,
-                    # the main thread's wait for the worker (inline, it computed instead: none)
-                    "cpu_wait_s": (marks["wait_over"] - marks["issued"]) if job and not self.cpu_inline else 0.0,
+                    # the main thread's wait for the worker (inline, it computed instead; stream,
+                    # it did not wait: none)
+                    "cpu_wait_s": (marks["wait_over"] - marks["issued"]) if job and self._cpu_mode == THREAD else 0.0,
                     "timeline_ms": timeline | {k: v for k, v in on_gpu.items() if v is not None},
                     "cpu_factor": planned[0],
                     "cpu_slowdown": planned[1],
@@ -417,11 +467,12 @@ class FiddlerExecutor:
         return combine(outputs.view(num_tokens, top_k, -1), routing, hidden.dtype)
 
     def stats(self) -> dict[str, object]:
+        self._take_in_pending()
         return {
             "executor": "fiddler",
             "policy": self.policy,
             "cpu_kernel": self.cpu_kernel.name,
-            "cpu_rows_on": "main thread" if self.cpu_inline else "worker thread",
+            "cpu_rows_on": CPU_ROWS_ON[self._cpu_mode],
             "experts_resident": self.placement.num_resident,
             "staging_slots": len(self.slots),
             "split_blocks": self.blocks,
@@ -431,11 +482,13 @@ class FiddlerExecutor:
         }
 
     def reset_stats(self) -> None:
+        self._take_in_pending()
         self.counters = ExpertCounters()
         self.layer_log = []
 
     def close(self) -> None:
         """Stop the CPU worker and release the page-locked host memory."""
+        self._take_in_pending()
         self.cpu_worker.shutdown(wait=True)
         self.host.close()
 
@@ -497,7 +550,8 @@ class FiddlerExecutor:
         cpu_tokens: torch.Tensor,
     ) -> Future | _InlineJob:
         """Hand the CPU rows (the tokens ``cpu_tokens``, by expert in plan order) to the worker,
-        or keep them for the main thread when ``cpu_inline``."""
+        or keep them for the main thread (``inline``); in ``stream`` mode the worker sets the
+        signal's next value when they are written."""
         if host_hidden is None:
             raise RuntimeError(f"policy {self.policy!r} planned CPU work, but its hidden states were not sent down")
         self._ensure_host_out(cpu_tokens.shape[0], host_hidden.shape[-1])
@@ -507,9 +561,13 @@ class FiddlerExecutor:
             blocks = plan.split.cpu_blocks
             work.append((counts[plan.split.expert], w13b[: 2 * blocks * self.block], w2b[:blocks]))
         args = (work, host_hidden, hidden_landed, cpu_tokens, self._host_out, self._host_out_free)
-        if self.cpu_inline:
+        if self._cpu_mode == INLINE:
             return _InlineJob(functools.partial(self._cpu_work, *args))
-        return self.cpu_worker.submit(self._cpu_work, *args)
+        signal = None
+        if self._cpu_mode == STREAM:
+            self._signal_value += 1
+            signal = (self._signal, self._signal_value)
+        return self.cpu_worker.submit(self._cpu_work, *args, signal)
 
     def _cpu_work(
         self,
@@ -519,21 +577,28 @@ class FiddlerExecutor:
         tokens: torch.Tensor,
         host_out: torch.Tensor,
         out_free: torch.cuda.Event | None,
+        signal: tuple[HostSignal, int] | None = None,
     ) -> _CpuJob:
-        """The CPU rows of one layer, on the worker thread (or the main thread when
-        ``cpu_inline``); returns when they are computed."""
-        clock = Clock("cpu")
-        picked = clock.now()
-        host_wait(hidden_landed)  # the layer's hidden states are in host memory
-        host_in = host_hidden.index_select(0, tokens)
-        host_wait(out_free)  # the previous layer's results have left host_out
-        begin = clock.now()
-        position = 0
-        for count, w13b, w2b in work:
-            end = position + count
-            host_out[position:end] = self.cpu_kernel(host_in[position:end], w13b, w2b)
-            position = end
-        return _CpuJob(picked, begin, clock.now())
+        """The CPU rows of one layer, on the worker thread (or the main thread, ``inline``);
+        returns when they are computed. ``signal``: (signal, value) to set once they are
+        written, even when computing them failed (the stream would otherwise wait forever;
+        the failure is raised when the job is taken in)."""
+        try:
+            clock = Clock("cpu")
+            picked = clock.now()
+            host_wait(hidden_landed)  # the layer's hidden states are in host memory
+            host_in = host_hidden.index_select(0, tokens)
+            host_wait(out_free)  # the previous layer's results have left host_out
+            begin = clock.now()
+            position = 0
+            for count, w13b, w2b in work:
+                end = position + count
+                host_out[position:end] = self.cpu_kernel(host_in[position:end], w13b, w2b)
+                position = end
+            return _CpuJob(picked, begin, clock.now())
+        finally:
+            if signal is not None:
+                signal[0].set(signal[1])
 
     def _ensure_host_out(self, rows: int, hidden: int) -> None:
         if self._host_out.shape[0] < rows:
@@ -546,12 +611,29 @@ class FiddlerExecutor:
         rows = slice(offsets[expert], offsets[expert + 1])
         sorted_out[rows] = split_ffn(hidden.index_select(0, token_of_row[rows]), w13b, w2b)
 
-    def _count_cpu_job(self, job: _CpuJob, routed_at: float, issued_at: float, wait_over: float) -> None:
+    def _take_in(self, pending: _PendingCpuJob) -> float:
+        """Wait for a CPU job (re-raising a failure in the worker), fold it into the in-run
+        corrections and count it; returns when the wait was over (host clock)."""
+        clock = Clock("cpu")
+        asked = clock.now()
+        done = pending.job.result()
+        wait_over = clock.now()
+        self._learn_cpu_factor(pending.plan, pending.tokens, done.seconds)
         c = self.counters
         c.cpu_jobs += 1
-        c.cpu_start_s += job.begin - routed_at
-        c.cpu_compute_s += job.seconds
-        c.cpu_wait_s += 0.0 if self.cpu_inline else wait_over - issued_at  # inline: it computed
+        c.cpu_start_s += done.begin - pending.routed_at
+        c.cpu_compute_s += done.seconds
+        # thread: the main thread waited from issuing the accelerator's work; inline: it
+        # computed instead; stream: it slept from asking, at the next layer
+        waited = {THREAD: wait_over - pending.issued_at, INLINE: 0.0, STREAM: wait_over - asked}
+        c.cpu_wait_s += waited[self._cpu_mode]
+        return wait_over
+
+    def _take_in_pending(self) -> None:
+        """Take in the stream-mode CPU job still out, if any."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            self._take_in(pending)
 
     def _count(self, plan: LayerPlan, tokens: dict[int, int], flat: torch.Tensor, hidden: torch.Tensor) -> None:
         c = self.counters

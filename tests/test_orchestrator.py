@@ -13,7 +13,7 @@ from fiddler.config import ModelConfig
 from fiddler.cpu_experts import make_kernel
 from fiddler.engine import Engine
 from fiddler.generate import GenerationSettings, generate
-from fiddler.orchestrator import CPU_FACTOR_BOUNDS
+from fiddler.orchestrator import CPU_FACTOR_BOUNDS, CPU_MODES, INLINE, STREAM, THREAD
 from fiddler.placement import plan_placement
 from fiddler.planner import POLICIES, LayerPlan, Split, plan_layer
 from fiddler.weights import RandomWeights
@@ -286,10 +286,10 @@ def test_layer_timeline_on_cuda_has_the_accelerators_marks():
 
 @pytest.mark.parametrize("policy", POLICIES)
 def test_cpu_rows_on_the_main_thread_match(reference, policy):
-    """cpu_inline: the main thread computes the CPU rows after queuing the accelerator's work;
-    the same tokens as the resident model, and the CPU job starts after that work was issued."""
+    """cpu_mode inline: the main thread computes the CPU rows after queuing the accelerator's
+    work; the same tokens as the resident model, and the CPU job starts after that work was issued."""
     engine = fiddler_engine(random_placement(random.Random(7)), policy, latency=PAPER_LIKE, timing=True)
-    engine.model.experts.cpu_inline = True
+    engine.model.experts.cpu_mode = INLINE
     for settings in (GenerationSettings(max_new_tokens=6), GenerationSettings(max_new_tokens=4, beam_width=2)):
         result = generate(engine, PROMPT, settings)
         assert result.token_ids == generate(reference, PROMPT, settings).token_ids
@@ -299,6 +299,66 @@ def test_cpu_rows_on_the_main_thread_match(reference, policy):
     for entry in with_cpu:
         t = entry["timeline_ms"]
         assert t["issued"] <= t["cpu_picked"] <= t["cpu_begin"] <= t["cpu_end"] <= t["wait_over"]
+    engine.close()
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_stream_mode_matches_and_takes_every_job_in(reference, policy):
+    """cpu_mode stream: the CPU rows' way up waits on the worker's signal instead of the main
+    thread waiting, and each job is taken in at the next layer; the same tokens as the resident
+    model, and the same jobs, plans and counters as the thread mode of one executor."""
+    placement = random_placement(random.Random(13))
+    counted = ("cpu_jobs", "experts_cpu", "experts_copied", "experts_split", "rows_cpu", "rows_split", "h2d_bytes")
+    stats = {}
+    for mode in (THREAD, STREAM):
+        engine = fiddler_engine(placement, policy, latency=PAPER_LIKE)
+        engine.model.experts.cpu_mode = mode
+        for settings in (GenerationSettings(max_new_tokens=6), GenerationSettings(max_new_tokens=4, beam_width=2)):
+            result = generate(engine, PROMPT, settings)
+            assert result.token_ids == generate(reference, PROMPT, settings).token_ids
+        stats[mode] = result.stats
+        engine.close()
+    assert stats[STREAM]["cpu_rows_on"] == "worker thread, stream waits"
+    assert {k: stats[STREAM][k] for k in counted} == {k: stats[THREAD][k] for k in counted}
+    assert stats[STREAM]["cpu_jobs"] > 0 or policy == "copy-experts"
+
+
+def test_stream_mode_timeline_has_no_main_thread_wait():
+    """Timed layers in stream mode: the CPU job is taken in at the layer's end (the device is
+    synchronised there), its marks are logged, and the main thread's wait is none."""
+    engine = fiddler_engine(placement_with(set()), "hybrid", timing=True)
+    engine.model.experts.cpu_mode = STREAM
+    result = generate(engine, PROMPT, GenerationSettings(max_new_tokens=3))
+    with_cpu = [e for e in engine.model.experts.layer_log if e["cpu"] or e["split"]]
+    assert with_cpu and result.stats["cpu_jobs"] == len(with_cpu)
+    for entry in with_cpu:
+        t = entry["timeline_ms"]
+        assert "wait_over" not in t and entry["cpu_wait_s"] == 0.0
+        assert t["routed"] <= t["cpu_picked"] <= t["cpu_begin"] <= t["cpu_end"] <= t["end"]
+    engine.close()
+
+
+def test_a_failed_cpu_job_in_stream_mode_is_raised_not_hung():
+    """The worker sets the signal even when its job fails (the stream would wait forever), and
+    the failure is raised when the job is taken in."""
+    engine = fiddler_engine(placement_with(set()), "cpu-experts")
+    executor = engine.model.experts
+    executor.cpu_mode = STREAM
+
+    def broken(x, w13b, w2b):
+        raise RuntimeError("kernel failed")
+
+    executor.cpu_kernel = broken
+    with pytest.raises(RuntimeError, match="kernel failed"):
+        generate(engine, PROMPT, GenerationSettings(max_new_tokens=2))
+    engine.close()
+
+
+def test_cpu_mode_is_checked():
+    engine = fiddler_engine(placement_with(set()), "hybrid")
+    with pytest.raises(ValueError, match="cpu_mode must be one of"):
+        engine.model.experts.cpu_mode = "async"
+    assert set(CPU_MODES) == {THREAD, INLINE, STREAM}
     engine.close()
 
 
