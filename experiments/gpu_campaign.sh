@@ -4,24 +4,28 @@
 # (kernels + orchestration ~6 min; baselines ~8 min; quick ~8 min). Results are packed into $OUT/campaign.tar.gz (the device tool
 # returns at most 8 files). Usage, on the GPU host from the repository root:
 #   bash experiments/gpu_campaign.sh kernels orchestration baselines quick
-# What is left (plan of 2026-12-01, thirteenth session; ~30 GPU minutes a session, a fresh machine
+# What is left (plan of 2026-12-01, fourteenth session; ~30 GPU minutes a session, a fresh machine
 # costs ~1 minute of it, and a machine goes back 30 s after a call: take the results and commit
 # at once). Done: orchestration runs 10-12 (11: the timed prefill at 128/256 tokens; 12: beam
 # steps timed, `orchestration-beam`), prefill24 and beam24 (whole), llama v1 and v3 (v2 on a
-# disturbed calibration), cpu-sustained, sweep24 round 0 (whole), 27 of round 1's 36 and one of round 2's (64
-# of 108), sweep48 round 0 (whole). After each call run
+# disturbed calibration), cpu-sustained, sweep24 rounds 0 and 1 (whole) and 12 of round 2's 36
+# (84 of 108), sweep48 round 0 (whole). After each call run
 # `bash tools/take_campaign_results.sh DIR` (DIR: the folder its files came back to) and commit
 # BEFORE the next call: the tree travels with each call, and a sweep resumes from the rows it
 # carries (the seventh session re-measured a piece for want of this). Pass carry [".carry"]
 # (the tokenizer; llama.cpp's CUDA programs as xz parts, unpacked instead of the ~6-minute build).
+# Pass the full commit (FIDDLER_GIT_COMMIT=$(git rev-parse HEAD)): rows name it.
 # Sweeps count SWEEP_SECONDS from the script's start, so stages chain within one call; a resumed
 # sweep calibrates its machine first (~15 s, machine-calibrations/ in the run folder). Next:
-#   1. The rest of sweep24's round 1 (expert-lru-prefetch at 256 in, fiddler-cpu-experts,
-#      fiddler-copy-experts: 9 generations) and its round 2 (35): `SWEEP_SECONDS=565 ... sweep24`,
-#      ~7 calls (sweeps pass --remeasure-disturbed: a row during which the hypervisor took over
-#      half a core is measured again, once); then sweep48's rounds 1-2 (`... sweep48`, 32: ~4-5
-#      calls). Three calls fit a session (~26-29 device minutes). When a sweep's rounds are
-#      whole, `python -m harness headline DIR --output 512` prints the README's tables from it.
+#   1. `handoff-ab sweep24` in one call (SWEEP_SECONDS=565): the stream CPU mode against the
+#      thread mode, hybrid and paper, correctness and decode share of the bound (issue 8's 85%),
+#      ~5 minutes, then the sweep for the rest of the call.
+#   2. The rest of sweep24's round 2 (fiddler-paper's three rows measured with the hypervisor
+#      over half a core first, then layer-streaming, cpu-only, accelerate-offload,
+#      expert-lru-prefetch and the two ablations: 24 generations): `SWEEP_SECONDS=565 ...
+#      sweep24`, ~3 calls; then sweep48's rounds 1-2 (`... sweep48`, 32: ~4-5 calls). Three
+#      calls fit a session (~26-29 device minutes). When a sweep's rounds are whole, `python -m
+#      harness headline DIR --output 512` prints the README's tables from it.
 #   Optional: the cause of the prefill CPU job's 1.06-1.28x over decode's (results/orchestration-h200/
 #      run 11): time the kernel at 32-64 tokens from the engine's worker on its pinned expert pool.
 # Stages (in the order given):
@@ -49,8 +53,9 @@
 #                  host (thread) and with the stream waiting on a host counter the CPU worker sets
 #                  (stream: the layer's tail and the next layer's attention queued while the CPU
 #                  computes), each checked for correctness on 2 layers and timed layer by layer,
-#                  share of the decode bound recorded (~5 min); into $OUT/handoff-ab
-#                  (python experiments/orchestration_report.py renders it)
+#                  share of the decode bound recorded (~5 min, at most HANDOFF_SECONDS=420); into
+#                  results/orchestration-h200/handoff-ab/ (take_campaign_results.sh takes it in;
+#                  python experiments/orchestration_report.py renders it)
 #   quick          issue 5: make reproduce-quick (measured cells for issue 7's validation)
 #   cpu-sustained  issue 7: the CPU kernels (AMX, AVX512-BF16) in calibration's bursts against
 #                  seconds of back-to-back calls and of calls with idle gaps (~1 min, CPU only):
@@ -212,8 +217,10 @@ for name in "$@"; do
           --out "$OUT/ab-$variant" --gpu-memory-gb 24 --new-tokens 24 --repeats 2 --policies hybrid,paper \
           --cpu-modes thread,inline ${threads[@]+"${threads[@]}"}
       done ;;
-    handoff-ab) stage handoff-ab python3 experiments/orchestration_gpu.py --out "$OUT/handoff-ab" \
-                  --gpu-memory-gb 24 --new-tokens 48 --repeats 2 --policies hybrid,paper --cpu-modes thread,stream ;;
+    # bounded: a stream that never passed its wait would otherwise hold the call to its end
+    handoff-ab) stage handoff-ab timeout -k 10 "${HANDOFF_SECONDS:-420}" python3 experiments/orchestration_gpu.py \
+                  --out "$OUT/results/orchestration-h200/handoff-ab" --gpu-memory-gb 24 --new-tokens 48 --repeats 2 \
+                  --policies hybrid,paper --cpu-modes thread,stream ;;
     quick) stage quick python3 -m harness.reproduce --quick --results "$OUT/runs" ;;
     cpu-sustained) stage cpu-sustained python3 experiments/cpu_sustained.py --out "$OUT/results/cpu-sustained-h200" \
                      --kernels amx-bf16,avx512-bf16 --tokens 1,4,16,128 --seconds 3 ;;

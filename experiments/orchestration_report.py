@@ -51,8 +51,10 @@ def variant_rows(run: dict, calibration: dict, variant: str) -> list[str]:
     for policy, result in run.get("speed", {}).get("policies", {}).items():
         timing = result.get("layer_timing_decode", {})
         timeline = timing.get("timeline_ms_median", {})
+        share = result.get("share_of_bound")  # recorded since the handoff-ab stage
         rows.append(
-            f"| {variant} | {policy} | {_cell(result['decode_tokens_per_s'])} | {_cell(result['ttft_s'])} | "
+            f"| {variant} | {policy} | {_cell(result['decode_tokens_per_s'])} | "
+            f"{'-' if share is None else f'{share:.0%}'} | {_cell(result['ttft_s'])} | "
             f"{_cell(cpu_1 * 1e3 if cpu_1 else None)} | {_cell(slowdown)} | {_cell(timing.get('measured_ms_mean'))} | "
             + " | ".join(_cell(timeline.get(mark)) for mark in MARKS)
             + " |"
@@ -76,7 +78,8 @@ def path_rates(samples: list[dict], expert_bytes: int) -> dict[str, float | None
             copy_bytes += copied * expert_bytes
             copy_s += (marks["copies_landed"] - marks["copies_begin"]) / 1e3
         before += marks.get("cpu_begin", 0.0)
-        after += marks["end"] - marks.get("wait_over", marks["end"])
+        # after the main thread's wait; in the stream CPU mode (no such wait) after the CPU's end
+        after += marks["end"] - marks.get("wait_over", marks.get("cpu_end", marks["end"]))
     layers_s = sum(layer["timeline_ms"]["end"] for layer in samples) / 1e3
     count = len(samples)
     return {
@@ -143,18 +146,19 @@ def report(directory: Path) -> str:
     lines = [
         f"# Orchestration runs side by side ({directory})",
         "",
-        "Decode tokens/s and TTFT as measured untimed; the calibration's CPU expert at one token; "
-        "the mean timed decode layer and the median of each timeline mark (ms from the layer's start).",
+        "Decode tokens/s and TTFT as measured untimed, and that decode's share of the bandwidth bound "
+        "(`fiddler.bounds`, the run's calibration and decode GPU hit rate); the calibration's CPU expert "
+        "at one token; the mean timed decode layer and the median of each timeline mark (ms from the "
+        "layer's start; timing synchronises every layer, which the stream CPU mode's gain needs not to).",
         "",
-        "| variant | policy | decode tokens/s | TTFT s | CPU expert ms | CPU beside copies | timed layer ms | "
-        + " | ".join(MARKS)
-        + " |",
-        "|" + "---|" * (7 + len(MARKS)),
+        "| variant | policy | decode tokens/s | share of bound | TTFT s | CPU expert ms | CPU beside copies | "
+        "timed layer ms | " + " | ".join(MARKS) + " |",
+        "|" + "---|" * (8 + len(MARKS)),
     ]
     rates = [
         "",
         "Expert bytes moved per path while busy, and over whole timed layers (GB/s); ms before the CPU "
-        "began and after the main thread's wait for it was over (means).",
+        "began and after the main thread's wait for it was over (the stream CPU mode: after the CPU's end; means).",
         "",
         "| variant | policy | layers | CPU GB/s | copy GB/s | all GB/s | before CPU ms | after wait ms |",
         "|" + "---|" * 8,

@@ -37,8 +37,17 @@ def test_rows_per_variant_with_the_timeline(tmp_path):
     text = report(tmp_path)
     header = next(line for line in text.splitlines() if line.startswith("| variant"))
     assert header.endswith(" | ".join(MARKS) + " |")
-    assert "| default | hybrid | 5.78 | 0.50 | 3.30 | 1.20 | 6.00 | 0.10 | - | - | 1.50 |" in text
+    assert "| default | hybrid | 5.78 | - | 0.50 | 3.30 | 1.20 | 6.00 | 0.10 | - | - | 1.50 |" in text
     assert "| passive | hybrid | 6.40 |" in text
+
+
+def test_the_share_of_the_bound_is_shown_where_recorded(tmp_path):
+    write_variant(tmp_path, "stream", 6.6, {"routed": 0.1, "end": 5.0})
+    run_file = tmp_path / "ab-stream" / "orchestration.json"
+    run = json.loads(run_file.read_text())
+    run["speed"]["policies"]["hybrid"]["share_of_bound"] = 0.824
+    run_file.write_text(json.dumps(run))
+    assert "| stream | hybrid | 6.60 | 82% | 0.50 |" in report(tmp_path)
 
 
 def test_a_folder_without_runs_is_a_clear_error(tmp_path):
@@ -85,3 +94,5 @@ def test_path_rates_count_a_divided_experts_share_on_each_path():
     assert rates["copy"] == pytest.approx(1.0)
     assert rates["all"] == pytest.approx(2.0 / 3.0)  # 2 experts over the 3 ms layer
     assert rates["before"] == pytest.approx(1.0) and rates["after"] == pytest.approx(0.5)
+    del layer["timeline_ms"]["wait_over"]  # the stream CPU mode: no wait, "after" counts from the CPU's end
+    assert path_rates([layer], expert_bytes)["after"] == pytest.approx(0.75)
