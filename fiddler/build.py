@@ -23,6 +23,7 @@ from fiddler.config import ModelConfig
 from fiddler.cost_model import LatencyModel
 from fiddler.cpu_experts import AUTO, CpuExpertKernel, set_cpu_threads, tiered_kernel
 from fiddler.engine import Engine
+from fiddler.orchestrator import THREAD
 from fiddler.placement import budget_from_free_memory, load_popularity, plan_placement
 from fiddler.planner import POLICIES
 from fiddler.steadiness import recorded_problems
@@ -50,6 +51,7 @@ class EngineOptions:
     cpu_kernel: str = AUTO  # the calibration's choice, or a kernel it was measured with
     staging_experts: int = 2
     layer_timing: bool = False
+    cpu_mode: str = THREAD  # how the CPU rows meet the main thread (fiddler.orchestrator.CPU_MODES)
 
 
 def build_engine(options: EngineOptions) -> tuple[Engine, dict[str, object]]:
@@ -95,8 +97,10 @@ def build_engine(options: EngineOptions) -> tuple[Engine, dict[str, object]]:
         cpu_kernel,
         options.staging_experts,
         options.layer_timing,
+        cpu_mode=options.cpu_mode,
     )
     record["policy"] = policy
+    record["cpu_mode"] = options.cpu_mode
     return engine, record
 
 

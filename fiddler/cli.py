@@ -27,6 +27,7 @@ from fiddler.calibrate import DEFAULT_ATTEMPTS, DEFAULT_TOKEN_COUNTS, QUICK_TOKE
 from fiddler.config import resolve_model
 from fiddler.engine import parse_dtype
 from fiddler.generate import GenerationSettings, generate
+from fiddler.orchestrator import CPU_MODES, THREAD
 from fiddler.planner import POLICIES
 from fiddler.profiling import profile_popularity, save_popularity
 from fiddler.tokenizer import Tokenizer, find_tokenizer
@@ -62,6 +63,13 @@ def add_placement_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cpu-threads", type=int, help="threads for CPU experts (default: all cores)")
     parser.add_argument("--staging-experts", type=int, default=2, help="GPU buffers for copied experts")
     parser.add_argument("--layer-timing", action="store_true", help="time every MoE layer (adds a sync)")
+    parser.add_argument(
+        "--cpu-mode",
+        choices=CPU_MODES,
+        default=THREAD,
+        help="how CPU-computed experts meet the GPU's work: thread (the main thread waits for the CPU worker), "
+        "inline (the main thread computes them), stream (the GPU stream waits for the worker; CUDA)",
+    )
 
 
 def device_and_dtype(args: argparse.Namespace, config) -> tuple[torch.device, torch.dtype]:
@@ -89,6 +97,7 @@ def engine_options(args: argparse.Namespace, max_seq_len: int, beam_width: int =
         cpu_threads=args.cpu_threads,
         staging_experts=args.staging_experts,
         layer_timing=args.layer_timing,
+        cpu_mode=args.cpu_mode,
     )
 
 

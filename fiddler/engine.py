@@ -22,7 +22,7 @@ from fiddler.cpu_experts import CpuExpertKernel
 from fiddler.loading import load_dense, load_expert_stack, load_host_weights
 from fiddler.model import KVCache, MixtralModel
 from fiddler.moe import ResidentExperts, Routing
-from fiddler.orchestrator import FiddlerExecutor
+from fiddler.orchestrator import THREAD, FiddlerExecutor
 from fiddler.placement import Placement
 from fiddler.weights import WeightSource
 
@@ -169,6 +169,7 @@ class Engine:
         staging_slots: int = 2,
         layer_timing: bool = False,
         piecewise: bool | None = None,
+        cpu_mode: str = THREAD,
     ) -> Engine:
         """Dense weights and the placement's experts on ``device``; every expert also in
         page-locked host memory, where the CPU path reads it and copies start from."""
@@ -180,7 +181,17 @@ class Engine:
             for layer, expert in sorted(placement.resident)
         }
         executor = FiddlerExecutor(
-            source.config, device, host, resident, placement, latency, policy, cpu_kernel, staging_slots, layer_timing
+            source.config,
+            device,
+            host,
+            resident,
+            placement,
+            latency,
+            policy,
+            cpu_kernel,
+            staging_slots,
+            layer_timing,
+            cpu_mode=cpu_mode,
         )
         model = MixtralModel(source.config, dense, executor, max_seq_len=max_seq_len)
         return cls(model, piecewise=piecewise)

@@ -200,6 +200,7 @@ class FiddlerExecutor:
         staging_slots: int = 2,
         layer_timing: bool = False,
         adapt_cpu: bool = True,
+        cpu_mode: str = THREAD,
     ):
         self.config, self.device, self.host = config, device, host
         self.resident, self.placement, self.latency = resident, placement, latency
@@ -238,6 +239,7 @@ class FiddlerExecutor:
         self._signal: HostSignal | None = None  # made when the stream mode is first asked for
         self._signal_value = 0  # the value the last CPU job sets (stream mode)
         self._pending: _PendingCpuJob | None = None  # a stream-mode job not yet taken in
+        self.cpu_mode = cpu_mode  # checked; the stream mode's signal made and self-tested
         self.layer_log: list[dict[str, object]] = []
         self.counters = ExpertCounters()
 

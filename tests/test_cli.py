@@ -120,6 +120,35 @@ def test_calibrate_profile_and_generate_under_a_budget(capsys, tmp_path):
     stats = result["stats"]
     assert stats["executor"] == "fiddler" and stats["policy"] == "paper"
     assert 0 < stats["experts_resident"] < 8 and stats["engine"]["placement"]["order"] == "popularity"
+    want = result["token_ids"]
+    code = main(
+        [
+            "generate",
+            "--model",
+            "mixtral-tiny",
+            "--device",
+            "cpu",
+            "--prompt-ids",
+            "1,2,3,4",
+            "--max-new-tokens",
+            "4",
+            "--gpu-memory-gb",
+            "0.017",
+            "--policy",
+            "paper",
+            "--calibration",
+            str(cal),
+            "--popularity",
+            str(pop),
+            "--cpu-mode",
+            "stream",
+            "--json",
+        ]
+    )
+    assert code == 0
+    streamed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert streamed["token_ids"] == want and streamed["stats"]["cpu_rows_on"] == "worker thread, stream waits"
+    assert streamed["stats"]["engine"]["cpu_mode"] == "stream"
 
 
 def test_budget_too_small_is_one_clear_error(capsys):
