@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 from pathlib import Path
@@ -173,7 +174,9 @@ def speed(args, calibration_path: Path) -> dict:
         row["decode_bound_tokens_per_s"] = decode_bound_tokens_per_s(
             config, executor.latency, row["gpu_hit_rate_decode"]
         )
-        row["share_of_bound"] = row["decode_tokens_per_s"] / row["decode_bound_tokens_per_s"]
+        bound = row["decode_bound_tokens_per_s"]  # infinite when every routed expert was resident
+        row["share_of_bound"] = row["decode_tokens_per_s"] / bound if math.isfinite(bound) else None
+        row["decode_bound_tokens_per_s"] = bound if math.isfinite(bound) else None
         executor.layer_timing = True
         timed = generate(
             engine, prompt, GenerationSettings(max_new_tokens=min(8, args.new_tokens), beam_width=args.beam_width)

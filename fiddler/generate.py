@@ -193,9 +193,7 @@ def _beam_search(engine: Engine, prompt: torch.Tensor, settings: GenerationSetti
             log_probs[:, eos] = -math.inf
         totals = (log_probs + running_scores[:, None]).view(-1)
         top_scores, top_index = torch.topk(totals, candidates_per_step)
-        # .cpu() waits for the device without the GIL (a CPU worker may need it to let the
-        # device go on: the executor's stream mode); tolist() on a host tensor then only reads
-        scores, index = top_scores.cpu().tolist(), top_index.cpu().tolist()
+        scores, index = top_scores.tolist(), top_index.tolist()
         generated = step + 1
         is_last = generated == settings.max_new_tokens
         hits = [is_last or (stops_at_eos and i % vocab in eos) for i in index]

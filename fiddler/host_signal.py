@@ -11,9 +11,12 @@ once and goes on queueing work behind the wait. Why: Fiddler's main thread other
 the CPU worker before it can queue the CPU results' way up and everything after, and that
 queueing (the layer's tail, the next layer's attention) then lies on the critical path, ~0.4 ms
 a decode layer on the GPU host (results/orchestration-h200/, run 10). ``host_signal`` raises
-``ValueError`` saying why when the driver lacks the operation or it does not work on a
-self-test. On the CPU there is no stream: ``wait_on`` blocks the caller until the value is set
-(the CPU tests run the same executor code).
+``ValueError`` saying why when the driver lacks the operation, the host is not x86 (the rows and
+the counter are plain stores, whose order only x86 keeps), or a self-test on the current stream
+finds it not holding until ``set`` or not passing after. Each CUDA signal's word stays allocated
+until the process ends (a queued wait may read it after its owner closed). On the CPU there is
+no stream: ``wait_on`` blocks the caller until the value is set (the CPU tests run the same
+executor code).
 
 Deadlock rule for callers: everything the setting thread waits for must be queued before the
 wait (stream order), and the setter must set its value even when its work fails.
@@ -22,6 +25,7 @@ wait (stream order), and the setter must set its value even when its work fails.
 from __future__ import annotations
 
 import ctypes
+import platform
 import threading
 import time
 from typing import Protocol
@@ -36,6 +40,9 @@ CU_STREAM_WAIT_VALUE_GEQ = 0  # (int32)(*addr - value) >= 0: cyclic, so the coun
 CUDA_SUCCESS = 0
 SELF_TEST_TIMEOUT_S = 2.0  # a working stream wait passes in microseconds
 SELF_TEST_POLL_S = 1e-3
+SELF_TEST_HOLD_S = 5e-3  # how long a held stream must stay held (a working one: forever)
+STORE_ORDERED_MACHINES = ("x86_64", "AMD64")  # hosts whose plain stores become visible in order
+_KEPT_WORDS: list[torch.Tensor] = []  # every signal's word, alive to the process's end (see StreamWaitSignal)
 
 
 def reached(current: int, value: int) -> bool:
@@ -97,23 +104,40 @@ class _Driver:
 
 
 class StreamWaitSignal:
-    """On CUDA: the stream waits on a page-locked word that ``set`` writes from the host."""
+    """On CUDA: the stream waits on a page-locked word that ``set`` writes from the host. The
+    word lives as long as the process (``close`` may not free it: a queued wait may still read
+    it), one per signal, a few bytes."""
 
     def __init__(self, device: torch.device):
-        self.device = device
+        if platform.machine() not in STORE_ORDERED_MACHINES:
+            # the worker writes its rows, then set() the word, with plain stores: x86 keeps them in order
+            raise ValueError(
+                f"the stream CPU mode relies on x86's store order; this host is {platform.machine()}: "
+                "use cpu_mode thread"
+            )
+        self.index = device.index if device.index is not None else torch.cuda.current_device()
         self._driver = _Driver()
         self._word = torch.zeros(1, dtype=torch.int32, pin_memory=True)
+        _KEPT_WORDS.append(self._word)
         self._host_word = ctypes.c_uint32.from_address(self._word.data_ptr())
         self._device_word = ctypes.c_uint64()
-        with torch.cuda.device(device):
-            torch.cuda.current_stream(device)  # makes the device's context current on this thread
+        with torch.cuda.device(self.index):  # sets the device: its primary context is current here
             self._driver.check(
                 self._driver.device_pointer(ctypes.byref(self._device_word), self._word.data_ptr(), 0),
                 "cuMemHostGetDevicePointer",
             )
 
     def wait_on(self, value: int) -> None:
-        stream = torch.cuda.current_stream(self.device).cuda_stream
+        # the current stream is the legacy default one (handle 0) unless a stream is set: the
+        # driver puts handle 0 in the calling thread's current context, which must be the device's
+        if torch.cuda.current_device() != self.index:
+            with torch.cuda.device(self.index):
+                self._wait(value)
+        else:
+            self._wait(value)
+
+    def _wait(self, value: int) -> None:
+        stream = torch.cuda.current_stream(self.index).cuda_stream
         code = self._driver.wait_value(stream, self._device_word.value, value & VALUE_MASK, CU_STREAM_WAIT_VALUE_GEQ)
         self._driver.check(code, "cuStreamWaitValue32")
 
@@ -123,14 +147,18 @@ class StreamWaitSignal:
         self._host_word.value = value & VALUE_MASK
 
     def self_test(self) -> None:
-        """Wait on a private stream, set, and see the stream pass; ValueError if it does not."""
-        stream = torch.cuda.Stream(self.device)
-        with torch.cuda.stream(stream):
-            self.wait_on(1)
-            passed = torch.cuda.Event()
-            passed.record(stream)
-        self.set(1)
+        """On the stream real use waits on (the current one): the stream must hold until
+        ``set`` and pass after it; ValueError otherwise. The word ends at 0."""
         clock = Clock("cpu")  # the host's clock: reading it must not wait for the device
+        self.wait_on(1)
+        passed = torch.cuda.Event()
+        passed.record(torch.cuda.current_stream(self.index))
+        try:
+            time.sleep(SELF_TEST_HOLD_S)
+            if passed.query():
+                raise ValueError("a stream told to wait on host memory did not wait (the driver ignored the wait)")
+        finally:
+            self.set(1)  # the stream must not stay held, whatever happened
         deadline = clock.now() + SELF_TEST_TIMEOUT_S
         while not passed.query():
             if clock.now() > deadline:

@@ -80,7 +80,7 @@ from fiddler.moe import Routing, combine
 from fiddler.placement import Placement
 from fiddler.planner import COPY_EXPERTS, LayerPlan, plan_layer
 from fiddler.streams import elapsed_ms, host_wait, new_stream, on_stream, record, wait
-from fiddler.timing import Clock
+from fiddler.timing import Clock, synchronize
 
 PLAN_CACHE_SIZE = 4096  # distinct routing patterns remembered; decode repeats a few
 MODEL_CACHE_SIZE = 64  # latency models kept, one per step of the in-run corrections
@@ -132,14 +132,13 @@ class _InlineJob:
 
 
 @dataclasses.dataclass(frozen=True)
-class _PendingCpuJob:
-    """A CPU job queued for its results, with what taking its measurements in needs."""
+class _CpuJobOut:
+    """A CPU job handed out, with what taking its measurements in needs."""
 
     job: Future | _InlineJob
     plan: LayerPlan
     tokens: dict[int, int]
     routed_at: float
-    issued_at: float
 
 
 @dataclasses.dataclass
@@ -238,7 +237,7 @@ class FiddlerExecutor:
         self._cpu_mode = THREAD
         self._signal: HostSignal | None = None  # made when the stream mode is first asked for
         self._signal_value = 0  # the value the last CPU job sets (stream mode)
-        self._pending: _PendingCpuJob | None = None  # a stream-mode job not yet taken in
+        self._pending: _CpuJobOut | None = None  # a stream-mode job not yet taken in
         self.cpu_mode = cpu_mode  # checked; the stream mode's signal made and self-tested
         self.layer_log: list[dict[str, object]] = []
         self.counters = ExpertCounters()
@@ -363,12 +362,15 @@ class FiddlerExecutor:
         # The CPU path is usually the layer's last to finish: it starts first, on activations
         # already in host memory, before anything is queued for the accelerator.
         cpu_experts = list(plan.cpu) + ([split.expert] if split else [])
-        cpu_job = None
+        cpu_job = cpu_out = None
         if cpu_experts:
             # the accelerator's stable sort, repeated on the host: rows come back in its order
             token_of_row_host = torch.argsort(flat_host, stable=True) // top_k
             cpu_tokens = torch.cat([token_of_row_host[offsets[e] : offsets[e + 1]] for e in cpu_experts])
             cpu_job = self._start_cpu(layer, plan, counts, host_hidden, hidden_landed, cpu_tokens)
+            cpu_out = _CpuJobOut(cpu_job, plan, tokens, routed_at)
+            if self._cpu_mode == STREAM:
+                self._pending = cpu_out  # taken in later even if this layer fails before its wait
         if clock:
             marks["cpu_submitted"] = host.now()
         token_of_row = order // top_k
@@ -405,13 +407,11 @@ class FiddlerExecutor:
         issued_at = host.now()
         if clock:
             marks["issued"] = issued_at
-        if cpu_job is not None:
-            pending = _PendingCpuJob(cpu_job, plan, tokens, routed_at, issued_at)
+        if cpu_out is not None:
             if self._cpu_mode == STREAM:
                 self._signal.wait_on(self._signal_value)  # what follows waits for the worker's rows
-                self._pending = pending
             else:
-                wait_over = self._take_in(pending)
+                wait_over = self._take_in(cpu_out, issued_at)
                 if clock:
                     marks["wait_over"] = wait_over
             rows = sum(counts[e] for e in cpu_experts)
@@ -489,10 +489,16 @@ class FiddlerExecutor:
         self.layer_log = []
 
     def close(self) -> None:
-        """Stop the CPU worker and release the page-locked host memory."""
-        self._take_in_pending()
-        self.cpu_worker.shutdown(wait=True)
-        self.host.close()
+        """Stop the CPU worker and release the page-locked host memory (after the device's
+        queued work, which may still read it, when the stream mode has run); a CPU job's
+        failure not yet raised is raised after."""
+        try:
+            self._take_in_pending()
+        finally:
+            self.cpu_worker.shutdown(wait=True)
+            if self._signal is not None:
+                synchronize(self.device)
+            self.host.close()
 
     # ---- the three paths ----------------------------------------------------------------
 
@@ -613,29 +619,31 @@ class FiddlerExecutor:
         rows = slice(offsets[expert], offsets[expert + 1])
         sorted_out[rows] = split_ffn(hidden.index_select(0, token_of_row[rows]), w13b, w2b)
 
-    def _take_in(self, pending: _PendingCpuJob) -> float:
+    def _take_in(self, out: _CpuJobOut, issued_at: float | None = None) -> float:
         """Wait for a CPU job (re-raising a failure in the worker), fold it into the in-run
-        corrections and count it; returns when the wait was over (host clock)."""
+        corrections and count it; returns when the wait was over (host clock). ``issued_at``:
+        when the main thread had issued the accelerator's work (thread and inline modes)."""
         clock = Clock("cpu")
         asked = clock.now()
-        done = pending.job.result()
+        done = out.job.result()
         wait_over = clock.now()
-        self._learn_cpu_factor(pending.plan, pending.tokens, done.seconds)
+        self._learn_cpu_factor(out.plan, out.tokens, done.seconds)
         c = self.counters
         c.cpu_jobs += 1
-        c.cpu_start_s += done.begin - pending.routed_at
+        c.cpu_start_s += done.begin - out.routed_at
         c.cpu_compute_s += done.seconds
         # thread: the main thread waited from issuing the accelerator's work; inline: it
         # computed instead; stream: it slept from asking, at the next layer
-        waited = {THREAD: wait_over - pending.issued_at, INLINE: 0.0, STREAM: wait_over - asked}
+        since = asked if issued_at is None else issued_at
+        waited = {THREAD: wait_over - since, INLINE: 0.0, STREAM: wait_over - asked}
         c.cpu_wait_s += waited[self._cpu_mode]
         return wait_over
 
     def _take_in_pending(self) -> None:
         """Take in the stream-mode CPU job still out, if any."""
-        pending, self._pending = self._pending, None
-        if pending is not None:
-            self._take_in(pending)
+        out, self._pending = self._pending, None
+        if out is not None:
+            self._take_in(out)
 
     def _count(self, plan: LayerPlan, tokens: dict[int, int], flat: torch.Tensor, hidden: torch.Tensor) -> None:
         c = self.counters

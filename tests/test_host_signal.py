@@ -48,8 +48,11 @@ def test_a_stream_waits_on_host_memory_until_set():
     copied = source.to(device, non_blocking=True)
     done = torch.cuda.Event()
     done.record()
-    time.sleep(WAIT_S)
-    assert not done.query()  # the stream waits for the host
-    signal.set(1)
+    try:
+        time.sleep(WAIT_S)
+        held = not done.query()  # the stream waits for the host
+    finally:
+        signal.set(1)  # a failed assertion must not leave the stream held for later tests
+    assert held
     done.synchronize()
     assert torch.equal(copied.cpu(), source)

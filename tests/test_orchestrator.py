@@ -3,6 +3,8 @@ model for every placement and policy, and counters that match the plans it made.
 
 import dataclasses
 import random
+import threading
+import time
 
 import pytest
 import torch
@@ -19,6 +21,7 @@ from fiddler.planner import POLICIES, LayerPlan, Split, plan_layer
 from fiddler.weights import RandomWeights
 
 FP32_TOL = 1e-4
+HANG_S = 60  # far beyond what the tiny model's generations take
 CONFIG = ModelConfig.preset("mixtral-tiny")
 SOURCE = RandomWeights(CONFIG, seed=11)
 
@@ -349,9 +352,72 @@ def test_a_failed_cpu_job_in_stream_mode_is_raised_not_hung():
         raise RuntimeError("kernel failed")
 
     executor.cpu_kernel = broken
-    with pytest.raises(RuntimeError, match="kernel failed"):
-        generate(engine, PROMPT, GenerationSettings(max_new_tokens=2))
+    raised: list[BaseException] = []
+
+    def run():
+        try:
+            generate(engine, PROMPT, GenerationSettings(max_new_tokens=2))
+        except RuntimeError as err:
+            raised.append(err)
+
+    thread = threading.Thread(target=run, daemon=True)  # a hang fails the test, not the suite
+    thread.start()
+    thread.join(timeout=HANG_S)
+    assert not thread.is_alive(), "a failed CPU job left the executor waiting"
+    assert raised and "kernel failed" in str(raised[0])
     engine.close()
+
+
+class _SlowKernel:
+    """The torch kernel after a sleep, noting when each call ended."""
+
+    name = "torch-slowed"
+
+    def __init__(self, seconds: float):
+        self.seconds, self.inner, self.ends = seconds, make_kernel("torch"), []
+
+    def __call__(self, x, w13b, w2b):
+        time.sleep(self.seconds)
+        out = self.inner(x, w13b, w2b)
+        self.ends.append(time.perf_counter())
+        return out
+
+
+class _NotingReturns:
+    """An executor wrapper noting when each layer call returned."""
+
+    def __init__(self, inner):
+        self.inner, self.returns = inner, []
+
+    def __call__(self, *args):
+        out = self.inner(*args)
+        self.returns.append(time.perf_counter())
+        return out
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="running ahead needs a CUDA stream to wait")
+def test_stream_mode_runs_ahead_of_slow_cpu_jobs_on_cuda():
+    """With every expert on a slowed CPU, the thread mode's layer calls return after their CPU
+    job ended and the stream mode's before (the main thread queued the rest and went on), with
+    the same tokens."""
+    tokens, ahead = {}, {}
+    for mode in (THREAD, STREAM):
+        kernel = _SlowKernel(0.02)
+        engine = Engine.fiddler(
+            SOURCE, "cuda", torch.float32, 128, placement_with(set()), HOST_LIKE, "cpu-experts", kernel
+        )
+        engine.model.experts.cpu_mode = mode
+        noted = _NotingReturns(engine.model.experts)
+        engine.set_executor(noted)
+        tokens[mode] = generate(engine, PROMPT, GenerationSettings(max_new_tokens=4)).token_ids
+        pairs = list(zip(noted.returns, kernel.ends, strict=True))  # one CPU job per layer call
+        ahead[mode] = sum(returned < ended for returned, ended in pairs) / len(pairs)
+        engine.close()
+    assert tokens[STREAM] == tokens[THREAD]
+    assert ahead[THREAD] == 0.0 and ahead[STREAM] > 0.5
 
 
 def test_cpu_mode_is_checked():
