@@ -49,7 +49,8 @@
 #                  and CPU worker wait for a core; default / OMP_WAIT_POLICY=PASSIVE / 15
 #                  threads; layer timelines in each orchestration.json
 #                  (python experiments/orchestration_report.py DIR renders them side by side)
-#   handoff-ab     issue 8: hybrid and paper with the main thread waiting for the CPU rows on the
+#   handoff-ab     issue 8: the stream mode's CUDA tests (~1 min, handoff-tests.log), then
+#                  hybrid and paper with the main thread waiting for the CPU rows on the
 #                  host (thread) and with the stream waiting on a host counter the CPU worker sets
 #                  (stream: the layer's tail and the next layer's attention queued while the CPU
 #                  computes), each checked for correctness on 2 layers and timed layer by layer,
@@ -217,8 +218,12 @@ for name in "$@"; do
           --out "$OUT/ab-$variant" --gpu-memory-gb 24 --new-tokens 24 --repeats 2 --policies hybrid,paper \
           --cpu-modes thread,inline ${threads[@]+"${threads[@]}"}
       done ;;
-    # bounded: a stream that never passed its wait would otherwise hold the call to its end
-    handoff-ab) stage handoff-ab timeout -k 10 "${HANDOFF_SECONDS:-420}" python3 experiments/orchestration_gpu.py \
+    # bounded: a stream that never passed its wait would otherwise hold the call to its end.
+    # First the CUDA-only tests of the stream mode (a stream held by host memory; layer calls
+    # returning before their slowed CPU jobs end, same tokens), ~1 min; their log comes back
+    handoff-ab) stage handoff-tests timeout -k 10 150 python3 -m pytest -q -p no:cacheprovider \
+                  tests/test_host_signal.py tests/test_orchestrator.py -k "stream or cuda"
+                stage handoff-ab timeout -k 10 "${HANDOFF_SECONDS:-420}" python3 experiments/orchestration_gpu.py \
                   --out "$OUT/results/orchestration-h200/handoff-ab" --gpu-memory-gb 24 --new-tokens 48 --repeats 2 \
                   --policies hybrid,paper --cpu-modes thread,stream ;;
     quick) stage quick python3 -m harness.reproduce --quick --results "$OUT/runs" ;;
