@@ -25,7 +25,8 @@ worker, and the main thread queues their way up behind a wait of the accelerator
 ``fiddler.host_signal`` counter the worker sets when they are written, then goes on (the layer's
 tail and the next layer's attention are queued while the CPU computes; the main thread then
 sleeps on the job, not spinning in the next routing read's wait, and takes its measurements in
-there). An
+there, or at the model's last layer before returning, where the caller's read of the token would
+spin). An
 expert the plan divides runs its first blocks on the CPU and the rest after a copy of only
 those blocks; the two partial outputs are added. Every expert is kept in the split layout
 of ``fiddler.expert_layout``. Outputs are identical, up to summation order, to running every
@@ -433,6 +434,10 @@ class FiddlerExecutor:
         # layer's end after their transfer down (long done in decode; beside the copies in prefill)
         wait(hidden_landed)
         self._count(plan, tokens, flat, hidden)
+        if layer == self.config.num_layers - 1:
+            # after the last layer the caller reads the token on the host, spinning on the device
+            # while it waits (a core taken from the CPU kernel): sleep on the job here instead
+            self._take_in_pending()
         if clock:
             end = clock.now()
             measured = end - start
