@@ -2,7 +2,10 @@
 
 Contract: ``fiddler-paper``, ``fiddler-hybrid`` and the ablations ``fiddler-cpu-experts`` /
 ``fiddler-copy-experts`` run ``fiddler.build.build_engine`` with that policy under the
-system's GPU budget; ``gpu-resident`` puts the whole model on the device (decode captured as a
+system's GPU budget; ``fiddler-hybrid-stream`` is ``hybrid`` with the executor's stream CPU mode
+(``fiddler.orchestrator``: the GPU's stream waits for the CPU worker's rows instead of the main
+thread; a name of its own, so that a sweep's ``fiddler-hybrid`` rows stay one engine's);
+``gpu-resident`` puts the whole model on the device (decode captured as a
 CUDA graph) and refuses when the model, its KV cache and workspace exceed the budget.
 """
 
@@ -11,13 +14,14 @@ from __future__ import annotations
 from baselines.base import EngineBacked, SystemOptions, SystemRefused, register, require_whole_model_fits
 from fiddler.build import RESIDENT, EngineOptions, build_engine
 from fiddler.generate import GenerationResult, GenerationSettings, generate
-from fiddler.planner import POLICIES
+from fiddler.orchestrator import STREAM, THREAD
+from fiddler.planner import HYBRID, POLICIES
 
 
 class EngineSystem(EngineBacked):
     name = "engine"
 
-    def __init__(self, options: SystemOptions, policy: str):
+    def __init__(self, options: SystemOptions, policy: str, cpu_mode: str = THREAD):
         self.options = options
         engine_options = EngineOptions(
             config=options.config,
@@ -32,6 +36,7 @@ class EngineSystem(EngineBacked):
             calibration=options.calibration,
             popularity=options.popularity,
             cpu_threads=options.cpu_threads,
+            cpu_mode=cpu_mode,
         )
         try:
             self.engine, self.record = build_engine(engine_options)
@@ -46,15 +51,16 @@ class EngineSystem(EngineBacked):
         return result
 
 
-def _fiddler(policy: str):
+def _fiddler(policy: str, cpu_mode: str = THREAD):
     def factory(options: SystemOptions) -> EngineSystem:
-        return EngineSystem(options, policy)
+        return EngineSystem(options, policy, cpu_mode)
 
     return factory
 
 
 for _policy in POLICIES:
     register(f"fiddler-{_policy}")(_fiddler(_policy))
+register(f"fiddler-{HYBRID}-{STREAM}")(_fiddler(HYBRID, STREAM))
 
 
 @register("gpu-resident")

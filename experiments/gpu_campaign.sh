@@ -19,7 +19,8 @@
 # sweep calibrates its machine first (~15 s, machine-calibrations/ in the run folder). Next:
 #   1. `handoff-ab sweep24` in one call (SWEEP_SECONDS=565): the stream CPU mode against the
 #      thread mode, hybrid and paper, correctness and decode share of the bound (issue 8's 85%),
-#      ~5 minutes, then the sweep for the rest of the call.
+#      ~5 minutes, then the sweep for the rest of the call. If the stream mode is correct and
+#      faster, `stream24` (one call for round 0) measures it on the grid beside fiddler-hybrid.
 #   2. The rest of sweep24's round 2 (fiddler-paper's three rows measured with the hypervisor
 #      over half a core first, then layer-streaming, cpu-only, accelerate-offload,
 #      expert-lru-prefetch and the two ablations: 24 generations): `SWEEP_SECONDS=565 ...
@@ -78,6 +79,9 @@
 #                  resumes it; commit what comes back before the next call)
 #   sweep48        the same grid at 48 GB: Fiddler's policies and the two strongest baselines
 #                  (expert-lru and expert-lru-prefetch)
+#   stream24       issue 8: the paper-v3 grid at 24 GB for fiddler-hybrid-stream (the stream CPU mode)
+#                  and fiddler-hybrid side by side, into results/h200-paper-v3-24gb-stream/ (its
+#                  tables' bound table holds both against the 85% target; ~1 call a round)
 #   prefill24      long-prefill TTFT (512-8192 tokens) at 24 GB: Fiddler, layer-streaming, expert-lru
 #   beam24         beam search (widths 4, 8, 16) at 24 GB: Fiddler and the strongest baselines
 # The tree there has no .git: pass FIDDLER_GIT_COMMIT=<sha> so run records name the commit
@@ -250,6 +254,10 @@ for name in "$@"; do
     # it would measure its 24 GB rows again
     sweep48) sweep sweep48 results/h200-paper-v3-48gb --scenario single-batch --grid paper-v3 --gpu-memory-gb 48 \
                --systems fiddler-hybrid,fiddler-paper,expert-lru,expert-lru-prefetch ;;
+    # issue 8's decode target with the stream CPU mode: fiddler-hybrid-stream beside fiddler-hybrid
+    # on the same machines and calibration, the paper-v3 grid at 24 GB (round 0: 8 generations)
+    stream24) sweep stream24 results/h200-paper-v3-24gb-stream --scenario single-batch --grid paper-v3 \
+               --gpu-memory-gb 24 --systems fiddler-hybrid-stream,fiddler-hybrid ;;
     prefill24) sweep prefill24 results/h200-long-prefill-24gb --scenario long-prefill --gpu-memory-gb 24 \
                --systems fiddler-hybrid,fiddler-paper,layer-streaming,expert-lru ;;
     beam24) sweep beam24 results/h200-beam-search-24gb --scenario beam-search --beam-widths 4,8,16 --gpu-memory-gb 24 \

@@ -33,7 +33,8 @@ import math
 from fiddler.cost_model import LatencyModel
 
 COPY_EXPERTS = "copy-experts"  # the one policy that never computes on the CPU
-POLICIES = ("paper", "hybrid", "cpu-experts", COPY_EXPERTS)
+HYBRID = "hybrid"  # both paths at once (the policy beyond the paper)
+POLICIES = ("paper", HYBRID, "cpu-experts", COPY_EXPERTS)
 BALANCE_NEIGHBOURS = 2  # block counts tried on each side of the proportional balance point
 
 
@@ -124,7 +125,7 @@ def plan_layer(
     if policy == "paper":
         on_cpu = [e for e in missing if model.cpu_path(tokens[e]) <= model.copy_path(tokens[e])]
         return make(on_cpu, [e for e in missing if e not in on_cpu])
-    if policy == "hybrid":
+    if policy == HYBRID:
         whole = [make(missing[:k], missing[k:]) for k in range(len(missing) + 1)]
         candidates = list(whole)
         # Dividing expert k lies between the whole plans k and k + 1, both paths busy. There the

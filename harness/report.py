@@ -343,7 +343,7 @@ def _short_commit(commit: str) -> str:
     return (short + DIRTY if dirty else short) or NOT_RECORDED
 
 
-BOUND_SYSTEMS = ("fiddler-hybrid", "fiddler-paper")
+BOUND_SYSTEMS = ("fiddler-hybrid", "fiddler-hybrid-stream", "fiddler-paper")
 BOUND_TARGET = 0.85  # issue 8: fiddler-hybrid's decode at least 85% of the bound
 PREFILL_TARGET = 1.2  # issue 8: Fiddler's long-prefill TTFT within 1.2x of the copy-bound limit
 

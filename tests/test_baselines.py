@@ -47,6 +47,7 @@ BUDGETS = {  # each system offloads under its budget (where it can offload at al
     "expert-lru-prefetch": budget_for_expert_slots(1),
     "fiddler-paper": budget_for_expert_slots(1),
     "fiddler-hybrid": budget_for_expert_slots(1),
+    "fiddler-hybrid-stream": budget_for_expert_slots(1),
     "fiddler-cpu-experts": budget_for_expert_slots(1),
     "fiddler-copy-experts": budget_for_expert_slots(1),
 }
