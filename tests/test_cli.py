@@ -93,61 +93,20 @@ def test_calibrate_profile_and_generate_under_a_budget(capsys, tmp_path):
     )
     counts = json.loads(pop.read_text())["counts"]
     assert sum(map(sum, counts)) == 3 * (8 + 1) * 2 * 2  # prompts x tokens x layers x top-k
-    code = main(
-        [
-            "generate",
-            "--model",
-            "mixtral-tiny",
-            "--device",
-            "cpu",
-            "--prompt-ids",
-            "1,2,3,4",
-            "--max-new-tokens",
-            "4",
-            "--gpu-memory-gb",
-            "0.017",
-            "--policy",
-            "paper",
-            "--calibration",
-            str(cal),
-            "--popularity",
-            str(pop),
-            "--json",
-        ]
-    )
-    assert code == 0
+    generate_args = [
+        *"generate --model mixtral-tiny --device cpu --prompt-ids 1,2,3,4 --max-new-tokens 4".split(),
+        *"--gpu-memory-gb 0.017 --policy paper --json".split(),
+        *("--calibration", str(cal), "--popularity", str(pop)),
+    ]
+    assert main(generate_args) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     stats = result["stats"]
     assert stats["executor"] == "fiddler" and stats["policy"] == "paper"
     assert 0 < stats["experts_resident"] < 8 and stats["engine"]["placement"]["order"] == "popularity"
-    want = result["token_ids"]
-    code = main(
-        [
-            "generate",
-            "--model",
-            "mixtral-tiny",
-            "--device",
-            "cpu",
-            "--prompt-ids",
-            "1,2,3,4",
-            "--max-new-tokens",
-            "4",
-            "--gpu-memory-gb",
-            "0.017",
-            "--policy",
-            "paper",
-            "--calibration",
-            str(cal),
-            "--popularity",
-            str(pop),
-            "--cpu-mode",
-            "stream",
-            "--json",
-        ]
-    )
-    assert code == 0
+    assert main([*generate_args, "--cpu-mode", "stream"]) == 0  # the same run, the stream CPU mode
     streamed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert streamed["token_ids"] == want and streamed["stats"]["cpu_rows_on"] == "worker thread, stream waits"
+    assert streamed["token_ids"] == result["token_ids"]
+    assert streamed["stats"]["cpu_rows_on"] == "worker thread, stream waits"
     assert streamed["stats"]["engine"]["cpu_mode"] == "stream"
 
 
