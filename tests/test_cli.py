@@ -93,11 +93,9 @@ def test_calibrate_profile_and_generate_under_a_budget(capsys, tmp_path):
     )
     counts = json.loads(pop.read_text())["counts"]
     assert sum(map(sum, counts)) == 3 * (8 + 1) * 2 * 2  # prompts x tokens x layers x top-k
-    generate_args = [
-        *"generate --model mixtral-tiny --device cpu --prompt-ids 1,2,3,4 --max-new-tokens 4".split(),
-        *"--gpu-memory-gb 0.017 --policy paper --json".split(),
-        *("--calibration", str(cal), "--popularity", str(pop)),
-    ]
+    run = ["generate", "--model", "mixtral-tiny", "--device", "cpu", "--prompt-ids", "1,2,3,4", "--max-new-tokens", "4"]
+    placed = ["--gpu-memory-gb", "0.017", "--policy", "paper", "--calibration", str(cal), "--popularity", str(pop)]
+    generate_args = [*run, *placed, "--json"]
     assert main(generate_args) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     stats = result["stats"]
