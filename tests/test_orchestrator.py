@@ -387,10 +387,14 @@ class _NotingJobEnds:
     def __init__(self, pool):
         self.pool, self.ends = pool, []
 
-    def submit(self, *args):
-        future = self.pool.submit(*args)
-        future.add_done_callback(lambda _: self.ends.append(time.perf_counter()))
-        return future
+    def submit(self, work, *args):
+        def noted(*work_args):
+            try:
+                return work(*work_args)
+            finally:  # before the job's future is done: no waiter can run ahead of this note
+                self.ends.append(time.perf_counter())
+
+        return self.pool.submit(noted, *args)
 
     def shutdown(self, wait: bool = True) -> None:
         self.pool.shutdown(wait=wait)
