@@ -171,12 +171,11 @@ def speed(args, calibration_path: Path) -> dict:
             "token_ids": runs[-1].token_ids,
         }
         # issue 8's yardstick: the missing experts' bytes alone at the calibration's rates
-        row["decode_bound_tokens_per_s"] = decode_bound_tokens_per_s(
-            config, executor.latency, row["gpu_hit_rate_decode"]
-        )
-        bound = row["decode_bound_tokens_per_s"]  # infinite when every routed expert was resident
-        row["share_of_bound"] = row["decode_tokens_per_s"] / bound if math.isfinite(bound) else None
-        row["decode_bound_tokens_per_s"] = bound if math.isfinite(bound) else None
+        # (infinite, recorded as None, when every routed expert was resident)
+        bound = decode_bound_tokens_per_s(config, executor.latency, row["gpu_hit_rate_decode"])
+        finite = math.isfinite(bound)
+        row["decode_bound_tokens_per_s"] = bound if finite else None
+        row["share_of_bound"] = row["decode_tokens_per_s"] / bound if finite else None
         executor.layer_timing = True
         timed = generate(
             engine, prompt, GenerationSettings(max_new_tokens=min(8, args.new_tokens), beam_width=args.beam_width)

@@ -32,6 +32,7 @@ from typing import Protocol
 
 import torch
 
+from fiddler.streams import record
 from fiddler.timing import Clock
 
 VALUE_BITS = 32
@@ -130,15 +131,10 @@ class StreamWaitSignal:
     def wait_on(self, value: int) -> None:
         # the current stream is the legacy default one (handle 0) unless a stream is set: the
         # driver puts handle 0 in the calling thread's current context, which must be the device's
-        if torch.cuda.current_device() != self.index:
-            with torch.cuda.device(self.index):
-                self._wait(value)
-        else:
-            self._wait(value)
-
-    def _wait(self, value: int) -> None:
-        stream = torch.cuda.current_stream(self.index).cuda_stream
-        code = self._driver.wait_value(stream, self._device_word.value, value & VALUE_MASK, CU_STREAM_WAIT_VALUE_GEQ)
+        with torch.cuda.device(self.index):
+            stream = torch.cuda.current_stream(self.index).cuda_stream
+            word = self._device_word.value
+            code = self._driver.wait_value(stream, word, value & VALUE_MASK, CU_STREAM_WAIT_VALUE_GEQ)
         self._driver.check(code, "cuStreamWaitValue32")
 
     def set(self, value: int) -> None:
@@ -151,8 +147,7 @@ class StreamWaitSignal:
         ``set`` and pass after it; ValueError otherwise. The word ends at 0."""
         clock = Clock("cpu")  # the host's clock: reading it must not wait for the device
         self.wait_on(1)
-        passed = torch.cuda.Event()
-        passed.record(torch.cuda.current_stream(self.index))
+        passed = record(torch.device("cuda", self.index))
         try:
             time.sleep(SELF_TEST_HOLD_S)
             if passed.query():

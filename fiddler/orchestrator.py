@@ -637,11 +637,10 @@ class FiddlerExecutor:
         c.cpu_jobs += 1
         c.cpu_start_s += done.begin - out.routed_at
         c.cpu_compute_s += done.seconds
-        # thread: the main thread waited from issuing the accelerator's work; inline: it
-        # computed instead; stream: it slept from asking, at the next layer
-        since = asked if issued_at is None else issued_at
-        waited = {THREAD: wait_over - since, INLINE: 0.0, STREAM: wait_over - asked}
-        c.cpu_wait_s += waited[self._cpu_mode]
+        # the main thread waited from issuing the accelerator's work (thread) or from asking at
+        # the next layer (stream); inline, it computed instead
+        waited_from = asked if issued_at is None else issued_at
+        c.cpu_wait_s += 0.0 if self._cpu_mode == INLINE else wait_over - waited_from
         return wait_over
 
     def _take_in_pending(self) -> None:
