@@ -309,13 +309,16 @@ def test_cpu_rows_on_the_main_thread_match(reference, policy):
 def test_stream_mode_matches_and_takes_every_job_in(reference, policy):
     """cpu_mode stream: the CPU rows' way up waits on the worker's signal instead of the main
     thread waiting, and each job is taken in at the next layer; the same tokens as the resident
-    model, and the same jobs, plans and counters as the thread mode of one executor."""
+    model, and the same jobs, plans and counters as the thread mode of one executor. The in-run
+    CPU corrections are off: they follow measured times (and stream mode learns a job's time
+    one layer later), so with them the plans may differ by timing (it did on the GPU host)."""
     placement = random_placement(random.Random(13))
     counted = ("cpu_jobs", "experts_cpu", "experts_copied", "experts_split", "rows_cpu", "rows_split", "h2d_bytes")
     stats = {}
     for mode in (THREAD, STREAM):
         engine = fiddler_engine(placement, policy, latency=PAPER_LIKE)
         engine.model.experts.cpu_mode = mode
+        engine.model.experts.adapt_cpu = False
         for settings in (GenerationSettings(max_new_tokens=6), GenerationSettings(max_new_tokens=4, beam_width=2)):
             result = generate(engine, PROMPT, settings)
             assert result.token_ids == generate(reference, PROMPT, settings).token_ids
