@@ -3,7 +3,9 @@
 1. ``fiddler calibrate`` for full-size Mixtral-8x7B experts (saved as calibration.json).
 2. Correctness (``--check-layers 0`` skips it): on Mixtral-8x7B truncated to a few layers
    (float32 fits), teacher-forced logits of every policy, repeated, against transformers-free
-   float32 truth (the resident engine in float32), beside the resident engine's own bf16 error.
+   float32 truth (the resident engine in float32), beside the resident engine's own bf16 error;
+   with the in-run CPU corrections held fixed, so that repeats, and each ``--cpu-modes`` mode
+   against the first, must agree exactly.
 3. Speed: full-size Mixtral-8x7B, bf16, ``--gpu-memory-gb`` budget; one engine, every policy in
    turn: TTFT, decode tokens/s, what moved per decode token, peak GPU memory; then one run of
    each policy with per-layer timing (predicted vs measured). ``--beam-width W`` measures beam
@@ -99,7 +101,12 @@ def correctness(args, calibration_path: Path) -> dict:
     )
     result["experts_resident"] = record["placement"]["num_resident"]
     executor = engine.model.experts
+    # The in-run CPU corrections follow measured times, so with them a plan (a divided expert's
+    # share) may change between repeats and the bf16 sums with it; held fixed, repeats and CPU
+    # modes must agree exactly, and any difference is a fault (a result read before written).
+    executor.adapt_cpu = False
     for policy in POLICIES:
+        first_mode_runs = None
         for mode in args.cpu_modes.split(","):
             executor.policy, executor.cpu_mode = policy, mode
             runs = [teacher_forced(engine, sequence) for _ in range(args.check_repeats)]
@@ -107,8 +114,12 @@ def correctness(args, calibration_path: Path) -> dict:
             result[name] = error(runs[0], truth) | {
                 "max_abs_diff_between_repeats": max(float((r - runs[0]).abs().max()) for r in runs)
             }
+            if first_mode_runs is None:
+                first_mode_runs = runs
+            else:
+                result[name]["max_abs_diff_to_first_mode"] = float((runs[0] - first_mode_runs[0]).abs().max())
             print("check", name, result[name], flush=True)
-    executor.cpu_mode = THREAD
+    executor.cpu_mode, executor.adapt_cpu = THREAD, True
     engine.close()
     return result
 
