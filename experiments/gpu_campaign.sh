@@ -58,6 +58,10 @@
 #                  share of the decode bound recorded (~5 min, at most HANDOFF_SECONDS=420); into
 #                  results/orchestration-h200/handoff-ab/ (take_campaign_results.sh takes it in;
 #                  python experiments/orchestration_report.py renders it)
+#   handoff-threads  issue 8: hybrid in the thread and stream CPU modes at 16 and at 15 kernel
+#                  threads (one core left to the main thread, which in stream mode queues the next
+#                  layer while the CPU computes), correctness exact between modes; ~6 min, into
+#                  results/orchestration-h200/handoff-threads/ab-threads{16,15}/
 #   quick          issue 5: make reproduce-quick (measured cells for issue 7's validation)
 #   cpu-sustained  issue 7: the CPU kernels (AMX, AVX512-BF16) in calibration's bursts against
 #                  seconds of back-to-back calls and of calls with idle gaps (~1 min, CPU only):
@@ -230,6 +234,16 @@ for name in "$@"; do
                 stage handoff-ab timeout -k 10 "${HANDOFF_SECONDS:-420}" python3 experiments/orchestration_gpu.py \
                   --out "$OUT/results/orchestration-h200/handoff-ab" --gpu-memory-gb 24 --new-tokens 48 --repeats 2 \
                   --policies hybrid,paper --cpu-modes thread,stream ;;
+    # the stream mode's CPU ran 8% slower per byte than the thread mode's in handoff-ab (the main
+    # thread queues the next layer while the 16 kernel threads hold the 16 cores): both modes at
+    # the default 16 threads and at 15, one core left to the main thread; each run calibrates
+    # under its own threads (orchestration_report.py renders the two side by side)
+    handoff-threads)
+      for threads in 16 15; do
+        stage "handoff-threads$threads" timeout -k 10 "${HANDOFF_SECONDS:-230}" python3 experiments/orchestration_gpu.py \
+          --out "$OUT/results/orchestration-h200/handoff-threads/ab-threads$threads" --gpu-memory-gb 24 \
+          --new-tokens 48 --repeats 2 --policies hybrid --cpu-modes thread,stream --cpu-threads "$threads"
+      done ;;
     quick) stage quick python3 -m harness.reproduce --quick --results "$OUT/runs" ;;
     cpu-sustained) stage cpu-sustained python3 experiments/cpu_sustained.py --out "$OUT/results/cpu-sustained-h200" \
                      --kernels amx-bf16,avx512-bf16 --tokens 1,4,16,128 --seconds 3 ;;
