@@ -4,12 +4,12 @@
 # (kernels + orchestration ~6 min; baselines ~8 min; quick ~8 min). Results are packed into $OUT/campaign.tar.gz (the device tool
 # returns at most 8 files). Usage, on the GPU host from the repository root:
 #   bash experiments/gpu_campaign.sh kernels orchestration baselines quick
-# What is left (plan of 2026-12-01, fourteenth session; ~30 GPU minutes a session, a fresh machine
+# What is left (plan of 2026-12-02, fifteenth session; ~30 GPU minutes a session, a fresh machine
 # costs ~1 minute of it, and a machine goes back 30 s after a call: take the results and commit
-# at once). Done: orchestration runs 10-12 (11: the timed prefill at 128/256 tokens; 12: beam
-# steps timed, `orchestration-beam`), prefill24 and beam24 (whole), llama v1 and v3 (v2 on a
-# disturbed calibration), cpu-sustained, sweep24 rounds 0 and 1 (whole) and 12 of round 2's 36
-# (84 of 108), sweep48 round 0 (whole). After each call run
+# at once). Done: orchestration runs 10-13 (13: the stream CPU mode against the thread mode,
+# handoff-ab), prefill24 and beam24 (whole), llama v1 and v3 (v2 on a disturbed calibration),
+# cpu-sustained, sweep24 rounds 0 and 1 (whole) and 26 of round 2's 36 (98 of 108), sweep48
+# round 0 (whole). After each call run
 # `bash tools/take_campaign_results.sh DIR` (DIR: the folder its files came back to) and commit
 # BEFORE the next call: the tree travels with each call, and a sweep resumes from the rows it
 # carries (the seventh session re-measured a piece for want of this). Pass carry [".carry"]
@@ -17,16 +17,16 @@
 # Pass the full commit (FIDDLER_GIT_COMMIT=$(git rev-parse HEAD)): rows name it.
 # Sweeps count SWEEP_SECONDS from the script's start, so stages chain within one call; a resumed
 # sweep calibrates its machine first (~15 s, machine-calibrations/ in the run folder). Next:
-#   1. `handoff-ab sweep24` in one call (SWEEP_SECONDS=565): the stream CPU mode against the
-#      thread mode, hybrid and paper, correctness and decode share of the bound (issue 8's 85%),
-#      ~5 minutes, then the sweep for the rest of the call. If the stream mode is correct and
-#      faster, `stream24` (one call for round 0) measures it on the grid beside fiddler-hybrid.
-#   2. The rest of sweep24's round 2 (fiddler-paper's three rows measured with the hypervisor
-#      over half a core first, then layer-streaming, cpu-only, accelerate-offload,
-#      expert-lru-prefetch and the two ablations: 24 generations): `SWEEP_SECONDS=565 ...
-#      sweep24`, ~3 calls; then sweep48's rounds 1-2 (`... sweep48`, 32: ~4-5 calls). Three
-#      calls fit a session (~26-29 device minutes). When a sweep's rounds are whole, `python -m
-#      harness headline DIR --output 512` prints the README's tables from it.
+#   1. `handoff-threads sweep24` in one call (SWEEP_SECONDS=565): hybrid's two CPU modes at 16
+#      and 15 kernel threads (~4 min; the stream mode's CPU ran 8% slower per byte in run 13)
+#      with the correctness check now exact between modes, then sweep24's last 10 generations
+#      (expert-lru-prefetch 128/256 in, fiddler-cpu-experts and fiddler-copy-experts prompt 2),
+#      finished by a second `sweep24` call if needed (~1.3 calls in all).
+#   2. `stream24` (one call for round 0): fiddler-hybrid-stream beside fiddler-hybrid on the grid,
+#      into results/h200-paper-v3-24gb-stream/ (write its README when it exists).
+#   3. sweep48's rounds 1-2 (`... sweep48`, 32 generations: ~4-5 calls). Three calls fit a
+#      session (~26-29 device minutes). When a sweep's rounds are whole, `python -m harness
+#      headline DIR --output 512` prints the README's tables from it.
 #   Optional: the cause of the prefill CPU job's 1.06-1.28x over decode's (results/orchestration-h200/
 #      run 11): time the kernel at 32-64 tokens from the engine's worker on its pinned expert pool.
 # Stages (in the order given):
