@@ -29,6 +29,7 @@ MARKS = (
     "routed",
     "cpu_submitted",
     "cpu_picked",
+    "cpu_inputs",
     "cpu_begin",
     "issued",
     "copies_landed",

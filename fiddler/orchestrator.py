@@ -108,10 +108,12 @@ def _smoothed(current: float, measured: float, bounds: tuple[float, float]) -> f
 
 @dataclasses.dataclass(frozen=True)
 class _CpuJob:
-    """When the CPU worker took the job up, began computing (its inputs in host memory) and
-    ended (host clock, seconds)."""
+    """When the CPU worker took the job up, had the layer's hidden states in host memory,
+    began computing (its rows gathered, the previous results gone up) and ended (host clock,
+    seconds)."""
 
     picked: float
+    inputs: float
     begin: float
     end: float
 
@@ -445,7 +447,12 @@ class FiddlerExecutor:
             self._take_in_pending()  # the device is synchronised: the job is over
             job = cpu_job.result() if cpu_job else None
             if job:
-                marks |= {"cpu_picked": job.picked, "cpu_begin": job.begin, "cpu_end": job.end}
+                marks |= {
+                    "cpu_picked": job.picked,
+                    "cpu_inputs": job.inputs,
+                    "cpu_begin": job.begin,
+                    "cpu_end": job.end,
+                }
             timeline = {k: 1e3 * (t - start) for k, t in marks.items()} | {"end": 1e3 * measured}
             on_gpu = {
                 "copies_begin": elapsed_ms(gpu_start, copies_begin),
@@ -600,6 +607,7 @@ class FiddlerExecutor:
             clock = Clock("cpu")
             picked = clock.now()
             host_wait(hidden_landed)  # the layer's hidden states are in host memory
+            inputs = clock.now()
             host_in = host_hidden.index_select(0, tokens)
             host_wait(out_free)  # the previous layer's results have left host_out
             begin = clock.now()
@@ -608,7 +616,7 @@ class FiddlerExecutor:
                 end = position + count
                 host_out[position:end] = self.cpu_kernel(host_in[position:end], w13b, w2b)
                 position = end
-            return _CpuJob(picked, begin, clock.now())
+            return _CpuJob(picked, inputs, begin, clock.now())
         finally:
             if signal is not None:
                 signal[0].set(signal[1])

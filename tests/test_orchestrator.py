@@ -244,7 +244,15 @@ def test_layer_timeline_is_in_order():
         t = entry["timeline_ms"]
         assert 0 <= t["routed"] <= t["cpu_submitted"] <= t["issued"] <= t["end"]
         if entry["cpu"] or entry["split"]:
-            assert t["routed"] <= t["cpu_picked"] <= t["cpu_begin"] <= t["cpu_end"] <= t["wait_over"] <= t["end"]
+            assert (
+                t["routed"]
+                <= t["cpu_picked"]
+                <= t["cpu_inputs"]
+                <= t["cpu_begin"]
+                <= t["cpu_end"]
+                <= t["wait_over"]
+                <= t["end"]
+            )
             assert entry["cpu_compute_s"] == pytest.approx((t["cpu_end"] - t["cpu_begin"]) / 1e3)
             assert entry["cpu_wait_s"] == pytest.approx((t["wait_over"] - t["issued"]) / 1e3)
     assert any(e["cpu"] or e["split"] for e in log)
@@ -301,7 +309,7 @@ def test_cpu_rows_on_the_main_thread_match(reference, policy):
     assert with_cpu or policy == "copy-experts"
     for entry in with_cpu:
         t = entry["timeline_ms"]
-        assert t["issued"] <= t["cpu_picked"] <= t["cpu_begin"] <= t["cpu_end"] <= t["wait_over"]
+        assert t["issued"] <= t["cpu_picked"] <= t["cpu_inputs"] <= t["cpu_begin"] <= t["cpu_end"] <= t["wait_over"]
     engine.close()
 
 
@@ -340,7 +348,7 @@ def test_stream_mode_timeline_has_no_main_thread_wait():
     for entry in with_cpu:
         t = entry["timeline_ms"]
         assert "wait_over" not in t and entry["cpu_wait_s"] == 0.0
-        assert t["routed"] <= t["cpu_picked"] <= t["cpu_begin"] <= t["cpu_end"] <= t["end"]
+        assert t["routed"] <= t["cpu_picked"] <= t["cpu_inputs"] <= t["cpu_begin"] <= t["cpu_end"] <= t["end"]
     engine.close()
 
 
