@@ -318,8 +318,8 @@ def test_stream_mode_matches_and_takes_every_job_in(reference, policy):
     """cpu_mode stream: the CPU rows' way up waits on the worker's signal instead of the main
     thread waiting, and each job is taken in at the next layer; the same tokens as the resident
     model, and the same jobs, plans and counters as the thread mode of one executor. The in-run
-    CPU corrections are off: they follow measured times (and stream mode learns a job's time
-    one layer later), so with them the plans may differ by timing (it did on the GPU host)."""
+    CPU corrections are off: they follow the jobs' measured times, which differ from run to run,
+    so with them the plans may differ by timing (they did on the GPU host)."""
     placement = random_placement(random.Random(13))
     counted = ("cpu_jobs", "experts_cpu", "experts_copied", "experts_split", "rows_cpu", "rows_split", "h2d_bytes")
     stats = {}
