@@ -436,15 +436,15 @@ class FiddlerExecutor:
         # layer's end after their transfer down (long done in decode; beside the copies in prefill)
         wait(hidden_landed)
         self._count(plan, tokens, flat, hidden)
-        if layer == self.config.num_layers - 1:
-            # after the last layer the caller reads the token on the host, spinning on the device
-            # while it waits (a core taken from the CPU kernel): sleep on the job here instead
+        if layer == self.config.num_layers - 1 or clock:
+            # stream mode: after the last layer the caller reads the token on the host, and a
+            # timed layer synchronises the device just below, each spinning on the device while
+            # it waits for the CPU rows (a core taken from the CPU kernel): sleep on the job first
             self._take_in_pending()
         if clock:
             end = clock.now()
             measured = end - start
             self.counters.measured_s += measured
-            self._take_in_pending()  # the device is synchronised: the job is over
             job = cpu_job.result() if cpu_job else None
             if job:
                 marks |= {

@@ -11,6 +11,7 @@ import torch
 from conftest import PROMPT
 from test_planner import HOST_LIKE, PAPER_LIKE
 
+import fiddler.orchestrator
 from fiddler.config import ModelConfig
 from fiddler.cpu_experts import make_kernel
 from fiddler.engine import Engine
@@ -350,6 +351,47 @@ def test_stream_mode_timeline_has_no_main_thread_wait():
         assert "wait_over" not in t and entry["cpu_wait_s"] == 0.0
         assert t["routed"] <= t["cpu_picked"] <= t["cpu_inputs"] <= t["cpu_begin"] <= t["cpu_end"] <= t["end"]
     engine.close()
+
+
+def test_timed_stream_layers_take_the_job_in_before_synchronising(monkeypatch):
+    """A timed layer synchronises the device at its end, which on CUDA spins while the stream
+    waits for the CPU rows (a core taken from the CPU kernel): the job is taken in, sleeping,
+    before that reading, so the timed CPU compute is the untimed one's."""
+    engine = fiddler_engine(placement_with(set()), "hybrid", timing=True)
+    executor = engine.model.experts
+    executor.cpu_mode = STREAM
+    job_out_at_reading: list[bool] = []
+    layer_clocks: set[int] = set()
+    real_clock = fiddler.orchestrator.Clock
+
+    class NotingClock(real_clock):
+        def now(self) -> float:
+            if id(self) in layer_clocks:
+                job_out_at_reading.append(executor._pending is not None)
+            return super().now()
+
+    layer_call = type(executor).__call__
+    at_layer_ends: list[bool] = []
+
+    def noting_layer(self, *args, **kwargs):
+        job_out_at_reading.clear()
+        layer_clocks.clear()
+        out = layer_call(self, *args, **kwargs)
+        at_layer_ends.append(job_out_at_reading[-1])  # the layer clock's last reading: its end
+        return out
+
+    def first_clock_is_the_layers(device):
+        made = NotingClock(device)
+        if not layer_clocks:  # the executor makes its layer clock first in each call
+            layer_clocks.add(id(made))
+        return made
+
+    monkeypatch.setattr(fiddler.orchestrator, "Clock", first_clock_is_the_layers)
+    monkeypatch.setattr(type(executor), "__call__", noting_layer)
+    generate(engine, PROMPT, GenerationSettings(max_new_tokens=3))
+    assert at_layer_ends and not any(at_layer_ends)
+    assert len(executor.layer_log) == len(at_layer_ends)
+    executor.close()
 
 
 def test_a_failed_cpu_job_in_stream_mode_is_raised_not_hung():
