@@ -37,7 +37,7 @@ from fiddler.engine import Engine
 from fiddler.files import write_json_atomic
 from fiddler.generate import GenerationSettings, generate
 from fiddler.machine import machine_identity
-from fiddler.orchestrator import CPU_MODES, INLINE, STREAM, THREAD
+from fiddler.orchestrator import CPU_MODES, CPU_PATH_COUNTERS, INLINE, STREAM, THREAD
 from fiddler.planner import POLICIES
 from fiddler.streams import release_cached_memory
 from fiddler.weights import RandomWeights
@@ -55,6 +55,8 @@ COUNTED = (
     "h2d_bytes",
     "d2h_bytes",
     "predicted_s",
+    # the CPU path on the host clock in untimed decode: its jobs, routing-to-compute, compute, wait
+    *CPU_PATH_COUNTERS,
 )
 
 

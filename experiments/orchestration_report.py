@@ -92,8 +92,22 @@ def path_rates(samples: list[dict], expert_bytes: int) -> dict[str, float | None
     }
 
 
+def untimed_cpu_job(per_decode_token: dict) -> dict[str, float | None]:
+    """ms per CPU job in the untimed decode (host clock, no synchronisation): from the routing
+    known to the CPU computing, and its compute; None where not recorded (runs before the
+    fifteenth session) or no job ran."""
+    jobs = per_decode_token.get("cpu_jobs")
+    if not jobs:
+        return {"start": None, "compute": None}
+    return {
+        "start": 1e3 * per_decode_token["cpu_start_s"] / jobs,
+        "compute": 1e3 * per_decode_token["cpu_compute_s"] / jobs,
+    }
+
+
 def rate_rows(run: dict, variant: str) -> list[str]:
-    """One row per policy: ``path_rates`` of its sampled timed decode layers."""
+    """One row per policy: ``path_rates`` of its sampled timed decode layers, and the untimed
+    decode's CPU job (``untimed_cpu_job``)."""
     rows = []
     for policy, result in run.get("speed", {}).get("policies", {}).items():
         samples = result.get("layer_timing_decode", {}).get("sample", [])
@@ -101,9 +115,12 @@ def rate_rows(run: dict, variant: str) -> list[str]:
             continue
         expert_bytes = ModelConfig.preset(run["args"]["model"]).expert_params * ORCHESTRATION_DTYPE_BYTES
         rates = path_rates(samples, expert_bytes)
-        cells = [_cell(rates[key], 1) for key in ("cpu", "copy", "all")] + [
-            _cell(rates[key]) for key in ("before", "after")
-        ]
+        untimed = untimed_cpu_job(result.get("per_decode_token", {}))
+        cells = (
+            [_cell(rates[key], 1) for key in ("cpu", "copy", "all")]
+            + [_cell(rates[key]) for key in ("before", "after")]
+            + [_cell(untimed[key]) for key in ("start", "compute")]
+        )
         rows.append(f"| {variant} | {policy} | {len(samples)} | " + " | ".join(cells) + " |")
     return rows
 
@@ -159,10 +176,13 @@ def report(directory: Path) -> str:
     rates = [
         "",
         "Expert bytes moved per path while busy, and over whole timed layers (GB/s); ms before the CPU "
-        "began and after the main thread's wait for it was over (the stream CPU mode: after the CPU's end; means).",
+        "began and after the main thread's wait for it was over (the stream CPU mode: after the CPU's end; means). "
+        "Untimed (the decode of the first table, nothing synchronised): ms per CPU job from the routing known "
+        "on the host to the CPU computing, and its compute.",
         "",
-        "| variant | policy | layers | CPU GB/s | copy GB/s | all GB/s | before CPU ms | after wait ms |",
-        "|" + "---|" * 8,
+        "| variant | policy | layers | CPU GB/s | copy GB/s | all GB/s | before CPU ms | after wait ms | "
+        "untimed start ms | untimed CPU ms |",
+        "|" + "---|" * 10,
     ]
     prefill = [
         "",

@@ -1,5 +1,5 @@
 """The orchestration report: one row per variant and policy, the timeline's marks in order, the
-timed prefill beside the planner's prediction, one run's folder as well as the threads-ab
+timed prefill beside the planner's prediction, the untimed decode's CPU job, one run's folder as well as the threads-ab
 variants, and a clear error for a folder without runs."""
 
 import json
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "experiments"))
-from orchestration_report import MARKS, path_rates, report
+from orchestration_report import MARKS, path_rates, report, untimed_cpu_job
 
 
 def write_variant(root: Path, variant: str, decode: float, timeline: dict) -> None:
@@ -96,3 +96,23 @@ def test_path_rates_count_a_divided_experts_share_on_each_path():
     assert rates["before"] == pytest.approx(1.0) and rates["after"] == pytest.approx(0.5)
     del layer["timeline_ms"]["wait_over"]  # the stream CPU mode: no wait, "after" counts from the CPU's end
     assert path_rates([layer], expert_bytes)["after"] == pytest.approx(0.75)
+
+
+def test_the_untimed_cpu_job_per_job_and_absent_in_older_runs(tmp_path):
+    """The untimed decode's CPU counters per job: routing-to-compute and compute, in ms."""
+    per_token = {"cpu_jobs": 30.0, "cpu_start_s": 0.009, "cpu_compute_s": 0.12, "cpu_wait_s": 0.0}
+    job = untimed_cpu_job(per_token)
+    assert job["start"] == pytest.approx(0.3) and job["compute"] == pytest.approx(4.0)
+    assert untimed_cpu_job({}) == {"start": None, "compute": None}  # recorded since the fifteenth session
+    assert untimed_cpu_job({"cpu_jobs": 0.0}) == {"start": None, "compute": None}  # no CPU work
+    layer = {"cpu": [3], "copy": [], "split": None, "timeline_ms": {"cpu_begin": 1.0, "cpu_end": 2.0, "end": 2.5}}
+    write_variant(tmp_path, "default", 5.78, {"routed": 0.1, "end": 6.9})
+    path = tmp_path / "ab-default" / "orchestration.json"
+    run = json.loads(path.read_text())
+    run["args"] = {"model": "mixtral-tiny"}
+    hybrid = run["speed"]["policies"]["hybrid"]
+    hybrid["layer_timing_decode"]["sample"] = [layer]
+    hybrid["per_decode_token"] = per_token
+    path.write_text(json.dumps(run))
+    row = next(line for line in report(tmp_path).splitlines() if line.startswith("| default | hybrid | 1 |"))
+    assert row.endswith("| 0.30 | 4.00 |")
