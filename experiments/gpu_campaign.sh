@@ -18,8 +18,9 @@
 # Sweeps count SWEEP_SECONDS from the script's start, so stages chain within one call; a resumed
 # sweep calibrates its machine first (~15 s, machine-calibrations/ in the run folder). Next:
 #   1. `handoff-threads sweep24` in one call (SWEEP_SECONDS=565): hybrid's two CPU modes at 16
-#      and 15 kernel threads (~4 min; the stream mode's CPU ran 8% slower per byte in run 13)
-#      with the correctness check now exact between modes, then sweep24's last 10 generations
+#      and 15 kernel threads (~4 min; the untimed CPU job per mode recorded, the timed stream
+#      layers no longer spinning through the CPU's compute) with the correctness check now exact
+#      between modes, then sweep24's last 10 generations
 #      (expert-lru-prefetch 128/256 in, fiddler-cpu-experts and fiddler-copy-experts prompt 2),
 #      finished by a second `sweep24` call if needed (~1.3 calls in all).
 #   2. `stream24` (one call for round 0): fiddler-hybrid-stream beside fiddler-hybrid on the grid,
@@ -234,10 +235,11 @@ for name in "$@"; do
                 stage handoff-ab timeout -k 10 "${HANDOFF_SECONDS:-420}" python3 experiments/orchestration_gpu.py \
                   --out "$OUT/results/orchestration-h200/handoff-ab" --gpu-memory-gb 24 --new-tokens 48 --repeats 2 \
                   --policies hybrid,paper --cpu-modes thread,stream ;;
-    # the stream mode's CPU ran 8% slower per byte than the thread mode's in handoff-ab (the main
-    # thread queues the next layer while the 16 kernel threads hold the 16 cores): both modes at
-    # the default 16 threads and at 15, one core left to the main thread; each run calibrates
-    # under its own threads (orchestration_report.py renders the two side by side)
+    # both CPU modes at the default 16 kernel threads and at 15, one core left to the main thread
+    # (which queues the accelerator's work while the CPU computes, and in stream mode the next
+    # layer's too); the untimed decode's CPU job is recorded per mode, so each mode's CPU speed is
+    # compared without the timing's synchronisation; each run calibrates under its own threads
+    # (orchestration_report.py renders the two side by side)
     handoff-threads)
       for threads in 16 15; do
         stage "handoff-threads$threads" timeout -k 10 "${HANDOFF_SECONDS:-230}" python3 experiments/orchestration_gpu.py \
