@@ -26,7 +26,7 @@ worker, and the main thread queues their way up behind a wait of the accelerator
 tail and the next layer's attention are queued while the CPU computes; the main thread then
 sleeps on the job, not spinning in the next routing read's wait, and takes its measurements in
 there, or at the model's last layer before returning, where the caller's read of the token would
-spin). An
+spin, or before a timed layer's closing synchronisation, which would spin likewise). An
 expert the plan divides runs its first blocks on the CPU and the rest after a copy of only
 those blocks; the two partial outputs are added. Every expert is kept in the split layout
 of ``fiddler.expert_layout``. Outputs are identical, up to summation order, to running every
@@ -44,7 +44,8 @@ run.
 With ``layer_timing`` on, each layer is timed between two device synchronisations and
 ``layer_log`` records its plan, predicted and measured time and a timeline in ms from the
 layer's start: on the host, when the routing was known, the CPU job submitted, taken up by
-the worker, begun (its inputs in host memory) and ended, the accelerator's work issued and
+the worker, its hidden states in host memory (``cpu_inputs``), begun (its rows gathered) and
+ended, the accelerator's work issued and
 the main thread's wait for the CPU over; on the accelerator (from events, no extra
 synchronisation), when the copy stream reached the layer's copies, when they landed and when
 its own work was done.
