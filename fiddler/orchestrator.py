@@ -7,7 +7,8 @@ the CPU at all, the layer's hidden states go down into host memory on a stream o
 which nothing but the CPU path waits for), asks
 ``fiddler.planner.plan_layer`` for a plan (cached by
 routing pattern), then runs the plan with the paths overlapping: first the CPU rows go to a
-worker thread, which gathers them on the host and computes them (the CPU path usually ends a
+worker thread, which gathers them on the host (a decode step's few rows: the main thread, before
+the hand-off) and computes them (the CPU path usually ends a
 layer, so it starts before anything else is queued); then copies are queued on a side stream
 into reusable staging slots (a slot is reused only after the accelerator has finished with
 it) and the accelerator runs the resident experts and then each copied expert once its copy
@@ -99,6 +100,12 @@ CPU_PATH_COUNTERS = ("cpu_jobs", "cpu_start_s", "cpu_compute_s", "cpu_wait_s")
 THREAD, INLINE, STREAM = "thread", "inline", "stream"
 CPU_MODES = (THREAD, INLINE, STREAM)
 CPU_ROWS_ON = {THREAD: "worker thread", INLINE: "main thread", STREAM: "worker thread, stream waits"}
+# A CPU job of at most this many rows (a decode step's, beams included) has its rows gathered by
+# the main thread before the hand-off: a few microseconds there, where the worker, gathering them
+# while the main thread queues the accelerator's work, took 0.13-0.15 ms between taking the job up
+# and computing (results/orchestration-h200/, run 13). Larger jobs (prefill) gather on the worker,
+# so the main thread's queueing of copies does not wait for a long gather.
+MAIN_THREAD_GATHER_ROWS = 16
 
 
 def _smoothed(current: float, measured: float, bounds: tuple[float, float]) -> float:
@@ -572,16 +579,22 @@ class FiddlerExecutor:
     ) -> Future | _InlineJob:
         """Hand the CPU rows (the tokens ``cpu_tokens``, by expert in plan order) to the worker,
         or keep them for the main thread (``inline``); in ``stream`` mode the worker sets the
-        signal's next value when they are written."""
+        signal's next value when they are written. A small job's rows are gathered here
+        (``MAIN_THREAD_GATHER_ROWS``), and the worker is handed them with no tokens."""
         if host_hidden is None:
             raise RuntimeError(f"policy {self.policy!r} planned CPU work, but its hidden states were not sent down")
         self._ensure_host_out(cpu_tokens.shape[0], host_hidden.shape[-1])
+        out_free: torch.cuda.Event | None = self._host_out_free
+        if self._cpu_mode != INLINE and cpu_tokens.shape[0] <= MAIN_THREAD_GATHER_ROWS:
+            host_wait(hidden_landed)
+            host_wait(out_free)
+            host_hidden, hidden_landed, cpu_tokens, out_free = host_hidden.index_select(0, cpu_tokens), None, None, None
         work = [(counts[e], *self.host.experts[layer][e]) for e in plan.cpu]
         if plan.split:
             w13b, w2b = self.host.experts[layer][plan.split.expert]
             blocks = plan.split.cpu_blocks
             work.append((counts[plan.split.expert], w13b[: 2 * blocks * self.block], w2b[:blocks]))
-        args = (work, host_hidden, hidden_landed, cpu_tokens, self._host_out, self._host_out_free)
+        args = (work, host_hidden, hidden_landed, cpu_tokens, self._host_out, out_free)
         if self._cpu_mode == INLINE:
             return _InlineJob(functools.partial(self._cpu_work, *args))
         signal = None
@@ -595,7 +608,7 @@ class FiddlerExecutor:
         work: list[tuple[int, torch.Tensor, torch.Tensor]],
         host_hidden: torch.Tensor,
         hidden_landed: torch.cuda.Event | None,
-        tokens: torch.Tensor,
+        tokens: torch.Tensor | None,
         host_out: torch.Tensor,
         out_free: torch.cuda.Event | None,
         signal: tuple[HostSignal, int] | None = None,
@@ -609,7 +622,8 @@ class FiddlerExecutor:
             picked = clock.now()
             host_wait(hidden_landed)  # the layer's hidden states are in host memory
             inputs = clock.now()
-            host_in = host_hidden.index_select(0, tokens)
+            # tokens None: the main thread gathered the rows (a small job)
+            host_in = host_hidden if tokens is None else host_hidden.index_select(0, tokens)
             host_wait(out_free)  # the previous layer's results have left host_out
             begin = clock.now()
             position = 0

@@ -16,7 +16,7 @@ from fiddler.config import ModelConfig
 from fiddler.cpu_experts import make_kernel
 from fiddler.engine import Engine
 from fiddler.generate import GenerationSettings, generate
-from fiddler.orchestrator import CPU_FACTOR_BOUNDS, CPU_MODES, INLINE, STREAM, THREAD
+from fiddler.orchestrator import CPU_FACTOR_BOUNDS, CPU_MODES, INLINE, MAIN_THREAD_GATHER_ROWS, STREAM, THREAD
 from fiddler.placement import plan_placement
 from fiddler.planner import POLICIES, LayerPlan, Split, plan_layer
 from fiddler.weights import RandomWeights
@@ -392,6 +392,29 @@ def test_timed_stream_layers_take_the_job_in_before_synchronising(monkeypatch):
     assert at_layer_ends and not any(at_layer_ends)
     assert len(executor.layer_log) == len(at_layer_ends)
     executor.close()
+
+
+@pytest.mark.parametrize("mode", [THREAD, STREAM])
+def test_a_decode_steps_rows_are_gathered_before_the_hand_off(reference, mode):
+    """A job of at most MAIN_THREAD_GATHER_ROWS rows reaches the worker gathered (no tokens to
+    gather by), a longer prompt's job with its tokens; the tokens are the resident model's."""
+    engine = fiddler_engine(placement_with(set()), "cpu-experts")
+    executor = engine.model.experts
+    executor.cpu_mode = mode
+    handed: list[tuple[int, bool]] = []  # (rows, gathered before the hand-off)
+    cpu_work = executor._cpu_work
+
+    def noting_work(work, host_hidden, hidden_landed, tokens, *rest):
+        handed.append((sum(count for count, _, _ in work), tokens is None))
+        return cpu_work(work, host_hidden, hidden_landed, tokens, *rest)
+
+    executor._cpu_work = noting_work
+    prompt = list(range(1, MAIN_THREAD_GATHER_ROWS + 2))  # its prefill routes more rows than that
+    settings = GenerationSettings(max_new_tokens=3)
+    assert generate(engine, prompt, settings).token_ids == generate(reference, prompt, settings).token_ids
+    assert all(gathered == (rows <= MAIN_THREAD_GATHER_ROWS) for rows, gathered in handed)
+    assert any(gathered for _, gathered in handed) and not all(gathered for _, gathered in handed)
+    engine.close()
 
 
 def test_a_failed_cpu_job_in_stream_mode_is_raised_not_hung():
