@@ -22,7 +22,10 @@
 #      layers no longer spinning through the CPU's compute) with the correctness check now exact
 #      between modes, then sweep24's last 10 generations
 #      (expert-lru-prefetch 128/256 in, fiddler-cpu-experts and fiddler-copy-experts prompt 2),
-#      finished by a second `sweep24` call if needed (~1.3 calls in all).
+#      finished by a second `sweep24` call if needed (~1.3 calls in all). The engine changed
+#      for decode since run 13 (a6f1dbd: a decode step's CPU rows gathered on the main thread;
+#      eabecaa: timed stream layers no longer spin): rows measured after it name their commit
+#      (tables.md's "Measured by"); say so in the folders' READMEs.
 #   2. `stream24` (one call for round 0): fiddler-hybrid-stream beside fiddler-hybrid on the grid,
 #      into results/h200-paper-v3-24gb-stream/ (write its README when it exists).
 #   3. sweep48's rounds 1-2 (`... sweep48`, 32 generations: ~4-5 calls). Three calls fit a
