@@ -579,7 +579,12 @@ def render(run_dir: str | Path) -> pd.DataFrame:
     tmp = run_dir / ".summary.csv.tmp"
     summary.to_csv(tmp, index=False)
     tmp.replace(run_dir / "summary.csv")  # atomically, like every result file
-    tables = tables_markdown(summary, matrix.get("compared")) + provenance_markdown(raw) + cpu_path_markdown(raw)
+    tables = (
+        tables_markdown(summary, matrix.get("compared"))
+        + provenance_markdown(raw)
+        + budget_markdown(raw)
+        + cpu_path_markdown(raw)
+    )
     calibration = None
     if (run_dir / "calibration.json").exists():  # a sweep's own calibration (experiments/gpu_campaign.sh)
         calibration = json.loads((run_dir / "calibration.json").read_text())
@@ -591,6 +596,39 @@ def render(run_dir: str | Path) -> pd.DataFrame:
     write_text_atomic(run_dir / "tables.md", tables)
     plot(summary, run_dir)
     return summary
+
+
+def budget_markdown(raw: list[dict]) -> str:
+    """Each system's peak GPU memory against the run's budget (issue 8: every run within it):
+    torch's peak allocation over the run's rows (load and generation), and the device's memory
+    in use after a generation (the CUDA context and the allocator's cache besides). Empty where
+    no row recorded a peak (runs with ``cpu`` standing in for the GPU)."""
+    peaks: dict[str, dict[str, float]] = {}
+    for row in raw:
+        peak, budget = _number(row.get("peak_allocated_gb")), _number(row.get("gpu_memory_gb"))
+        if row.get("status") not in MEASURED_ROW_STATUSES or peak is None or budget is None:
+            continue
+        seen = peaks.setdefault(row["system"], {"budget": budget, "peak": 0.0, "device": 0.0})
+        seen["budget"] = min(seen["budget"], budget)
+        seen["peak"] = max(seen["peak"], peak)
+        seen["device"] = max(seen["device"], _number(row.get("device_used_gb")) or 0.0)
+    if not peaks:
+        return ""
+    lines = [
+        "",
+        "## Peak GPU memory against the budget",
+        "",
+        "GB (10^9 bytes); torch's peak allocation over every row of the system (load and generation), "
+        "and the device's memory in use after a generation (with the CUDA context and the allocator's cache).",
+        "",
+        "| system | budget | peak allocated | device in use | within budget |",
+        "|---|---|---|---|---|",
+    ]
+    for system, seen in peaks.items():
+        over = seen["peak"] - seen["budget"]
+        verdict = "yes" if over <= 0 else f"**no**, {over:.2f} over"
+        lines.append(f"| {system} | {seen['budget']:.3g} | {seen['peak']:.2f} | {seen['device']:.1f} | {verdict} |")
+    return "\n".join(lines) + "\n"
 
 
 def disturbance_markdown(raw: list[dict], calibration: dict | None, replaced: list[dict] = ()) -> str:

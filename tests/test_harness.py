@@ -168,6 +168,34 @@ def test_tables_say_when_rows_span_commits():
     assert "was not recorded" in provenance_markdown(rows[4:])
 
 
+def test_tables_show_each_systems_peak_against_the_budget():
+    """Issue 8: every run within its budget. The largest peak over a system's measured rows
+    against the budget; a system over it is named with by how much; CPU runs record no peak."""
+    from harness.report import budget_markdown
+
+    def row(system, peak, device=25.4, status="ok"):
+        return {
+            "system": system,
+            "status": status,
+            "gpu_memory_gb": "24.0",
+            "peak_allocated_gb": peak,
+            "device_used_gb": device,
+        }
+
+    rows = [
+        row("fiddler-hybrid", "23.86"),
+        row("fiddler-hybrid", "23.70"),
+        row("accelerate-offload", "24.17", device=21.9),
+        row("cpu-only", "0.0", device=0.5),
+        row("expert-lru", "30.0", status="refused"),  # measured nothing
+    ]
+    text = budget_markdown(rows)
+    assert "| fiddler-hybrid | 24 | 23.86 | 25.4 | yes |" in text
+    assert "| accelerate-offload | 24 | 24.17 | 21.9 | **no**, 0.17 over |" in text
+    assert "| cpu-only | 24 | 0.00 | 0.5 | yes |" in text and "expert-lru" not in text
+    assert budget_markdown([row("cpu-only", "")]) == ""  # cpu standing in for the GPU: no peak
+
+
 def test_the_launchers_stated_commit_wins_over_a_stale_git_beside_the_tree(monkeypatch):
     from harness.telemetry import measuring_commit
 
