@@ -601,17 +601,21 @@ def render(run_dir: str | Path) -> pd.DataFrame:
 def budget_markdown(raw: list[dict]) -> str:
     """Each system's peak GPU memory against the run's budget (issue 8: every run within it):
     torch's peak allocation over the run's rows (load and generation), and the device's memory
-    in use after a generation (the CUDA context and the allocator's cache besides). Empty where
-    no row recorded a peak (runs with ``cpu`` standing in for the GPU)."""
-    peaks: dict[str, dict[str, float]] = {}
+    in use after a generation (the CUDA context and the allocator's cache besides), and the peak
+    from loading alone where rows record it (their telemetry, since the fifteenth session). Empty
+    where no row recorded a peak (runs with ``cpu`` standing in for the GPU)."""
+    peaks: dict[str, dict[str, float | None]] = {}
     for row in raw:
         peak, budget = _number(row.get("peak_allocated_gb")), _number(row.get("gpu_memory_gb"))
         if row.get("status") not in MEASURED_ROW_STATUSES or peak is None or budget is None:
             continue
-        seen = peaks.setdefault(row["system"], {"budget": budget, "peak": 0.0, "device": 0.0})
+        seen = peaks.setdefault(row["system"], {"budget": budget, "peak": 0.0, "device": 0.0, "load": None})
         seen["budget"] = min(seen["budget"], budget)
         seen["peak"] = max(seen["peak"], peak)
         seen["device"] = max(seen["device"], _number(row.get("device_used_gb")) or 0.0)
+        load = _number(json.loads(row.get("telemetry") or "{}").get("load_peak_allocated_gb"))
+        if load is not None:
+            seen["load"] = max(seen["load"] or 0.0, load)
     if not peaks:
         return ""
     lines = [
@@ -619,15 +623,19 @@ def budget_markdown(raw: list[dict]) -> str:
         "## Peak GPU memory against the budget",
         "",
         "GB (10^9 bytes); torch's peak allocation over every row of the system (load and generation), "
-        "and the device's memory in use after a generation (with the CUDA context and the allocator's cache).",
+        "that of loading alone (where recorded), and the device's memory in use after a generation (with "
+        "the CUDA context and the allocator's cache).",
         "",
-        "| system | budget | peak allocated | device in use | within budget |",
-        "|---|---|---|---|---|",
+        "| system | budget | peak allocated | peak loading | device in use | within budget |",
+        "|---|---|---|---|---|---|",
     ]
     for system, seen in peaks.items():
         over = seen["peak"] - seen["budget"]
         verdict = "yes" if over <= 0 else f"**no**, {over:.2f} over"
-        lines.append(f"| {system} | {seen['budget']:.3g} | {seen['peak']:.2f} | {seen['device']:.1f} | {verdict} |")
+        load = "-" if seen["load"] is None else f"{seen['load']:.2f}"
+        lines.append(
+            f"| {system} | {seen['budget']:.3g} | {seen['peak']:.2f} | {load} | {seen['device']:.1f} | {verdict} |"
+        )
     return "\n".join(lines) + "\n"
 
 

@@ -312,6 +312,9 @@ def run_sweep(spec: SweepSpec) -> Path:
             given_up[name] = ("failed", _failure(name, "loading", err))
             record(name, todo, *given_up[name])
             return
+        # the peak from loading alone (random weights are generated on the device): a row's
+        # peak_allocated_gb is since the load, so this tells the two apart (in its telemetry)
+        loaded = machine | {"load_peak_allocated_gb": system.peak_gpu_memory()["peak_allocated_gb"]}
         try:
             # Warm up every batch size, largest first: the engine then keeps one cache and one
             # recorded graph per batch size, and no measured step pays for either.
@@ -324,7 +327,7 @@ def run_sweep(spec: SweepSpec) -> Path:
             while todo:
                 run, index = todo[0]
                 prompt = bank.prompts(run.scenario, run.input_tokens)[index]
-                row = base | _row_key(name, run, index) | _measure(system, run, prompt, spec, budget, machine)
+                row = base | _row_key(name, run, index) | _measure(system, run, prompt, spec, budget, loaded)
                 put(row)
                 todo.pop(0)
                 _write_raw(raw_path, list(rows.values()))  # atomically, after every run
@@ -466,8 +469,10 @@ class _StepBudget:
 
 
 def _measure(
-    system, run: Run, prompt: list[int], spec: SweepSpec, budget: _StepBudget, machine: dict[str, str]
+    system, run: Run, prompt: list[int], spec: SweepSpec, budget: _StepBudget, recorded: dict[str, object]
 ) -> dict:
+    """One row's measurement; ``recorded`` goes into its telemetry (the machine's calibration,
+    the system's peak GPU memory from loading)."""
     wanted = run.output_tokens
     if spec.run_time_limit_s is not None and run not in budget.tokens and wanted > PROBE_TOKENS:
         if run.beam_width not in budget.pace:
@@ -508,7 +513,7 @@ def _measure(
             # this process's memory, where Fiddler's CPU path streams experts from (small pages
             # cost it TLB misses); a llama-server's own memory is not counted
             | {"host_huge_page_share": huge_page_share()}
-            | machine
+            | recorded
         ),
         "stats": json.dumps(
             {k: v for k, v in stats.items() if k != "engine"}

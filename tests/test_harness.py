@@ -170,29 +170,32 @@ def test_tables_say_when_rows_span_commits():
 
 def test_tables_show_each_systems_peak_against_the_budget():
     """Issue 8: every run within its budget. The largest peak over a system's measured rows
-    against the budget; a system over it is named with by how much; CPU runs record no peak."""
+    against the budget (and loading's, where recorded); a system over it is named with by how
+    much; CPU runs record no peak."""
     from harness.report import budget_markdown
 
-    def row(system, peak, device=25.4, status="ok"):
+    def row(system, peak, device=25.4, status="ok", load=None):
+        telemetry = json.dumps({} if load is None else {"load_peak_allocated_gb": load})
         return {
             "system": system,
             "status": status,
             "gpu_memory_gb": "24.0",
             "peak_allocated_gb": peak,
             "device_used_gb": device,
+            "telemetry": telemetry,
         }
 
     rows = [
-        row("fiddler-hybrid", "23.86"),
-        row("fiddler-hybrid", "23.70"),
+        row("fiddler-hybrid", "23.86", load=23.5),
+        row("fiddler-hybrid", "23.70", load=23.6),
         row("accelerate-offload", "24.17", device=21.9),
         row("cpu-only", "0.0", device=0.5),
         row("expert-lru", "30.0", status="refused"),  # measured nothing
     ]
     text = budget_markdown(rows)
-    assert "| fiddler-hybrid | 24 | 23.86 | 25.4 | yes |" in text
-    assert "| accelerate-offload | 24 | 24.17 | 21.9 | **no**, 0.17 over |" in text
-    assert "| cpu-only | 24 | 0.00 | 0.5 | yes |" in text and "expert-lru" not in text
+    assert "| fiddler-hybrid | 24 | 23.86 | 23.60 | 25.4 | yes |" in text
+    assert "| accelerate-offload | 24 | 24.17 | - | 21.9 | **no**, 0.17 over |" in text
+    assert "| cpu-only | 24 | 0.00 | - | 0.5 | yes |" in text and "expert-lru" not in text
     assert budget_markdown([row("cpu-only", "")]) == ""  # cpu standing in for the GPU: no peak
 
 
@@ -675,6 +678,8 @@ def test_a_resumed_piece_calibrates_its_machine_and_validation_prices_its_rows_t
         r["prompt_index"]: json.loads(r["telemetry"]).get("machine_calibration") for r in read_raw(out / "raw.csv")
     }
     assert named == {0: None, 1: str(machine.relative_to(out))}
+    # every row records its system's peak from loading (none with cpu standing in for the GPU)
+    assert all("load_peak_allocated_gb" in json.loads(r["telemetry"]) for r in read_raw(out / "raw.csv"))
     assert load_calibration(machine)["machine"]["cpu_cores"] >= 1
     run_sweep(dataclasses.replace(first, calibrate_machine=True))  # nothing left to measure: no new file
     assert len(list((out / "machine-calibrations").glob("*.json"))) == 1
