@@ -31,6 +31,11 @@
 #   3. sweep48's rounds 1-2 (`... sweep48`, 32 generations: ~4-5 calls). Three calls fit a
 #      session (~26-29 device minutes). When a sweep's rounds are whole, `python -m harness
 #      headline DIR --output 512` prints the README's tables from it.
+#   Optional: accelerate-offload's peak allocation at 24 GB was 24.14-24.17 GB (0.17 over the
+#      budget; results/h200-paper-v3-24gb/tables.md): one short run of it into a scratch folder
+#      (`python -m harness run ... --systems accelerate-offload --inputs 32,256 --outputs 4
+#      --gpu-memory-gb 24 --out $OUT/acc-mem`) records loading's peak apart (row telemetry), which
+#      says whether to fix its loading or its reservation.
 #   Optional: the cause of the prefill CPU job's 1.06-1.28x over decode's (results/orchestration-h200/
 #      run 11): time the kernel at 32-64 tokens from the engine's worker on its pinned expert pool.
 # Stages (in the order given):
