@@ -32,7 +32,7 @@ from fiddler.orchestrator import CPU_PATH_COUNTERS
 from fiddler.steadiness import BUSY_CORES_LIMIT, recorded_problems
 from harness.scenarios import Cell, Run
 from harness.telemetry import DIRTY
-from harness.timing import MEASURED_ROW_STATUSES, cell_metrics, disturbed, host_disturbance
+from harness.timing import MEASURED_ROW_STATUSES, cell_metrics, disturbed, host_disturbance, row_telemetry
 
 SUMMARY_COLUMNS = [
     "system",
@@ -366,7 +366,7 @@ def row_machines(raw: list[dict]) -> dict[tuple, list[tuple[int, str | None]]]:
     found: dict[tuple, list[tuple[int, str | None]]] = {}
     for row in raw:
         if row["status"] in MEASURED_ROW_STATUSES:
-            name = json.loads(row.get("telemetry") or "{}").get("machine_calibration")
+            name = row_telemetry(row).get("machine_calibration")
             key = (row["system"], row["scenario"], _int(row["input_tokens"]), _int(row["beam_width"]))
             found.setdefault(key, []).append((_int(row["run_output_tokens"]), name))
     return found
@@ -613,7 +613,7 @@ def budget_markdown(raw: list[dict]) -> str:
         seen["budget"] = min(seen["budget"], budget)
         seen["peak"] = max(seen["peak"], peak)
         seen["device"] = max(seen["device"], _number(row.get("device_used_gb")) or 0.0)
-        load = _number(json.loads(row.get("telemetry") or "{}").get("load_peak_allocated_gb"))
+        load = _number(row_telemetry(row).get("load_peak_allocated_gb"))
         if load is not None:
             seen["load"] = max(seen["load"] or 0.0, load)
     if not peaks:

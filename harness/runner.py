@@ -314,7 +314,7 @@ def run_sweep(spec: SweepSpec) -> Path:
             return
         # the peak from loading alone (random weights are generated on the device): a row's
         # peak_allocated_gb is since the load, so this tells the two apart (in its telemetry)
-        loaded = machine | {"load_peak_allocated_gb": system.peak_gpu_memory()["peak_allocated_gb"]}
+        recorded = machine | {"load_peak_allocated_gb": system.peak_gpu_memory()["peak_allocated_gb"]}
         try:
             # Warm up every batch size, largest first: the engine then keeps one cache and one
             # recorded graph per batch size, and no measured step pays for either.
@@ -327,7 +327,7 @@ def run_sweep(spec: SweepSpec) -> Path:
             while todo:
                 run, index = todo[0]
                 prompt = bank.prompts(run.scenario, run.input_tokens)[index]
-                row = base | _row_key(name, run, index) | _measure(system, run, prompt, spec, budget, loaded)
+                row = base | _row_key(name, run, index) | _measure(system, run, prompt, spec, budget, recorded)
                 put(row)
                 todo.pop(0)
                 _write_raw(raw_path, list(rows.values()))  # atomically, after every run

@@ -63,11 +63,16 @@ def steps_within(limit_s: float | None, ttft_s: float, step_s: float, wanted_ste
     return max(1, min(wanted_steps, int((limit_s - ttft_s) / step_s)))
 
 
+def row_telemetry(row: dict) -> dict:
+    """A raw row's telemetry (what the host recorded beside it); empty where none was."""
+    return json.loads(row.get("telemetry") or "{}")
+
+
 def host_disturbance(row: dict) -> tuple[float, float]:
     """(cores other processes kept busy, cores the hypervisor took) while a raw row ran; zeros
     where nothing was recorded (rows from before the harness recorded it, or a generation too
     short for ``fiddler.host_load`` to know)."""
-    load = json.loads(row.get("telemetry") or "{}")
+    load = row_telemetry(row)
     return float(load.get("host_other_busy_cores", 0.0)), float(load.get("host_steal_cores", 0.0))
 
 
