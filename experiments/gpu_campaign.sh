@@ -4,38 +4,30 @@
 # (kernels + orchestration ~6 min; baselines ~8 min; quick ~8 min). Results are packed into $OUT/campaign.tar.gz (the device tool
 # returns at most 8 files). Usage, on the GPU host from the repository root:
 #   bash experiments/gpu_campaign.sh kernels orchestration baselines quick
-# What is left (plan of 2026-12-02, fifteenth session; ~30 GPU minutes a session, a fresh machine
+# What is left (plan of 2026-12-02, sixteenth session; ~30 GPU minutes a session, a fresh machine
 # costs ~1 minute of it, and a machine goes back 30 s after a call: take the results and commit
-# at once). Done: orchestration runs 10-13 (13: the stream CPU mode against the thread mode,
-# handoff-ab), prefill24 and beam24 (whole), llama v1 and v3 (v2 on a disturbed calibration),
-# cpu-sustained, sweep24 rounds 0 and 1 (whole) and 26 of round 2's 36 (98 of 108), sweep48
-# round 0 (whole). After each call run
+# at once). Done: orchestration runs 10-14 (14: handoff-threads, both CPU modes at 16 and 15
+# kernel threads), prefill24 and beam24 (whole), llama v1 and v3 (v2 on a disturbed calibration),
+# cpu-sustained, sweep24 (whole, 108 of 108), sweep48 round 0 (whole), stream24 round 0.
+# After each call run
 # `bash tools/take_campaign_results.sh DIR` (DIR: the folder its files came back to) and commit
 # BEFORE the next call: the tree travels with each call, and a sweep resumes from the rows it
 # carries (the seventh session re-measured a piece for want of this). Pass carry [".carry"]
 # (the tokenizer; llama.cpp's CUDA programs as xz parts, unpacked instead of the ~6-minute build).
-# Pass the full commit (FIDDLER_GIT_COMMIT=$(git rev-parse HEAD)): rows name it.
+# Pass the full commit, written out here (FIDDLER_GIT_COMMIT=<40 hex digits>): rows name it; a
+# `$(git rev-parse ...)` runs on the device, whose copy of .git is not this session's.
 # Sweeps count SWEEP_SECONDS from the script's start, so stages chain within one call; a resumed
 # sweep calibrates its machine first (~15 s, machine-calibrations/ in the run folder). Next:
-#   1. `handoff-threads sweep24` in one call (SWEEP_SECONDS=565): hybrid's two CPU modes at 16
-#      and 15 kernel threads (~4 min; the untimed CPU job per mode recorded, the timed stream
-#      layers no longer spinning through the CPU's compute) with the correctness check now exact
-#      between modes, then sweep24's last 10 generations
-#      (expert-lru-prefetch 128/256 in, fiddler-cpu-experts and fiddler-copy-experts prompt 2),
-#      finished by a second `sweep24` call if needed (~1.3 calls in all). The engine changed
-#      for decode since run 13 (a6f1dbd: a decode step's CPU rows gathered on the main thread;
-#      eabecaa: timed stream layers no longer spin): rows measured after it name their commit
-#      (tables.md's "Measured by"); say so in the folders' READMEs.
-#   2. `stream24` (one call for round 0): fiddler-hybrid-stream beside fiddler-hybrid on the grid,
-#      into results/h200-paper-v3-24gb-stream/ (write its README when it exists).
+#   1. `threads-rounds stream24` in one call (SWEEP_SECONDS=565): hybrid's two CPU modes at 16
+#      and 15 kernel threads on one engine in 4 interleaved rounds (~5-6 min; run 14 found
+#      stream 77% of the bound at 15 threads but 66% at 16, in two processes minutes apart),
+#      then stream24's round 1 (its disturbed round-0 stream row first). Decide from both the
+#      engine's default thread count and CPU mode (one engine per sweep: sweep48 keeps its own).
+#   2. `acc-mem24 stream24` (SWEEP_SECONDS=565): accelerate-offload's peak at 24 GB with loading's
+#      apart (it was 0.17 GB over the budget in sweep24), then stream24 on.
 #   3. sweep48's rounds 1-2 (`... sweep48`, 32 generations: ~4-5 calls). Three calls fit a
 #      session (~26-29 device minutes). When a sweep's rounds are whole, `python -m harness
 #      headline DIR --output 512` prints the README's tables from it.
-#   Optional: accelerate-offload's peak allocation at 24 GB was 24.14-24.17 GB (0.17 over the
-#      budget; results/h200-paper-v3-24gb/tables.md): one short run of it into a scratch folder
-#      (`python -m harness run ... --systems accelerate-offload --inputs 32,256 --outputs 4
-#      --gpu-memory-gb 24 --out $OUT/acc-mem`) records loading's peak apart (row telemetry), which
-#      says whether to fix its loading or its reservation.
 #   Optional: the cause of the prefill CPU job's 1.06-1.28x over decode's (results/orchestration-h200/
 #      run 11): time the kernel at 32-64 tokens from the engine's worker on its pinned expert pool.
 # Stages (in the order given):
@@ -71,6 +63,10 @@
 #                  threads (one core left to the main thread, which in stream mode queues the next
 #                  layer while the CPU computes), correctness exact between modes; ~6 min, into
 #                  results/orchestration-h200/handoff-threads/ab-threads{16,15}/
+#   threads-rounds issue 8: hybrid in the thread and stream CPU modes at 16 and 15 kernel threads
+#                  (each calibrated under its own) on one engine, in ROUNDS=4 interleaved rounds of
+#                  48 tokens (~5-6 min): run 14 compared them in two processes minutes apart,
+#                  within this host's drift; into results/orchestration-h200/threads-rounds/
 #   quick          issue 5: make reproduce-quick (measured cells for issue 7's validation)
 #   cpu-sustained  issue 7: the CPU kernels (AMX, AVX512-BF16) in calibration's bursts against
 #                  seconds of back-to-back calls and of calls with idle gaps (~1 min, CPU only):
@@ -92,14 +88,17 @@
 #                  resumes it; commit what comes back before the next call)
 #   sweep48        the same grid at 48 GB: Fiddler's policies and the two strongest baselines
 #                  (expert-lru and expert-lru-prefetch)
+#   acc-mem24      issue 8: accelerate-offload at 24 GB, 32 and 256 prompt tokens, 4 new tokens, one
+#                  prompt: its peak allocation against loading's (results/h200-accelerate-memory-24gb/)
 #   stream24       issue 8: the paper-v3 grid at 24 GB for fiddler-hybrid-stream (the stream CPU mode)
 #                  and fiddler-hybrid side by side, into results/h200-paper-v3-24gb-stream/ (its
 #                  tables' bound table holds both against the 85% target; ~1 call a round)
 #   prefill24      long-prefill TTFT (512-8192 tokens) at 24 GB: Fiddler, layer-streaming, expert-lru
 #   beam24         beam search (widths 4, 8, 16) at 24 GB: Fiddler and the strongest baselines
-# The tree there has no .git: pass FIDDLER_GIT_COMMIT=<sha> so run records name the commit
-# (FIDDLER_GIT_COMMIT=$(git rev-parse HEAD)$(git diff --quiet HEAD || echo -dirty) says when the
-# carried tree holds uncommitted changes).
+# Pass FIDDLER_GIT_COMMIT=<sha> so run records name the commit, written out in the command (the
+# command runs on the GPU host, where a $(git ...) reads whatever .git its copy holds, not this
+# session's: the sixteenth session's piece 20 named a wrong commit so); add -dirty when the
+# carried tree holds uncommitted changes.
 # The GPU host lacks mistral-common and network: carry .carry/ (`make carry` writes it:
 # tokenizer.model from mistral-common, llama.cpp-src.tar.gz from PyPI's llama-cpp-python).
 set -u
@@ -257,6 +256,10 @@ for name in "$@"; do
           --new-tokens 48 --repeats 2 --policies hybrid --cpu-modes thread,stream --cpu-threads "$threads" \
           ${check[@]+"${check[@]}"}
       done ;;
+    threads-rounds)
+      stage threads-rounds timeout -k 10 "${ROUNDS_SECONDS:-420}" python3 experiments/orchestration_gpu.py \
+        --out "$OUT/results/orchestration-h200/threads-rounds" --gpu-memory-gb 24 --new-tokens 48 --repeats 1 \
+        --rounds "${ROUNDS:-4}" --policies hybrid --cpu-modes thread,stream --ab-threads 16,15 --check-layers 0 ;;
     quick) stage quick python3 -m harness.reproduce --quick --results "$OUT/runs" ;;
     cpu-sustained) stage cpu-sustained python3 experiments/cpu_sustained.py --out "$OUT/results/cpu-sustained-h200" \
                      --kernels amx-bf16,avx512-bf16 --tokens 1,4,16,128 --seconds 3 ;;
@@ -285,6 +288,10 @@ for name in "$@"; do
     # on the same machines and calibration, the paper-v3 grid at 24 GB (round 0: 8 generations)
     stream24) sweep stream24 results/h200-paper-v3-24gb-stream --scenario single-batch --grid paper-v3 \
                --gpu-memory-gb 24 --systems fiddler-hybrid-stream,fiddler-hybrid ;;
+    # issue 8's memory target: accelerate-offload's peak at 24 GB (0.17 GB over in sweep24), its
+    # loading's peak recorded apart (row telemetry), on two prompt lengths (one load, ~5 min)
+    acc-mem24) sweep acc-mem24 results/h200-accelerate-memory-24gb --scenario single-batch --inputs 32,256 \
+               --outputs 4 --prompts-per-cell 1 --gpu-memory-gb 24 --systems accelerate-offload ;;
     prefill24) sweep prefill24 results/h200-long-prefill-24gb --scenario long-prefill --gpu-memory-gb 24 \
                --systems fiddler-hybrid,fiddler-paper,layer-streaming,expert-lru ;;
     beam24) sweep beam24 results/h200-beam-search-24gb --scenario beam-search --beam-widths 4,8,16 --gpu-memory-gb 24 \

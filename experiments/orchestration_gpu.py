@@ -11,7 +11,10 @@
    each policy with per-layer timing (predicted vs measured). ``--beam-width W`` measures beam
    search of width W instead of greedy decode (a step decodes W tokens per layer): the per-layer
    timelines of beam steps, where the simulator's Fiddler predictions miss most
-   (results/h200-beam-search-24gb/).
+   (results/h200-beam-search-24gb/). ``--ab-threads 16,15`` compares CPU thread counts
+   instead: each calibrated under its own (``calibration-threads<N>.json``), then every
+   (thread count, policy, CPU mode) on one engine in ``--rounds`` interleaved rounds, so that
+   the host's drift between minutes touches every variant alike (rates per round recorded).
 
 Writes ``<out>/orchestration.json`` after each step (atomically).
 Usage: ``python experiments/orchestration_gpu.py --out $OUT``.
@@ -30,9 +33,10 @@ import torch
 
 from fiddler.bounds import decode_bound_tokens_per_s
 from fiddler.build import EngineOptions, build_engine
-from fiddler.calibrate import DEFAULT_TOKEN_COUNTS, calibrate, save_calibration
+from fiddler.calibrate import DEFAULT_TOKEN_COUNTS, calibrate, kernel_tiers, load_calibration, save_calibration
 from fiddler.config import resolve_model
-from fiddler.cpu_experts import AUTO
+from fiddler.cost_model import LatencyModel
+from fiddler.cpu_experts import AUTO, set_cpu_threads, tiered_kernel
 from fiddler.engine import Engine
 from fiddler.files import write_json_atomic
 from fiddler.generate import GenerationSettings, generate
@@ -144,7 +148,10 @@ def full_size_engine(args, config, calibration_path: Path):
     )
 
 
-def speed(args, calibration_path: Path) -> dict:
+def speed(args, calibrations: dict[int | None, Path]) -> dict:
+    """Every variant (CPU thread count, policy, CPU mode) on one engine, in ``--rounds``
+    interleaved rounds so that the host's drift touches all alike; a thread count plans with
+    the calibration measured under it and computes with the kernel that calibration chose."""
     config, _ = resolve_model(args.model, args.layers)
     prompt = [
         1,
@@ -154,26 +161,52 @@ def speed(args, calibration_path: Path) -> dict:
     ]
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    engine, record = full_size_engine(args, config, calibration_path)
+    engine, record = full_size_engine(args, config, next(iter(calibrations.values())))
     result = {"build": record, "policies": {}}
     executor = engine.model.experts
+    settings = {}
+    for threads, path in calibrations.items():
+        calibration = load_calibration(path)
+        settings[threads] = (LatencyModel.from_calibration(calibration), tiered_kernel(kernel_tiers(calibration)))
     long = GenerationSettings(max_new_tokens=args.new_tokens, beam_width=args.beam_width)
     # a decode layer routes one token per beam; a prefill layer the whole prompt
     decode_rows = args.beam_width * config.num_experts_per_token
-    variants = [(p, mode) for p in args.policies.split(",") for mode in args.cpu_modes.split(",")]
-    for policy, mode in variants:
-        executor.policy, executor.cpu_mode = policy, mode
-        # each variant learns its own in-run corrections, from the calibration up
-        executor.cpu_factor, executor.cpu_slowdown = 1.0, executor.latency.cpu_slowdown
-        name = variant_name(policy, mode)
-        generate(engine, prompt, GenerationSettings(max_new_tokens=3, beam_width=args.beam_width))  # warm-up
-        runs = [generate(engine, prompt, long) for _ in range(args.repeats)]
+    variants = [
+        (threads, policy, mode)
+        for threads in calibrations
+        for policy in args.policies.split(",")
+        for mode in args.cpu_modes.split(",")
+    ]
+    measured: dict[str, dict] = {}
+    for round_index in range(args.rounds):
+        for threads, policy, mode in variants:
+            set_cpu_threads(threads)
+            executor.use_calibration(*settings[threads])  # the in-run corrections from it up
+            executor.policy, executor.cpu_mode = policy, mode
+            name = variant_name(policy, mode) + (f" at {threads} threads" if len(calibrations) > 1 else "")
+            entry = measured.setdefault(name, {"threads": threads, "runs": [], "by_round": []})
+            generate(engine, prompt, GenerationSettings(max_new_tokens=3, beam_width=args.beam_width))  # warm-up
+            runs = [generate(engine, prompt, long) for _ in range(args.repeats)]
+            entry["runs"] += runs
+            entry["by_round"].append(statistics.median(r.decode_tokens_per_s for r in runs))
+            print("round", round_index, name, entry["by_round"][-1], flush=True)
+            if round_index == 0:  # the layer timelines once per variant
+                executor.layer_timing = True
+                timed_settings = GenerationSettings(max_new_tokens=min(8, args.new_tokens), beam_width=args.beam_width)
+                entry["timed"] = generate(engine, prompt, timed_settings)
+                executor.layer_timing = False
+                entry["layer_log"] = list(executor.layer_log)
+    for name, entry in measured.items():
+        runs = entry["runs"]
         decode_tokens = args.new_tokens - 1
         decoded = runs[-1].decode_counters(COUNTED)
         per_token = {k: decoded[k] / decode_tokens for k in COUNTED}
         row = {
+            "cpu_threads": entry["threads"],
+            "calibration": calibrations[entry["threads"]].name,
             "ttft_s": statistics.median(r.ttft_s for r in runs),
             "decode_tokens_per_s": statistics.median(r.decode_tokens_per_s for r in runs),
+            "decode_tokens_per_s_by_round": entry["by_round"],
             "e2e_tokens_per_s": statistics.median(r.e2e_tokens_per_s for r in runs),
             "decode_ms_per_token": 1e3 / statistics.median(r.decode_tokens_per_s for r in runs),
             "per_decode_token": per_token,
@@ -185,16 +218,13 @@ def speed(args, calibration_path: Path) -> dict:
         }
         # issue 8's yardstick: the missing experts' bytes alone at the calibration's rates
         # (infinite, recorded as None, when every routed expert was resident)
-        bound = decode_bound_tokens_per_s(config, executor.latency, row["gpu_hit_rate_decode"])
+        latency = settings[entry["threads"]][0]
+        bound = decode_bound_tokens_per_s(config, latency, row["gpu_hit_rate_decode"])
         finite = math.isfinite(bound)
         row["decode_bound_tokens_per_s"] = bound if finite else None
         row["share_of_bound"] = row["decode_tokens_per_s"] / bound if finite else None
-        executor.layer_timing = True
-        timed = generate(
-            engine, prompt, GenerationSettings(max_new_tokens=min(8, args.new_tokens), beam_width=args.beam_width)
-        )
-        executor.layer_timing = False
-        decode_layers = [e for e in executor.layer_log if sum(e["tokens"].values()) <= decode_rows]
+        layer_log, timed = entry["layer_log"], entry["timed"]
+        decode_layers = [e for e in layer_log if sum(e["tokens"].values()) <= decode_rows]
         row["layer_timing_decode"] = {
             "layers": len(decode_layers),
             "predicted_ms_mean": 1e3 * statistics.mean(e["predicted_s"] for e in decode_layers),
@@ -205,7 +235,7 @@ def speed(args, calibration_path: Path) -> dict:
             "sample": decode_layers[:LAYER_LOG_SAMPLE],
         }
         # the prefill's layers of the same timed run: where TTFT goes, against the planner's prediction
-        prefill_layers = [e for e in executor.layer_log if sum(e["tokens"].values()) > decode_rows]
+        prefill_layers = [e for e in layer_log if sum(e["tokens"].values()) > decode_rows]
         row["layer_timing_prefill"] = {
             "layers": len(prefill_layers),
             "predicted_ms_total": 1e3 * sum(e["predicted_s"] for e in prefill_layers),
@@ -247,7 +277,6 @@ def timeline_medians(layers: list[dict]) -> dict[str, float]:
 def diagnose(args, calibration_path: Path) -> dict:
     """Where the hybrid policy's time goes: per-layer logs, the CPU expert alone and beside
     copies on the real host arena, and decode speed at several CPU thread counts."""
-    from fiddler.cpu_experts import set_cpu_threads
     from fiddler.timing import Clock
 
     config, _ = resolve_model(args.model, args.layers)
@@ -344,6 +373,12 @@ def main() -> int:
         "worker, the main thread waits), inline (the main thread), stream (the worker, the stream waits)",
     )
     parser.add_argument("--cpu-threads", type=int)
+    parser.add_argument(
+        "--ab-threads",
+        help="speed: CPU thread counts to compare (e.g. 16,15), each calibrated under its own, every variant "
+        "at each in interleaved rounds on one engine (replaces --cpu-threads; not with --calibration)",
+    )
+    parser.add_argument("--rounds", type=int, default=1, help="speed: interleaved rounds of every variant")
     parser.add_argument("--check-layers", type=int, default=2, help="layers of the correctness check (0: none)")
     parser.add_argument("--check-resident", type=int, default=5)
     parser.add_argument("--check-repeats", type=int, default=3)
@@ -366,28 +401,46 @@ def main() -> int:
         parser.error("--new-tokens must be at least 2 and --repeats at least 1")
     if not 1 <= args.beam_width < args.prompt_len:  # a decode layer's rows must tell it from prefill's
         parser.error("--beam-width must be at least 1 and below --prompt-len")
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
+    if args.ab_threads:
+        if args.calibration is not None or args.cpu_threads is not None:
+            parser.error("--ab-threads calibrates under each of its counts: leave out --calibration and --cpu-threads")
+        counts = args.ab_threads.split(",")
+        if not all(c.isdigit() and int(c) > 0 for c in counts) or len(set(counts)) != len(counts):
+            parser.error(f"--ab-threads takes distinct positive counts, comma-separated; got {args.ab_threads!r}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "orchestration.json"
     record: dict = {"args": {k: str(v) for k, v in vars(args).items()}, "machine": machine_identity(args.device)}
-    calibration_path = args.calibration or out / "calibration.json"
-    if args.calibration is None:
+    thread_counts = [int(t) for t in args.ab_threads.split(",")] if args.ab_threads else [args.cpu_threads]
+    if args.calibration is not None:
+        calibrations = {args.cpu_threads: args.calibration}
+    else:
         config, _ = resolve_model(args.model, args.layers)
-        cal = calibrate(
-            config, args.device, torch.bfloat16, args.cpu_threads, args.cpu_kernel, DEFAULT_TOKEN_COUNTS, 5, args.seed
-        )
-        save_calibration(cal, calibration_path)
-        print(
-            "calibration",
-            json.dumps(
-                {
-                    k: cal[k]
-                    for k in ("cpu_expert_s", "gpu_expert_s", "copy_expert_s", "concurrent", "cpu_weight_gb_per_s")
-                }
-            ),
-            flush=True,
-        )
-        release_cached_memory()
+        calibrations = {}
+        for threads in thread_counts:
+            name = f"calibration-threads{threads}.json" if args.ab_threads else "calibration.json"
+            cal = calibrate(
+                config, args.device, torch.bfloat16, threads, args.cpu_kernel, DEFAULT_TOKEN_COUNTS, 5, args.seed
+            )
+            calibrations[threads] = out / name
+            save_calibration(cal, calibrations[threads])
+            print(
+                "calibration",
+                threads,
+                json.dumps(
+                    {
+                        k: cal[k]
+                        for k in ("cpu_expert_s", "gpu_expert_s", "copy_expert_s", "concurrent", "cpu_weight_gb_per_s")
+                    }
+                ),
+                flush=True,
+            )
+            release_cached_memory()
+    calibration_path = next(iter(calibrations.values()))
+    # the engine is built (and the correctness check runs) under the first thread count
+    args.cpu_threads = thread_counts[0]
     if args.diagnose:
         record["diagnose"] = diagnose(args, calibration_path)
         write_json_atomic(out / "diagnose.json", record)
@@ -396,7 +449,7 @@ def main() -> int:
         record["correctness"] = correctness(args, calibration_path)
         write_json_atomic(path, record)
         release_cached_memory()
-    record["speed"] = speed(args, calibration_path)
+    record["speed"] = speed(args, calibrations)
     write_json_atomic(path, record)
     return 0
 

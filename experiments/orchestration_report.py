@@ -44,12 +44,20 @@ def _cell(value: float | None, digits: int = 2) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
-def variant_rows(run: dict, calibration: dict, variant: str) -> list[str]:
-    """One table row per policy of one variant's orchestration run."""
-    cpu_1 = calibration.get("cpu_expert_s", [None])[0]
-    slowdown = calibration.get("concurrent", {}).get("cpu_slowdown")
+def read_calibration(folder: Path, name: str) -> dict:
+    """A calibration file of the run's folder; empty when absent."""
+    path = folder / name
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def variant_rows(run: dict, folder: Path, variant: str) -> list[str]:
+    """One table row per policy of one variant's orchestration run, each beside the calibration
+    it planned with (a row of an ``--ab-threads`` run names its own; else ``calibration.json``)."""
     rows = []
     for policy, result in run.get("speed", {}).get("policies", {}).items():
+        calibration = read_calibration(folder, result.get("calibration", "calibration.json"))
+        cpu_1 = calibration.get("cpu_expert_s", [None])[0]
+        slowdown = calibration.get("concurrent", {}).get("cpu_slowdown")
         timing = result.get("layer_timing_decode", {})
         timeline = timing.get("timeline_ms_median", {})
         share = result.get("share_of_bound")  # recorded since the handoff-ab stage
@@ -197,10 +205,8 @@ def report(directory: Path) -> str:
     ]
     prefill_body: list[str] = []
     for variant, path in runs:
-        calibration_path = path.parent / "calibration.json"
-        calibration = json.loads(calibration_path.read_text()) if calibration_path.exists() else {}
         run = json.loads(path.read_text())
-        lines += variant_rows(run, calibration, variant)
+        lines += variant_rows(run, path.parent, variant)
         rates += rate_rows(run, variant)
         prefill_body += prefill_rows(run, variant)
     return "\n".join(lines + rates + (prefill + prefill_body if prefill_body else [])) + "\n"

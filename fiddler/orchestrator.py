@@ -294,6 +294,16 @@ class FiddlerExecutor:
             model = self._models[corrections] = self.latency.with_cpu_factor(*corrections)
         return model
 
+    def use_calibration(self, latency: LatencyModel, cpu_kernel: CpuExpertKernel) -> None:
+        """Plan with another calibration and compute with the kernel it chose (between
+        generations; e.g. one measured under another CPU thread count); the in-run
+        corrections start again from it."""
+        self._take_in_pending()
+        self.latency, self.cpu_kernel = latency, cpu_kernel
+        self._models.clear()
+        self._plans.clear()
+        self.cpu_factor, self.cpu_slowdown = 1.0, latency.cpu_slowdown
+
     def plan(self, layer: int, tokens: dict[int, int]) -> LayerPlan:
         resident = self.resident_by_layer[layer]
         key = (resident, tuple(sorted(tokens.items())), self.policy, self.planning_corrections)

@@ -1,6 +1,6 @@
 """The orchestration report: one row per variant and policy, the timeline's marks in order, the
 timed prefill beside the planner's prediction, the untimed decode's CPU job, one run's folder as well as the threads-ab
-variants, and a clear error for a folder without runs."""
+variants, each row beside the calibration it planned with, and a clear error for a folder without runs."""
 
 import json
 import sys
@@ -48,6 +48,23 @@ def test_the_share_of_the_bound_is_shown_where_recorded(tmp_path):
     run["speed"]["policies"]["hybrid"]["share_of_bound"] = 0.824
     run_file.write_text(json.dumps(run))
     assert "| stream | hybrid | 6.60 | 82% | 0.50 |" in report(tmp_path)
+
+
+def test_a_row_of_a_thread_ab_run_shows_its_own_calibration(tmp_path):
+    """``orchestration_gpu.py --ab-threads`` plans each thread count with its own calibration
+    file, which each row names."""
+    write_variant(tmp_path, "threads", 6.0, {"routed": 0.1, "end": 5.0})
+    folder = tmp_path / "ab-threads"
+    run = json.loads((folder / "orchestration.json").read_text())
+    row = run["speed"]["policies"].pop("hybrid")
+    for threads, cpu_s in ((16, 0.0035), (15, 0.0038)):
+        name = f"calibration-threads{threads}.json"
+        (folder / name).write_text(json.dumps({"cpu_expert_s": [cpu_s], "concurrent": {"cpu_slowdown": 1.1}}))
+        run["speed"]["policies"][f"hybrid at {threads} threads"] = row | {"calibration": name}
+    (folder / "orchestration.json").write_text(json.dumps(run))
+    text = report(tmp_path)
+    assert "| threads | hybrid at 16 threads | 6.00 | - | 0.50 | 3.50 | 1.10 |" in text
+    assert "| threads | hybrid at 15 threads | 6.00 | - | 0.50 | 3.80 | 1.10 |" in text
 
 
 def test_a_folder_without_runs_is_a_clear_error(tmp_path):

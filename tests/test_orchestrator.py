@@ -169,6 +169,32 @@ def test_switching_policy_on_one_executor_follows_the_new_policy(reference):
         engine.close()
 
 
+def test_another_calibration_replaces_the_plans_and_corrections(reference):
+    """Experiments compare CPU thread counts on one engine, each planned with the calibration
+    measured under it: after ``use_calibration`` every plan is the new model's (none kept from
+    the old one's cache), the corrections start from it, and outputs stay exact."""
+    placement = placement_with({(0, 0), (1, 1)})
+    engine = fiddler_engine(placement, "hybrid")
+    executor = engine.model.experts
+    settings = GenerationSettings(max_new_tokens=4)
+    want = generate(reference, PROMPT, settings).token_ids
+    assert generate(engine, PROMPT, settings).token_ids == want
+    fresh = fiddler_engine(placement, "hybrid", latency=PAPER_LIKE).model.experts
+    executor.adapt_cpu = fresh.adapt_cpu = False
+    cases = [{e: n} | {(e + 1) % CONFIG.num_experts: 1} for e in range(CONFIG.num_experts) for n in (1, 3, 40)]
+    before = [executor.plan(layer, t) for layer in range(CONFIG.num_layers) for t in cases]
+    executor.use_calibration(PAPER_LIKE, make_kernel("torch"))
+    assert executor.latency is PAPER_LIKE
+    assert (executor.cpu_factor, executor.cpu_slowdown) == (1.0, PAPER_LIKE.cpu_slowdown)
+    after = [executor.plan(layer, t) for layer in range(CONFIG.num_layers) for t in cases]
+    assert after == [fresh.plan(layer, t) for layer in range(CONFIG.num_layers) for t in cases]
+    assert after != before  # the two models plan some layer differently: the check can fail
+    executor.adapt_cpu = True
+    assert generate(engine, PROMPT, settings).token_ids == want
+    engine.close()
+    fresh.close()
+
+
 def test_hybrid_divides_an_expert_when_that_balances_the_paths(reference):
     """With one missing expert per layer, whole-expert splitting leaves one path idle."""
     missing = {(layer, 0) for layer in range(CONFIG.num_layers)}
