@@ -172,6 +172,9 @@ def main() -> int:
     bandwidth = {}
     for threads in map(int, args.threads.split(",")):
         set_cpu_threads(threads)
+        # torch takes the count up once per thread (at its first parallel call): set it on the
+        # worker as well, or its rows keep the first count (as the 16,12 run of 2026-11-28 did)
+        worker.submit(set_cpu_threads, threads).result()
         bandwidth[threads] = read_bandwidth(args.repeats)
         print(
             f"memory read, threads={threads}: " + ", ".join(f"{k} {v:.1f} GB/s" for k, v in bandwidth[threads].items())

@@ -36,7 +36,7 @@ from fiddler.build import EngineOptions, build_engine
 from fiddler.calibrate import DEFAULT_TOKEN_COUNTS, calibrate, kernel_tiers, load_calibration, save_calibration
 from fiddler.config import resolve_model
 from fiddler.cost_model import LatencyModel
-from fiddler.cpu_experts import AUTO, set_cpu_threads, tiered_kernel
+from fiddler.cpu_experts import AUTO, tiered_kernel
 from fiddler.engine import Engine
 from fiddler.files import write_json_atomic
 from fiddler.generate import GenerationSettings, generate
@@ -180,7 +180,7 @@ def speed(args, calibrations: dict[int | None, Path]) -> dict:
     measured: dict[str, dict] = {}
     for round_index in range(args.rounds):
         for threads, policy, mode in variants:
-            set_cpu_threads(threads)
+            executor.use_cpu_threads(threads)  # on the CPU worker too
             executor.use_calibration(*settings[threads])  # the in-run corrections from it up
             executor.policy, executor.cpu_mode = policy, mode
             name = variant_name(policy, mode) + (f" at {threads} threads" if len(calibrations) > 1 else "")
@@ -346,7 +346,7 @@ def diagnose(args, calibration_path: Path) -> dict:
     sweep = [int(t) for t in args.threads.split(",")]
     for _ in range(args.sweep_repeats):  # interleaved, so drift of the host affects all alike
         for threads in sweep:
-            set_cpu_threads(threads)
+            executor.use_cpu_threads(threads)
             rate = generate(engine, prompt, GenerationSettings(max_new_tokens=args.new_tokens)).decode_tokens_per_s
             result["threads"].setdefault(threads, []).append(rate)
             print("threads", threads, rate, flush=True)

@@ -195,6 +195,23 @@ def test_another_calibration_replaces_the_plans_and_corrections(reference):
     fresh.close()
 
 
+def test_a_thread_count_set_between_generations_reaches_the_cpu_worker():
+    """Torch takes its thread count up once per thread: set on the main thread alone after the
+    worker's first job, it would not reach the worker that computes the CPU experts."""
+    before = torch.get_num_threads()
+    engine = fiddler_engine(placement_with(set()), "cpu-experts")
+    executor = engine.model.experts
+    try:
+        executor.use_cpu_threads(2)
+        generate(engine, PROMPT, GenerationSettings(max_new_tokens=2))  # the worker has computed
+        assert executor.use_cpu_threads(1) == 1
+        assert executor.cpu_worker.submit(torch.get_num_threads).result() == 1
+        assert torch.get_num_threads() == 1
+    finally:
+        executor.use_cpu_threads(before)
+        engine.close()
+
+
 def test_hybrid_divides_an_expert_when_that_balances_the_paths(reference):
     """With one missing expert per layer, whole-expert splitting leaves one path idle."""
     missing = {(layer, 0) for layer in range(CONFIG.num_layers)}
