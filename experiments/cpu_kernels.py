@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from fiddler.config import resolve_model
-from fiddler.cpu_experts import make_kernel, set_cpu_threads
+from fiddler.cpu_experts import make_kernel, set_cpu_threads_with
 from fiddler.expert_layout import split_blocks, split_ffn, to_split_layout
 from fiddler.files import write_json_atomic
 from fiddler.machine import machine_identity
@@ -171,10 +171,8 @@ def main() -> int:
     worker = ThreadPoolExecutor(max_workers=1)
     bandwidth = {}
     for threads in map(int, args.threads.split(",")):
-        set_cpu_threads(threads)
-        # torch takes the count up once per thread (at its first parallel call): set it on the
-        # worker as well, or its rows keep the first count (as the 16,12 run of 2026-11-28 did)
-        worker.submit(set_cpu_threads, threads).result()
+        # on the worker as well, or its rows keep the first count (as the 16,12 run of 2026-11-28 did)
+        set_cpu_threads_with(worker, threads)
         bandwidth[threads] = read_bandwidth(args.repeats)
         print(
             f"memory read, threads={threads}: " + ", ".join(f"{k} {v:.1f} GB/s" for k, v in bandwidth[threads].items())

@@ -23,6 +23,7 @@ Usage: ``python experiments/orchestration_gpu.py --out $OUT``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import statistics
@@ -32,11 +33,10 @@ from pathlib import Path
 import torch
 
 from fiddler.bounds import decode_bound_tokens_per_s
-from fiddler.build import EngineOptions, build_engine
-from fiddler.calibrate import DEFAULT_TOKEN_COUNTS, calibrate, kernel_tiers, load_calibration, save_calibration
+from fiddler.build import EngineOptions, build_engine, latency_model
+from fiddler.calibrate import DEFAULT_TOKEN_COUNTS, calibrate, save_calibration
 from fiddler.config import resolve_model
-from fiddler.cost_model import LatencyModel
-from fiddler.cpu_experts import AUTO, tiered_kernel
+from fiddler.cpu_experts import AUTO
 from fiddler.engine import Engine
 from fiddler.files import write_json_atomic
 from fiddler.generate import GenerationSettings, generate
@@ -130,22 +130,24 @@ def correctness(args, calibration_path: Path) -> dict:
     return result
 
 
-def full_size_engine(args, config, calibration_path: Path):
+def full_size_options(args, config, calibration_path: Path | None) -> EngineOptions:
     """The engine every speed measurement uses: the budget, the calibration, ``hybrid``."""
-    return build_engine(
-        EngineOptions(
-            config=config,
-            seed=args.seed,
-            device=args.device,
-            dtype=torch.bfloat16,
-            max_seq_len=args.prompt_len + args.new_tokens,
-            beam_width=args.beam_width,
-            gpu_memory_gb=args.gpu_memory_gb,
-            policy="hybrid",
-            calibration=calibration_path,
-            cpu_threads=args.cpu_threads,
-        )
+    return EngineOptions(
+        config=config,
+        seed=args.seed,
+        device=args.device,
+        dtype=torch.bfloat16,
+        max_seq_len=args.prompt_len + args.new_tokens,
+        beam_width=args.beam_width,
+        gpu_memory_gb=args.gpu_memory_gb,
+        policy="hybrid",
+        calibration=calibration_path,
+        cpu_threads=args.cpu_threads,
     )
+
+
+def full_size_engine(args, config, calibration_path: Path):
+    return build_engine(full_size_options(args, config, calibration_path))
 
 
 def speed(args, calibrations: dict[int | None, Path]) -> dict:
@@ -164,10 +166,12 @@ def speed(args, calibrations: dict[int | None, Path]) -> dict:
     engine, record = full_size_engine(args, config, next(iter(calibrations.values())))
     result = {"build": record, "policies": {}}
     executor = engine.model.experts
-    settings = {}
-    for threads, path in calibrations.items():
-        calibration = load_calibration(path)
-        settings[threads] = (LatencyModel.from_calibration(calibration), tiered_kernel(kernel_tiers(calibration)))
+    # each thread count's (latency model, kernel), read and checked as the engine reads its own
+    options = full_size_options(args, config, None)
+    settings = {
+        threads: latency_model(dataclasses.replace(options, calibration=path), torch.device(args.device))[:2]
+        for threads, path in calibrations.items()
+    }
     long = GenerationSettings(max_new_tokens=args.new_tokens, beam_width=args.beam_width)
     # a decode layer routes one token per beam; a prefill layer the whole prompt
     decode_rows = args.beam_width * config.num_experts_per_token

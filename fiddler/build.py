@@ -78,7 +78,7 @@ def build_engine(options: EngineOptions) -> tuple[Engine, dict[str, object]]:
     if options.policy is None and placement.num_resident == cfg.num_expert_slots:
         return _resident(source, device, options, record)
     policy = options.policy or "hybrid"
-    latency, cpu_kernel, record["calibration"] = _latency_model(options, device)
+    latency, cpu_kernel, record["calibration"] = latency_model(options, device)
     log.info(
         "placement: %d of %d experts on %s (%s order)",
         placement.num_resident,
@@ -109,10 +109,12 @@ def _resident(source, device, options: EngineOptions, record: dict[str, object])
     return Engine.resident(source, device, options.dtype, options.max_seq_len), record
 
 
-def _latency_model(
+def latency_model(
     options: EngineOptions, device: torch.device
 ) -> tuple[LatencyModel, CpuExpertKernel, dict[str, object]]:
-    """The latency model and the CPU kernel it was measured with, from a file or measured now."""
+    """The latency model and the CPU kernel it was measured with, from a file or measured now,
+    and where it came from (for the run's record); a file for another expert shape or kernel is
+    refused, and one measured on a disturbed host is warned of."""
     if options.calibration is not None:
         calibration = load_calibration(options.calibration)
         mismatch = calibration_matches(calibration, options.config, options.dtype)

@@ -11,6 +11,7 @@ threads used for this work (torch's pool is process-wide).
 
 from __future__ import annotations
 
+from concurrent.futures import Executor
 from typing import Protocol
 
 import torch
@@ -144,3 +145,12 @@ def set_cpu_threads(threads: int | None) -> int:
             raise ValueError(f"--cpu-threads must be at least 1, got {threads}")
         torch.set_num_threads(threads)
     return torch.get_num_threads()
+
+
+def set_cpu_threads_with(worker: Executor, threads: int | None) -> int:
+    """``set_cpu_threads`` on the calling thread and on ``worker``'s (a one-thread executor);
+    returns the worker's count. Torch takes its thread count up once per thread, at that
+    thread's first parallel call: a change made here alone leaves a worker that has computed
+    before at its old count."""
+    set_cpu_threads(threads)
+    return worker.submit(set_cpu_threads, threads).result()

@@ -75,7 +75,7 @@ import torch
 
 from fiddler.config import ModelConfig
 from fiddler.cost_model import SHARE_CURVE_TOKENS, LatencyModel
-from fiddler.cpu_experts import CpuExpertKernel, set_cpu_threads
+from fiddler.cpu_experts import CpuExpertKernel, set_cpu_threads_with
 from fiddler.expert_layout import split_ffn, split_shapes
 from fiddler.host_signal import HostSignal, host_signal
 from fiddler.loading import HostWeights
@@ -295,12 +295,9 @@ class FiddlerExecutor:
         return model
 
     def use_cpu_threads(self, threads: int | None) -> int:
-        """Run the CPU kernels with ``threads`` threads from now on (between generations);
-        returns the count in effect. Torch takes its thread count up once per thread, at that
-        thread's first parallel call, so a change made on the main thread alone would leave
-        the CPU worker's as it was: it is made on both."""
-        set_cpu_threads(threads)
-        return self.cpu_worker.submit(set_cpu_threads, threads).result()
+        """Run the CPU kernels with ``threads`` threads from now on (between generations), on
+        the main thread and the CPU worker (``set_cpu_threads_with``); returns the count."""
+        return set_cpu_threads_with(self.cpu_worker, threads)
 
     def use_calibration(self, latency: LatencyModel, cpu_kernel: CpuExpertKernel) -> None:
         """Plan with another calibration and compute with the kernel it chose (between
