@@ -90,6 +90,10 @@
 #                  (expert-lru and expert-lru-prefetch)
 #   acc-mem24      issue 8: accelerate-offload at 24 GB, 32 and 256 prompt tokens, 4 new tokens, one
 #                  prompt: its peak allocation against loading's (results/h200-accelerate-memory-24gb/)
+#   acc-trace      issue 8: where accelerate-offload's generation peak comes from at 24 GB: the allocation
+#                  at every hook around its device map's units and two levels inside them, 256
+#                  prompt tokens, 2 new (~3 min; experiments/module_memory.py), into
+#                  results/h200-accelerate-memory-24gb/trace-in256/module_memory.json
 #   stream24       issue 8: the paper-v3 grid at 24 GB for fiddler-hybrid-stream (the stream CPU mode)
 #                  and fiddler-hybrid side by side, into results/h200-paper-v3-24gb-stream/ (its
 #                  tables' bound table holds both against the 85% target; ~1 call a round)
@@ -292,6 +296,9 @@ for name in "$@"; do
     # loading's peak recorded apart (row telemetry), on two prompt lengths (one load, ~5 min)
     acc-mem24) sweep acc-mem24 results/h200-accelerate-memory-24gb --scenario single-batch --inputs 32,256 \
                --outputs 4 --prompts-per-cell 1 --gpu-memory-gb 24 --systems accelerate-offload ;;
+    acc-trace) stage acc-trace timeout -k 10 "${TRACE_SECONDS:-300}" python3 experiments/module_memory.py \
+                 --out "$OUT/results/h200-accelerate-memory-24gb/trace-in256" --system accelerate-offload \
+                 --gpu-memory-gb 24 --input-tokens 256 --new-tokens 2 ;;
     prefill24) sweep prefill24 results/h200-long-prefill-24gb --scenario long-prefill --gpu-memory-gb 24 \
                --systems fiddler-hybrid,fiddler-paper,layer-streaming,expert-lru ;;
     beam24) sweep beam24 results/h200-beam-search-24gb --scenario beam-search --beam-widths 4,8,16 --gpu-memory-gb 24 \
