@@ -4,12 +4,13 @@
 # (kernels + orchestration ~6 min; baselines ~8 min; quick ~8 min). Results are packed into $OUT/campaign.tar.gz (the device tool
 # returns at most 8 files). Usage, on the GPU host from the repository root:
 #   bash experiments/gpu_campaign.sh kernels orchestration baselines quick
-# What is left (plan of 2026-12-02, sixteenth session; ~30 GPU minutes a session, a fresh machine
+# What is left (plan of 2026-12-02, seventeenth session; ~30 GPU minutes a session, a fresh machine
 # costs ~1 minute of it, and a machine goes back 30 s after a call: take the results and commit
-# at once). Done: orchestration runs 10-14 (14: handoff-threads, both CPU modes at 16 and 15
-# kernel threads), prefill24 and beam24 (whole), llama v1 and v3 (v2 on a disturbed calibration),
-# cpu-sustained, sweep24 (whole, 108 of 108), sweep48 round 0 (whole), stream24 round 0.
-# After each call run
+# at once). Done: orchestration runs 10-15 (15: threads-rounds, the thread/stream x 16/15 variants
+# interleaved: the defaults stay), prefill24 and beam24 (whole), llama v1 and v3 (v2 on a
+# disturbed calibration), cpu-sustained, sweep24 (whole, 108 of 108), sweep48 rounds 0 and part
+# of 1 (24 of 48), stream24 (paused at 12 of 24: its question went to run 15), acc-mem24 (the
+# excess is generation's). After each call run
 # `bash tools/take_campaign_results.sh DIR` (DIR: the folder its files came back to) and commit
 # BEFORE the next call: the tree travels with each call, and a sweep resumes from the rows it
 # carries (the seventh session re-measured a piece for want of this). Pass carry [".carry"]
@@ -18,16 +19,16 @@
 # `$(git rev-parse ...)` runs on the device, whose copy of .git is not this session's.
 # Sweeps count SWEEP_SECONDS from the script's start, so stages chain within one call; a resumed
 # sweep calibrates its machine first (~15 s, machine-calibrations/ in the run folder). Next:
-#   1. `threads-rounds stream24` in one call (SWEEP_SECONDS=565): hybrid's two CPU modes at 16
-#      and 15 kernel threads on one engine in 4 interleaved rounds (~5-6 min; run 14 found
-#      stream 77% of the bound at 15 threads but 66% at 16, in two processes minutes apart),
-#      then stream24's round 1 (its disturbed round-0 stream row first). Decide from both the
-#      engine's default thread count and CPU mode (one engine per sweep: sweep48 keeps its own).
-#   2. `acc-mem24 stream24` (SWEEP_SECONDS=565): accelerate-offload's peak at 24 GB with loading's
-#      apart (it was 0.17 GB over the budget in sweep24), then stream24 on.
-#   3. sweep48's rounds 1-2 (`... sweep48`, 32 generations: ~4-5 calls). Three calls fit a
-#      session (~26-29 device minutes). When a sweep's rounds are whole, `python -m harness
-#      headline DIR --output 512` prints the README's tables from it.
+#   1. `acc-trace sweep48` (SWEEP_SECONDS=565): where accelerate-offload's generation peak sits
+#      (~3 min), then sweep48 on. Fix `baselines/accelerate_offload.py`'s max_memory where the
+#      trace points, and measure it again with `acc-mem24` (into a new folder, or the rows
+#      replaced: the folder's README records the first ones).
+#   2. sweep48's rounds 1-2 (`... sweep48`, 24 generations left: ~3 calls). Three calls fit a
+#      session (~26-29 device minutes). When its rounds are whole, `python -m harness headline
+#      DIR --output 512` prints the README's tables from it; drop "interim" there.
+#   Engine changes wait until sweep48 is whole (one engine per sweep): e.g. the decode step's
+#   host-side bookkeeping between the routing read and the CPU's start (0.17-0.29 ms a layer,
+#   torch calls on 2-element tensors) done in plain Python.
 #   Optional: the cause of the prefill CPU job's 1.06-1.28x over decode's (results/orchestration-h200/
 #      run 11): time the kernel at 32-64 tokens from the engine's worker on its pinned expert pool.
 # Stages (in the order given):
