@@ -27,6 +27,10 @@ ORCHESTRATION_DTYPE_BYTES = 2  # experiments/orchestration_gpu.py runs in bfloat
 # (fiddler.orchestrator's layer_log); on the main thread the CPU marks come after `issued`
 MARKS = (
     "routed",
+    "planned",
+    "hidden_down",
+    "out_free",
+    "gathered",
     "cpu_submitted",
     "cpu_picked",
     "cpu_inputs",

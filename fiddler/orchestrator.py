@@ -384,6 +384,8 @@ class FiddlerExecutor:
             marks["routed"] = routed_at
         planned = self.planning_corrections
         plan = self.plan(layer, tokens)
+        if clock:
+            marks["planned"] = host.now()
         split = plan.split
         # The CPU path is usually the layer's last to finish: it starts first, on activations
         # already in host memory, before anything is queued for the accelerator.
@@ -393,7 +395,9 @@ class FiddlerExecutor:
             # the accelerator's stable sort, repeated on the host: rows come back in its order
             token_of_row_host = torch.argsort(flat_host, stable=True) // top_k
             cpu_tokens = torch.cat([token_of_row_host[offsets[e] : offsets[e + 1]] for e in cpu_experts])
-            cpu_job = self._start_cpu(layer, plan, counts, host_hidden, hidden_landed, cpu_tokens)
+            cpu_job = self._start_cpu(
+                layer, plan, counts, host_hidden, hidden_landed, cpu_tokens, marks if clock else None
+            )
             cpu_out = _CpuJobOut(cpu_job, plan, tokens, routed_at)
             if self._cpu_mode == STREAM:
                 self._pending = cpu_out  # taken in later even if this layer fails before its wait
@@ -591,19 +595,28 @@ class FiddlerExecutor:
         host_hidden: torch.Tensor | None,
         hidden_landed: torch.cuda.Event | None,
         cpu_tokens: torch.Tensor,
+        marks: dict[str, float] | None = None,
     ) -> Future | _InlineJob:
         """Hand the CPU rows (the tokens ``cpu_tokens``, by expert in plan order) to the worker,
         or keep them for the main thread (``inline``); in ``stream`` mode the worker sets the
         signal's next value when they are written. A small job's rows are gathered here
-        (``MAIN_THREAD_GATHER_ROWS``), and the worker is handed them with no tokens."""
+        (``MAIN_THREAD_GATHER_ROWS``), and the worker is handed them with no tokens; ``marks``
+        (a timed layer's timeline) then gets when the hidden states were in host memory
+        (``hidden_down``), when the previous layer's results had left ``host_out``
+        (``out_free``) and when the rows were gathered (``gathered``)."""
         if host_hidden is None:
             raise RuntimeError(f"policy {self.policy!r} planned CPU work, but its hidden states were not sent down")
         self._ensure_host_out(cpu_tokens.shape[0], host_hidden.shape[-1])
         out_free: torch.cuda.Event | None = self._host_out_free
         if self._cpu_mode != INLINE and cpu_tokens.shape[0] <= MAIN_THREAD_GATHER_ROWS:
+            host = Clock("cpu")
             host_wait(hidden_landed)
+            hidden_down = host.now()
             host_wait(out_free)
+            freed = host.now()
             host_hidden, hidden_landed, cpu_tokens, out_free = host_hidden.index_select(0, cpu_tokens), None, None, None
+            if marks is not None:
+                marks |= {"hidden_down": hidden_down, "out_free": freed, "gathered": host.now()}
         work = [(counts[e], *self.host.experts[layer][e]) for e in plan.cpu]
         if plan.split:
             w13b, w2b = self.host.experts[layer][plan.split.expert]

@@ -284,9 +284,12 @@ def test_layer_timeline_is_in_order():
     generate(engine, PROMPT, GenerationSettings(max_new_tokens=3))
     log = engine.model.experts.layer_log
     assert log
+    assert any("gathered" in entry["timeline_ms"] for entry in log)  # decode's jobs are small
     for entry in log:
         t = entry["timeline_ms"]
-        assert 0 <= t["routed"] <= t["cpu_submitted"] <= t["issued"] <= t["end"]
+        assert 0 <= t["routed"] <= t["planned"] <= t["cpu_submitted"] <= t["issued"] <= t["end"]
+        if "gathered" in t:  # a small job's rows, gathered on the main thread
+            assert t["planned"] <= t["hidden_down"] <= t["out_free"] <= t["gathered"] <= t["cpu_submitted"]
         if entry["cpu"] or entry["split"]:
             assert (
                 t["routed"]
