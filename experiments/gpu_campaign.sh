@@ -26,9 +26,11 @@
 #   2. sweep48's rounds 1-2 (`... sweep48`, 24 generations left: ~3 calls). Three calls fit a
 #      session (~26-29 device minutes). When its rounds are whole, `python -m harness headline
 #      DIR --output 512` prints the README's tables from it; drop "interim" there.
-#   Engine changes wait until sweep48 is whole (one engine per sweep): e.g. the decode step's
-#   host-side bookkeeping between the routing read and the CPU's start (0.17-0.29 ms a layer,
-#   torch calls on 2-element tensors) done in plain Python.
+#   3. `head-marks` where a call has ~3 minutes left: the 0.17-0.29 ms a decode layer spends
+#      between the routing read and the CPU job's submission, divided (the largest serial piece
+#      left of the decode gap; the torch bookkeeping on 2-element tensors in it takes ~25 us a
+#      layer on the development machine, plain Python ~4: too little to be the rest).
+#   Engine changes to the decode path wait until sweep48 is whole (one engine per sweep).
 #   Optional: the cause of the prefill CPU job's 1.06-1.28x over decode's (results/orchestration-h200/
 #      run 11): time the kernel at 32-64 tokens from the engine's worker on its pinned expert pool.
 # Stages (in the order given):
@@ -91,6 +93,10 @@
 #                  (expert-lru and expert-lru-prefetch)
 #   acc-mem24      issue 8: accelerate-offload at 24 GB, 32 and 256 prompt tokens, 4 new tokens, one
 #                  prompt: its peak allocation against loading's (results/h200-accelerate-memory-24gb/)
+#   head-marks     issue 8: hybrid in both CPU modes with the timed layers' new marks between the
+#                  routing read and the CPU job's submission (planned, hidden_down, out_free,
+#                  gathered): which of the 0.17-0.29 ms is planning, waiting or gathering (~2.5 min),
+#                  into results/orchestration-h200/head-marks/
 #   acc-trace      issue 8: where accelerate-offload's generation peak comes from at 24 GB: the allocation
 #                  at every hook around its device map's units and two levels inside them, 256
 #                  prompt tokens, 2 new (~3 min; experiments/module_memory.py), into
@@ -297,6 +303,9 @@ for name in "$@"; do
     # loading's peak recorded apart (row telemetry), on two prompt lengths (one load, ~5 min)
     acc-mem24) sweep acc-mem24 results/h200-accelerate-memory-24gb --scenario single-batch --inputs 32,256 \
                --outputs 4 --prompts-per-cell 1 --gpu-memory-gb 24 --systems accelerate-offload ;;
+    head-marks) stage head-marks timeout -k 10 "${MARKS_SECONDS:-240}" python3 experiments/orchestration_gpu.py \
+                  --out "$OUT/results/orchestration-h200/head-marks" --gpu-memory-gb 24 --new-tokens 48 --repeats 1 \
+                  --policies hybrid --cpu-modes thread,stream --check-layers 0 ;;
     acc-trace) stage acc-trace timeout -k 10 "${TRACE_SECONDS:-300}" python3 experiments/module_memory.py \
                  --out "$OUT/results/h200-accelerate-memory-24gb/trace-in256" --system accelerate-offload \
                  --gpu-memory-gb 24 --input-tokens 256 --new-tokens 2 ;;
