@@ -146,6 +146,41 @@ def unit_sizes(model: torch.nn.Module, units: list[str], dtype: torch.dtype) -> 
     return {unit: sizes.get(unit, 0) / GB for unit in units}
 
 
+def trace_generation(
+    system: object, options: SystemOptions, input_tokens: int, new_tokens: int, reader: MemoryReader
+) -> dict:
+    """Trace one greedy generation of ``new_tokens`` after a seeded random prompt of
+    ``input_tokens`` on a loaded ``system`` (its peak not reset since loading); the record of
+    the module docstring, without the command line."""
+    model = getattr(system, "model", None)
+    if not isinstance(model, torch.nn.Module):
+        raise ValueError(f"{type(system).__name__} has no torch model to hook; use a transformers-based system")
+    load_peak, after_load = reader.peak(), reader.allocated()
+    device_map = getattr(system, "device_map", {"": options.device})
+    units = list(device_map)
+    trace = MemoryTrace(model, traced_names(model, units), reader)
+    seeded = torch.Generator().manual_seed(options.seed)
+    prompt = torch.randint(options.config.vocab_size, (input_tokens,), generator=seeded)
+    try:
+        system.generate(prompt.tolist(), GenerationSettings(max_new_tokens=new_tokens))
+    finally:
+        trace.close()
+    breakdown = budget_breakdown(
+        options.config, options.budget_bytes or 0, options.dtype, options.max_seq_len, 1, staging_experts=0
+    )
+    return {
+        "budget_gb": options.gpu_memory_gb,
+        "breakdown": breakdown.to_json(),
+        "device_map": {k: str(v) for k, v in device_map.items()},
+        "unit_sizes_gb": unit_sizes(model, units, options.dtype),
+        "load_peak_allocated_gb": load_peak / GB,
+        "allocated_after_load_gb": after_load / GB,
+        "generation_peak_allocated_gb": max(e.peak_since_last for e in trace.events) / GB,
+        "top_intervals": top_intervals(trace.events),
+        "events": [asdict(e) for e in trace.events],
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True)
@@ -161,48 +196,29 @@ def main(argv: list[str] | None = None) -> int:
     if device.type != "cuda":
         parser.error("--device must be a CUDA device: the trace reads torch's CUDA allocator")
     config, checkpoint = resolve_model(args.model)
-    dtype = torch.bfloat16
-    max_seq_len = args.input_tokens + args.new_tokens
     options = SystemOptions(
         config=config,
-        max_seq_len=max_seq_len,
+        max_seq_len=args.input_tokens + args.new_tokens,
         checkpoint=checkpoint,
         seed=args.seed,
         device=args.device,
-        dtype=dtype,
+        dtype=torch.bfloat16,
         gpu_memory_gb=args.gpu_memory_gb,
     )
     system = load_system(args.system, options)  # resets the peak first
-    model = getattr(system, "model", None)
-    if not isinstance(model, torch.nn.Module):
-        parser.error(f"--system {args.system} has no torch model to hook; use a transformers-based system")
-    load_peak, after_load = torch.cuda.max_memory_allocated(device), torch.cuda.memory_allocated(device)
-    units = list(getattr(system, "device_map", {"": None}))
-    trace = MemoryTrace(model, traced_names(model, units), MemoryReader.cuda(device))
-    prompt = torch.randint(config.vocab_size, (args.input_tokens,), generator=torch.Generator().manual_seed(args.seed))
-    system.generate(prompt.tolist(), GenerationSettings(max_new_tokens=args.new_tokens))
-    trace.close()
-    breakdown = budget_breakdown(config, options.budget_bytes, dtype, max_seq_len, 1, staging_experts=0)
-    top = top_intervals(trace.events)
-    record = {
-        "args": {k: str(v) for k, v in vars(args).items()},
-        "budget_gb": args.gpu_memory_gb,
-        "breakdown": breakdown.to_json(),
-        "device_map": {k: str(v) for k, v in getattr(system, "device_map", {}).items()},
-        "unit_sizes_gb": unit_sizes(model, units, dtype),
-        "load_peak_allocated_gb": load_peak / GB,
-        "allocated_after_load_gb": after_load / GB,
-        "generation_peak_allocated_gb": max(e.peak_since_last for e in trace.events) / GB,
-        "top_intervals": top,
-        "events": [asdict(e) for e in trace.events],
-    }
+    try:
+        record = trace_generation(system, options, args.input_tokens, args.new_tokens, MemoryReader.cuda(device))
+    except ValueError as err:
+        parser.error(f"--system {args.system}: {err}")
+    record = {"args": {k: str(v) for k, v in vars(args).items()}} | record
     args.out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(args.out / "module_memory.json", record)
     print(
-        f"{args.system} at {args.gpu_memory_gb:g} GB: loading peaked at {load_peak / GB:.3f} GB "
-        f"({after_load / GB:.3f} allocated after it), generation at {record['generation_peak_allocated_gb']:.3f}"
+        f"{args.system} at {args.gpu_memory_gb:g} GB: loading peaked at {record['load_peak_allocated_gb']:.3f} GB "
+        f"({record['allocated_after_load_gb']:.3f} allocated after it), "
+        f"generation at {record['generation_peak_allocated_gb']:.3f}"
     )
-    print(table(top))
+    print(table(record["top_intervals"]))
     return 0
 
 

@@ -98,3 +98,35 @@ def test_a_cpu_device_is_refused_before_loading(capsys):
     with pytest.raises(SystemExit):
         module_memory.main(["--out", "unused", "--device", "cpu"])
     assert "CUDA" in capsys.readouterr().err
+
+
+def test_a_whole_generation_is_traced(tmp_path):
+    """accelerate-offload with ``cpu`` standing in for the GPU (one unit: the whole model), on
+    a tiny Mixtral: every forward of the prompt and each new token is seen, and the record
+    names the units and their sizes."""
+    from module_memory import trace_generation
+
+    from baselines import load_system
+    from baselines.base import SystemOptions
+    from fiddler.config import resolve_model
+
+    config, _ = resolve_model("mixtral-tiny")
+    options = SystemOptions(config=config, max_seq_len=12, device="cpu", dtype=torch.float32, gpu_memory_gb=1.0)
+    system = load_system("accelerate-offload", options)
+    allocator = FakeAllocator()
+    record = trace_generation(system, options, input_tokens=8, new_tokens=3, reader=allocator.reader())
+    assert record["device_map"] == {"": "cpu"}
+    assert record["unit_sizes_gb"][""] > 0
+    entered = [e for e in record["events"] if e["module"] == "" and e["kind"] == "enter"]
+    assert len(entered) == 3  # the prompt's forward and two decode steps
+    assert len(record["top_intervals"]) > 0
+
+
+def test_a_system_without_a_torch_model_is_refused():
+    from module_memory import trace_generation
+
+    class NoModel:
+        pass
+
+    with pytest.raises(ValueError, match="no torch model"):
+        trace_generation(NoModel(), None, 1, 1, FakeAllocator().reader())
