@@ -106,6 +106,13 @@ CPU_ROWS_ON = {THREAD: "worker thread", INLINE: "main thread", STREAM: "worker t
 # and computing (results/orchestration-h200/, run 13). Larger jobs (prefill) gather on the worker,
 # so the main thread's queueing of copies does not wait for a long gather.
 MAIN_THREAD_GATHER_ROWS = 16
+HOST_CLOCK = Clock("cpu")  # timeline and counter readings that must not synchronise the device
+
+
+def _mark(marks: dict[str, float] | None, name: str) -> None:
+    """A timed layer's timeline mark on the host clock; ``marks`` None: the layer is not timed."""
+    if marks is not None:
+        marks[name] = HOST_CLOCK.now()
 
 
 def _smoothed(current: float, measured: float, bounds: tuple[float, float]) -> float:
@@ -358,7 +365,7 @@ class FiddlerExecutor:
     def __call__(self, layer: int, hidden: torch.Tensor, routing: Routing) -> torch.Tensor:
         clock = Clock(self.device) if self.layer_timing else None
         start = clock.now() if clock else 0.0
-        host = Clock("cpu")  # timeline readings that must not synchronise the device
+        host = HOST_CLOCK
         gpu_start = record(self.device, timing=True) if clock else None
         marks: dict[str, float] = {}
         num_tokens, top_k = routing.experts.shape
@@ -609,14 +616,12 @@ class FiddlerExecutor:
         self._ensure_host_out(cpu_tokens.shape[0], host_hidden.shape[-1])
         out_free: torch.cuda.Event | None = self._host_out_free
         if self._cpu_mode != INLINE and cpu_tokens.shape[0] <= MAIN_THREAD_GATHER_ROWS:
-            host = Clock("cpu")
             host_wait(hidden_landed)
-            hidden_down = host.now()
+            _mark(marks, "hidden_down")
             host_wait(out_free)
-            freed = host.now()
+            _mark(marks, "out_free")
             host_hidden, hidden_landed, cpu_tokens, out_free = host_hidden.index_select(0, cpu_tokens), None, None, None
-            if marks is not None:
-                marks |= {"hidden_down": hidden_down, "out_free": freed, "gathered": host.now()}
+            _mark(marks, "gathered")
         work = [(counts[e], *self.host.experts[layer][e]) for e in plan.cpu]
         if plan.split:
             w13b, w2b = self.host.experts[layer][plan.split.expert]
@@ -646,7 +651,7 @@ class FiddlerExecutor:
         written, even when computing them failed (the stream would otherwise wait forever;
         the failure is raised when the job is taken in)."""
         try:
-            clock = Clock("cpu")
+            clock = HOST_CLOCK
             picked = clock.now()
             host_wait(hidden_landed)  # the layer's hidden states are in host memory
             inputs = clock.now()
@@ -679,7 +684,7 @@ class FiddlerExecutor:
         """Wait for a CPU job (re-raising a failure in the worker), fold it into the in-run
         corrections and count it; returns when the wait was over (host clock). ``issued_at``:
         when the main thread had issued the accelerator's work (thread and inline modes)."""
-        clock = Clock("cpu")
+        clock = HOST_CLOCK
         asked = clock.now()
         done = out.job.result()
         wait_over = clock.now()
