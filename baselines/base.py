@@ -101,14 +101,15 @@ def require_greedy(name: str, settings: GenerationSettings, beams: bool = True) 
         raise Unsupported(f"{name} compares greedy decoding only; use temperature 0")
 
 
-def require_whole_model_fits(name: str, options: SystemOptions) -> None:
-    """Refuse unless the whole model, its KV cache and workspace fit the budget."""
+def require_whole_model_fits(name: str, options: SystemOptions, extra: int = 0) -> None:
+    """Refuse unless the whole model, its KV cache, workspace and ``extra`` bytes (what the
+    system allocates besides) fit the budget."""
     if options.budget_bytes is None:
         return
     b = budget_breakdown(
         options.config, options.budget_bytes, options.dtype, options.max_seq_len, options.beam_width, staging_experts=0
     )
-    needed = b.dense + b.kv_cache + b.workspace + options.config.num_expert_slots * b.expert
+    needed = b.dense + b.kv_cache + b.workspace + options.config.num_expert_slots * b.expert + extra
     if needed > b.budget:
         raise SystemRefused(
             f"{name} needs {needed / GB:.3g} GB for {options.config.name}; the budget is {options.gpu_memory_gb:g} GB"

@@ -3,7 +3,8 @@
 - ``cpu-only``: transformers' Mixtral on the CPU in the run's dtype with all cores, what a
   user without a GPU runs.
 - ``transformers-resident``: transformers' Mixtral entirely on the accelerator (the reference
-  of a sweep where the model fits); refuses when it does not fit the budget.
+  of a sweep where the model fits); refuses when it does not fit the budget (its weights,
+  cache, workspace and the expert copies of a decode step, ``decode_expert_copies_bytes``).
 
 Weights come from the same source as every other system's (seeded random weights are drawn on
 the run's generator device, then placed), so every system of a run computes the same model.
@@ -14,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from baselines.base import SystemOptions, device_peak_memory, register, require_greedy, require_whole_model_fits
-from baselines.hf_generate import timed_generate
+from baselines.hf_generate import decode_expert_copies_bytes, timed_generate
 from fiddler.cpu_experts import set_cpu_threads
 from fiddler.generate import GenerationResult, GenerationSettings
 from fiddler.hf_reference import build_transformers_model
@@ -50,5 +51,6 @@ def cpu_only(options: SystemOptions) -> TransformersSystem:
 
 @register("transformers-resident")
 def transformers_resident(options: SystemOptions) -> TransformersSystem:
-    require_whole_model_fits("transformers-resident", options)
+    copies = decode_expert_copies_bytes(options.config, options.dtype, options.beam_width)
+    require_whole_model_fits("transformers-resident", options, extra=copies)
     return TransformersSystem(options, options.device)

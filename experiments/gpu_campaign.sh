@@ -4,13 +4,15 @@
 # (kernels + orchestration ~6 min; baselines ~8 min; quick ~8 min). Results are packed into $OUT/campaign.tar.gz (the device tool
 # returns at most 8 files). Usage, on the GPU host from the repository root:
 #   bash experiments/gpu_campaign.sh kernels orchestration baselines quick
-# What is left (plan of 2026-12-02, seventeenth session; ~30 GPU minutes a session, a fresh machine
+# What is left (plan of 2026-12-02, eighteenth session; ~30 GPU minutes a session, a fresh machine
 # costs ~1 minute of it, and a machine goes back 30 s after a call: take the results and commit
 # at once). Done: orchestration runs 10-15 (15: threads-rounds, the thread/stream x 16/15 variants
 # interleaved: the defaults stay), prefill24 and beam24 (whole), llama v1 and v3 (v2 on a
-# disturbed calibration), cpu-sustained, sweep24 (whole, 108 of 108), sweep48 rounds 0 and part
-# of 1 (24 of 48), stream24 (paused at 12 of 24: its question went to run 15), acc-mem24 (the
-# excess is generation's). After each call run
+# disturbed calibration), cpu-sustained, sweep24 (whole, 108 of 108), sweep48 rounds 0-1 and
+# fiddler-hybrid's round 2 (36 of 48), stream24 (paused at 12 of 24: its question went to run
+# 15), acc-mem24 and acc-trace (accelerate-offload's excess is transformers' decode step copying
+# the routed experts' weights, batched_mm: fixed in baselines/accelerate_offload.py). After each
+# call run
 # `bash tools/take_campaign_results.sh DIR` (DIR: the folder its files came back to) and commit
 # BEFORE the next call: the tree travels with each call, and a sweep resumes from the rows it
 # carries (the seventh session re-measured a piece for want of this). Pass carry [".carry"]
@@ -19,13 +21,13 @@
 # `$(git rev-parse ...)` runs on the device, whose copy of .git is not this session's.
 # Sweeps count SWEEP_SECONDS from the script's start, so stages chain within one call; a resumed
 # sweep calibrates its machine first (~15 s, machine-calibrations/ in the run folder). Next:
-#   1. `acc-trace sweep48` (SWEEP_SECONDS=565): where accelerate-offload's generation peak sits
-#      (~3 min), then sweep48 on. Fix `baselines/accelerate_offload.py`'s max_memory where the
-#      trace points, and measure it again with `acc-mem24` (into a new folder, or the rows
-#      replaced: the folder's README records the first ones).
-#   2. sweep48's rounds 1-2 (`... sweep48`, 24 generations left: ~3 calls). Three calls fit a
-#      session (~26-29 device minutes). When its rounds are whole, `python -m harness headline
-#      DIR --output 512` prints the README's tables from it; drop "interim" there.
+#   1. `sweep48` (SWEEP_SECONDS=565, then ~556): its last 12 generations (fiddler-paper,
+#      expert-lru, expert-lru-prefetch of round 2; ~14 min: 2 calls). When whole, `python -m
+#      harness headline DIR --output 512` prints the README's 48 GB tables; drop "interim" there,
+#      re-validate.
+#   2. `acc24-again` (a call a round, ~8 min: 3 calls over two sessions): sweep24's
+#      accelerate-offload rows with the fixed reservation (6 decoder layers resident at 24 GB
+#      instead of 7); the README's 24 GB figures for it change with them.
 #   3. `head-marks` where a call has ~3 minutes left: the 0.17-0.29 ms a decode layer spends
 #      between the routing read and the CPU job's submission, divided (the largest serial piece
 #      left of the decode gap; the torch bookkeeping on 2-element tensors in it takes ~25 us a
@@ -91,6 +93,9 @@
 #                  resumes it; commit what comes back before the next call)
 #   sweep48        the same grid at 48 GB: Fiddler's policies and the two strongest baselines
 #                  (expert-lru and expert-lru-prefetch)
+#   acc24-again    issue 8: sweep24's 12 accelerate-offload rows measured again after its fix (room
+#                  for transformers' decode-step expert copies; old rows to raw-replaced.csv), a
+#                  round a call (ROUNDS=1 measures one round and stops)
 #   acc-mem24      issue 8: accelerate-offload at 24 GB, 32 and 256 prompt tokens, 4 new tokens, one
 #                  prompt: its peak allocation against loading's (results/h200-accelerate-memory-24gb/)
 #   head-marks     issue 8: hybrid in both CPU modes with the timed layers' new marks between the
@@ -113,6 +118,7 @@
 # The GPU host lacks mistral-common and network: carry .carry/ (`make carry` writes it:
 # tokenizer.model from mistral-common, llama.cpp-src.tar.gz from PyPI's llama-cpp-python).
 set -u
+SWEEP24_SYSTEMS=fiddler-hybrid,expert-lru,fiddler-paper,layer-streaming,cpu-only,accelerate-offload,expert-lru-prefetch,fiddler-cpu-experts,fiddler-copy-experts
 PREFILL_LENS="${PREFILL_LENS:-128,256}"
 MACHINE_CALIBRATION=""  # this machine's steady calibration, once a sweep has measured one
 export PYTHONPATH="$PWD" PYTHONUNBUFFERED=1
@@ -289,7 +295,12 @@ for name in "$@"; do
         --scenario single-batch --inputs 32,128,512,2048 --outputs 32 --layers 8 \
         --gpu-memory-gb "$budget" --prompts-per-cell 2 --dataset random --reference cpu-only ;;
     sweep24) sweep sweep24 results/h200-paper-v3-24gb --scenario single-batch --grid paper-v3 --gpu-memory-gb 24 \
-               --systems fiddler-hybrid,expert-lru,fiddler-paper,layer-streaming,cpu-only,accelerate-offload,expert-lru-prefetch,fiddler-cpu-experts,fiddler-copy-experts ;;
+               --systems "$SWEEP24_SYSTEMS" ;;
+    # accelerate-offload's rows of sweep24 measured again with room kept for the expert copies
+    # transformers' decode step makes (its peak was 0.17 GB over the budget); disturbed rows of
+    # the other systems stay as they are (one load a round, ~8 min a round)
+    acc24-again) REMEASURE_DISTURBED=0 sweep acc24-again results/h200-paper-v3-24gb --scenario single-batch \
+                   --grid paper-v3 --gpu-memory-gb 24 --systems "$SWEEP24_SYSTEMS" --remeasure-systems accelerate-offload ;;
     # the two strongest baselines at 24 GB (round 0): expert-lru, then expert-lru-prefetch (2.4
     # tokens/s against cpu-only's 2.0-2.3); cpu-only keeps nothing on the GPU, so a 48 GB run of
     # it would measure its 24 GB rows again

@@ -4,7 +4,8 @@
   [--beam-widths 4,8] --model <preset|dir> [--layers L] [--gpu-memory-gb G] [--device cuda|cpu]
   [--dtype bfloat16|float32] [--dataset sharegpt|random|FILE] [--prompts-per-cell N]
   [--reference SYSTEM] [--run-time-limit S] [--no-new-system-after S] [--calibration FILE]
-  [--calibrate-machine] [--rounds N] [--remeasure-disturbed] [--out DIR]``: writes everything
+  [--calibrate-machine] [--rounds N] [--remeasure-disturbed] [--remeasure-systems a,b]
+  [--out DIR]``: writes everything
   into DIR (default ``results/<date>_<gpu or cpu>_<model>``) and resumes a folder it finds
   there; exits 1 when a system failed (its rows say why; the other systems ran).
 - ``simulate --hardware <paper-env1|paper-env2|paper-env3|h200-host|FILE> --systems ... --scenario S
@@ -116,6 +117,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         calibrate_machine=args.calibrate_machine,
         rounds=args.rounds,
         remeasure_disturbed=args.remeasure_disturbed,
+        remeasure_systems=system_list(
+            args.remeasure_systems or "", systems, "--remeasure-systems names systems not in --systems"
+        ),
         cpu_threads=args.cpu_threads,
         out=Path(args.out) if args.out else default_out(args.model, device),
     )
@@ -247,6 +251,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="on a resume, also measure again (once) the rows during which other processes or the hypervisor "
         "took over half a core (tables.md's 'Host disturbance'); the rows replaced go to DIR/raw-disturbed.csv",
+    )
+    run.add_argument(
+        "--remeasure-systems",
+        help="comma-separated, of --systems: on a resume, also measure again (once) every row of these systems "
+        "(after a fix to how they run); the rows replaced go to DIR/raw-replaced.csv",
     )
     run.add_argument("--cpu-threads", type=int)
     run.add_argument(

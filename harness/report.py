@@ -571,7 +571,7 @@ def plot(summary: pd.DataFrame, out: Path) -> list[Path]:
 
 
 def render(run_dir: str | Path) -> pd.DataFrame:
-    from harness.runner import DISTURBED_RAW, read_raw, same_measurement
+    from harness.runner import DISTURBED_RAW, REPLACED_RAW, read_raw, same_measurement
 
     run_dir = Path(run_dir)
     matrix, raw = load_run(run_dir)
@@ -590,9 +590,13 @@ def render(run_dir: str | Path) -> pd.DataFrame:
         calibration = json.loads((run_dir / "calibration.json").read_text())
         machines = machine_calibrations_named(raw, run_dir)
         tables += bounds_markdown(summary, calibration, raw, matrix.get("compared") or matrix["systems"], machines)
+
     # a kept row raw.csv still holds was not replaced (the sweep stopped between the two writes)
-    replaced = [r for r in read_raw(run_dir / DISTURBED_RAW) if not any(same_measurement(r, x) for x in raw)]
-    tables += disturbance_markdown(raw, calibration, replaced)
+    def replaced(kept: str) -> list[dict]:
+        return [r for r in read_raw(run_dir / kept) if not any(same_measurement(r, x) for x in raw)]
+
+    tables += replaced_markdown(raw, replaced(REPLACED_RAW))
+    tables += disturbance_markdown(raw, calibration, replaced(DISTURBED_RAW))
     write_text_atomic(run_dir / "tables.md", tables)
     plot(summary, run_dir)
     return summary
@@ -637,6 +641,39 @@ def budget_markdown(raw: list[dict]) -> str:
             f"| {system} | {seen['budget']:.3g} | {seen['peak']:.2f} | {load} | {seen['device']:.1f} | {verdict} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def replaced_markdown(raw: list[dict], replaced: list[dict]) -> str:
+    """The rows measured again after a fix to their system (``--remeasure-systems``; the old
+    ones in the run folder's raw-replaced.csv, out of the tables): per system, how many, which
+    commits measured the old and the new. Empty when none were."""
+    from harness.runner import KEY
+
+    if not replaced:
+        return ""
+
+    def identity(row: dict) -> tuple[str, ...]:
+        return tuple(str(row[k]) for k in KEY)
+
+    lines = [
+        "",
+        "## Rows measured again after a fix",
+        "",
+        "Replaced rows are kept in raw-replaced.csv, out of the tables.",
+        "",
+        "| system | rows replaced | measured before by | measured again by |",
+        "|---|---|---|---|",
+    ]
+    for system in dict.fromkeys(r["system"] for r in replaced):
+        old = [r for r in replaced if r["system"] == system]
+        keys = {identity(r) for r in old}
+        new = [r for r in raw if r["system"] == system and identity(r) in keys]
+        lines.append(f"| {system} | {len(old)} | {_commits(old)} | {_commits(new)} |")
+    return "\n".join(lines) + "\n"
+
+
+def _commits(rows: list[dict]) -> str:
+    return ", ".join(sorted({str(r.get("git_commit", ""))[:7] or "?" for r in rows})) or "-"
 
 
 def disturbance_markdown(raw: list[dict], calibration: dict | None, replaced: list[dict] = ()) -> str:

@@ -29,7 +29,11 @@ With ``remeasure_disturbed`` it also measures again, once, the rows during which
 or the hypervisor took cores (``harness.timing.disturbed``), each replaced row kept in
 ``DISTURBED_RAW`` (a failure to measure it again is a ``failed`` row like any other, retried
 by the next resume, the measurement kept there meanwhile; a row measured again stands,
-disturbed or not, so a host that stays noisy costs one more generation per row).
+disturbed or not, so a host that stays noisy costs one more generation per row). With
+``remeasure_systems`` it measures again, once, every row of the systems named (a fix to how a
+system runs, such as the GPU memory it keeps free), each replaced row kept in ``REPLACED_RAW``
+the same way; such a row, once measured again, may still be measured once more for a
+disturbance.
 The reference system (for token agreement) runs like the others."""
 
 from __future__ import annotations
@@ -64,6 +68,7 @@ from harness.timing import MEASURED_ROW_STATUSES, disturbed, steps_within
 log = logging.getLogger(__name__)
 FAILURE_REASON_CHARS = 600  # a row keeps the error's first line; the log keeps the rest
 DISTURBED_RAW = "raw-disturbed.csv"  # the measurements that remeasure_disturbed replaced
+REPLACED_RAW = "raw-replaced.csv"  # the measurements that remeasure_systems replaced
 
 RAW_COLUMNS = [
     "system",
@@ -130,6 +135,9 @@ class SweepSpec:
     # measure again, once, the rows during which other processes or the hypervisor took cores
     # (``harness.timing.disturbed``); each one replaced is kept in ``DISTURBED_RAW``
     remeasure_disturbed: bool = False
+    # measure again, once, every row of these systems (what measured them was since fixed); each
+    # one replaced is kept in ``REPLACED_RAW``
+    remeasure_systems: tuple[str, ...] = ()
 
     def settings(self) -> dict[str, object]:
         fields = dataclasses.asdict(self)
@@ -159,6 +167,12 @@ def _set_aside(path: Path, row: dict) -> None:
     kept = read_raw(path)
     if not any(same_measurement(r, row) for r in kept):
         _write_raw(path, [*kept, row])
+
+
+def _measured_again(rows: dict[tuple, dict], kept_path: Path) -> set[tuple]:
+    """Keys of rows already measured again: their kept measurement is not the one ``rows`` holds
+    (one that ``rows`` still holds was not replaced yet: a stop between the two writes)."""
+    return {_key(r) for r in read_raw(kept_path) if _key(r) in rows and not same_measurement(r, rows[_key(r)])}
 
 
 def read_raw(path: Path) -> list[dict]:
@@ -223,6 +237,9 @@ def run_sweep(spec: SweepSpec) -> Path:
     plan = runs(list(spec.cells))
     systems = list(dict.fromkeys([*spec.systems, *([spec.reference] if spec.reference else [])]))
     _check_resumable(spec)
+    strangers = [name for name in spec.remeasure_systems if name not in systems]
+    if strangers:
+        raise ValueError(f"remeasure_systems names {strangers}, which this sweep does not run; choose from {systems}")
     write_json_atomic(spec.out / "env.json", _environment_with_history(spec, bank))
     write_json_atomic(
         spec.out / "matrix.json",
@@ -238,14 +255,20 @@ def run_sweep(spec: SweepSpec) -> Path:
     # by key: a resumed sweep runs failed rows again, and each keeps its place (and its failure on
     # record) until its run is measured anew
     rows = {_key(r): r for r in read_raw(raw_path)}
-    # a disturbed row is measured again once: on a host that stays noisy the second one stands
-    # (a row kept there that raw.csv still holds was not replaced yet: a crash between the writes)
-    remeasure = set()
-    if spec.remeasure_disturbed:
-        kept = read_raw(spec.out / DISTURBED_RAW)
-        again = {_key(r) for r in kept if _key(r) in rows and not same_measurement(r, rows[_key(r)])}
-        remeasure = {key for key, r in rows.items() if disturbed(r) and key not in again}
-    done = {key for key, r in rows.items() if r["status"] != "failed"} - remeasure
+    # rows measured again, and the file each replaced one is kept in: a row of a system named in
+    # remeasure_systems first, then a disturbed one; each once
+    set_aside_into: dict[tuple, str] = {}
+    for wanted, kept_in in (
+        (lambda r: r["system"] in spec.remeasure_systems, REPLACED_RAW),
+        (disturbed if spec.remeasure_disturbed else None, DISTURBED_RAW),
+    ):
+        if wanted is None:
+            continue
+        again = _measured_again(rows, spec.out / kept_in)
+        for key, r in rows.items():
+            if key not in set_aside_into and key not in again and r["status"] in MEASURED_ROW_STATUSES and wanted(r):
+                set_aside_into[key] = kept_in
+    done = {key for key, r in rows.items() if r["status"] != "failed"} - set(set_aside_into)
     longest = max(r.input_tokens + r.output_tokens for r in plan)
     # what this invocation may measure; rows of later rounds or other systems are not its progress
     scope = {_key(_row_key(name, r, i)) for name in systems for r in plan for i in range(rounds)}
@@ -270,11 +293,11 @@ def run_sweep(spec: SweepSpec) -> Path:
             log.exception("could not calibrate this machine; its rows name no machine calibration")
 
     def put(row: dict) -> None:
-        """Into ``rows``; a measurement it replaces (a disturbed row measured again, or that
-        failed to be) is kept in ``DISTURBED_RAW`` first."""
+        """Into ``rows``; a measurement it replaces (a row measured again, or that failed to be)
+        is kept first, in the file its reason to be measured again names."""
         old = rows.get(_key(row))
         if old is not None and old["status"] in MEASURED_ROW_STATUSES:
-            _set_aside(spec.out / DISTURBED_RAW, old)
+            _set_aside(spec.out / set_aside_into.get(_key(row), DISTURBED_RAW), old)
         rows[_key(row)] = row
 
     def record(name: str, todo: list[tuple[Run, int]], status: str, reason: str) -> None:
@@ -423,6 +446,7 @@ RESUMABLE_WITH_OTHER = (
     "calibrate_machine",
     "rounds",
     "remeasure_disturbed",
+    "remeasure_systems",
 )
 MACHINE_CALIBRATIONS = "machine-calibrations"  # the run folder's subfolder of per-invocation calibrations
 

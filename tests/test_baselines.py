@@ -164,3 +164,41 @@ def test_layer_streaming_with_odd_layer_counts(layers):
     )
     assert system.generate(PROMPT, GREEDY).token_ids == generate(reference, PROMPT, GREEDY).token_ids
     system.close()
+
+
+def test_accelerate_plan_keeps_room_for_what_generate_copies():
+    """Full-size Mixtral-8x7B at 24 GB, planned on the meta device: the layers accelerate keeps
+    on the GPU, the largest one it copies in, the cache, the workspace and the experts
+    transformers' decode step copies (batched_mm: top-k whole experts a row; 0.7 GB measured on
+    the GPU host) fit the budget together. Before this room was kept the plan left 0.45 GB and
+    generation went 0.17 GB over."""
+    from accelerate.utils import compute_module_sizes
+
+    from baselines.accelerate_offload import plan_device_map, weights_allowance
+    from baselines.hf_generate import decode_expert_copies_bytes
+    from fiddler.hf_reference import empty_transformers_model
+
+    config = ModelConfig.preset("mixtral-8x7b")
+    opts = SystemOptions(config=config, max_seq_len=768, device="cuda", dtype=torch.bfloat16, gpu_memory_gb=24)
+    budget = opts.budget_bytes
+    b = budget_breakdown(config, budget, opts.dtype, opts.max_seq_len, 1, 0)
+    copies = decode_expert_copies_bytes(config, opts.dtype, rows=1)
+    assert copies == config.num_experts_per_token * b.expert
+    assert weights_allowance(opts, budget) == budget - b.kv_cache - b.workspace - copies
+
+    model = empty_transformers_model(config)
+    device_map = plan_device_map(model, opts, budget, index=0)
+    sizes = compute_module_sizes(model, dtype=opts.dtype)
+    on_gpu = sum(sizes[m] for m, d in device_map.items() if d == 0)
+    offloaded = [sizes[m] for m, d in device_map.items() if d == "cpu"]
+    assert offloaded, "24 GB cannot hold Mixtral-8x7B: accelerate must offload"
+    assert on_gpu + max(offloaded) + b.kv_cache + b.workspace + copies <= budget
+
+
+def test_accelerate_refuses_a_budget_without_room_for_weights():
+    from baselines.accelerate_offload import weights_allowance
+
+    config = ModelConfig.preset("mixtral-8x7b")
+    opts = SystemOptions(config=config, max_seq_len=768, device="cuda", dtype=torch.bfloat16, gpu_memory_gb=0.5)
+    with pytest.raises(SystemRefused, match="raise --gpu-memory-gb"):
+        weights_allowance(opts, opts.budget_bytes)

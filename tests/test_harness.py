@@ -599,6 +599,38 @@ def test_rows_the_host_disturbed_are_measured_again_only_when_asked(tmp_path, lo
     assert loads == [] and len(read_raw(out / DISTURBED_RAW)) == 1
 
 
+def test_rows_of_a_fixed_system_are_measured_again_once(tmp_path, loads):
+    """remeasure_systems measures every row of the named system again, once (a resume after that
+    loads nothing), keeps the replaced rows in raw-replaced.csv, leaves the other system's rows
+    alone, and tables.md says so; a name the sweep does not run is refused."""
+    from harness.runner import DISTURBED_RAW, REPLACED_RAW
+
+    first = dataclasses.replace(spec(tmp_path), reference=None)
+    out = run_sweep(first)
+    before = {_key_of(r): r for r in read_raw(out / "raw.csv")}
+    again = dataclasses.replace(first, remeasure_systems=("fiddler-paper",))
+    loads.clear()
+    run_sweep(again)
+    assert set(loads) == {"fiddler-paper"}  # once a round
+    rows = read_raw(out / "raw.csv")
+    kept = read_raw(out / REPLACED_RAW)
+    assert len(rows) == 8 and len(kept) == 4 and {r["system"] for r in kept} == {"fiddler-paper"}
+    for r in rows:
+        same = r["step_times_s"] == before[_key_of(r)]["step_times_s"]
+        assert same == (r["system"] == "expert-lru"), r["system"]
+    assert "| fiddler-paper | 4 |" in (out / "tables.md").read_text()
+    assert not (out / DISTURBED_RAW).exists()
+    loads.clear()
+    run_sweep(again)
+    assert loads == [] and len(read_raw(out / REPLACED_RAW)) == 4
+    with pytest.raises(ValueError, match="does not run"):
+        run_sweep(dataclasses.replace(first, remeasure_systems=("layer-streaming",)))
+
+
+def _key_of(row: dict) -> tuple:
+    return tuple(str(row[k]) for k in KEY)
+
+
 def _same_run(a: dict, b: dict) -> bool:
     return all(str(a[k]) == str(b[k]) for k in KEY)
 
