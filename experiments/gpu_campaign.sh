@@ -25,7 +25,8 @@
 #      expert-lru, expert-lru-prefetch of round 2; ~14 min: 2 calls). When whole, `python -m
 #      harness headline DIR --output 512` prints the README's 48 GB tables; drop "interim" there,
 #      re-validate.
-#   2. `acc24-again` (a call a round, ~8 min: 3 calls over two sessions): sweep24's
+#   2. `acc24-again` (a call a round, ~6.5-8 min as in sweep24's piece 18: 3 calls over two
+#      sessions; SWEEP_SECONDS=565, the stage stops itself between rounds when time is short): sweep24's
 #      accelerate-offload rows with the fixed reservation (6 decoder layers resident at 24 GB
 #      instead of 7); the README's 24 GB figures for it change with them.
 #   3. `head-marks` where a call has ~3 minutes left: the 0.17-0.29 ms a decode layer spends
