@@ -37,15 +37,18 @@ class _TokenClock:
         pass
 
 
-def decode_expert_copies_bytes(config: ModelConfig, dtype: torch.dtype, rows: int) -> int:
-    """GPU memory transformers' ``generate`` allocates for one decode step's experts: on a GPU it
-    switches the experts from ``grouped_mm`` to ``batched_mm`` for decoding (transformers 5,
-    ``GenerationMixin._optimize_model_for_decode``), which copies the weights of the expert of
+def decode_expert_copies_bytes(config: ModelConfig, dtype: torch.dtype, beam_width: int) -> int:
+    """GPU memory transformers' ``generate`` allocates for one decode step's experts: on a GPU its
+    greedy and sampling loop (``_sample``; not beam search's own loop, transformers 5.17 and 5.24)
+    switches the experts from ``grouped_mm`` to ``batched_mm`` for decoding
+    (``GenerationMixin._optimize_model_for_decode``), which copies the weights of the expert of
     every (row, routed expert) pair into one batch, gate/up and down both alive at the down
-    projection: ``rows`` x top-k whole experts (measured on the GPU host: 0.705 GB at one row of
-    Mixtral-8x7B, results/h200-accelerate-memory-24gb/). Kept as room, not as a condition: a
-    transformers without the switch only leaves that room unused."""
-    return rows * config.num_experts_per_token * config.expert_params * element_size(dtype)
+    projection: top-k whole experts for the one row a prompt decodes (measured on the GPU host:
+    0.705 GB for Mixtral-8x7B, results/h200-accelerate-memory-24gb/); none in beam search. Kept
+    as room, not as a condition: a transformers without the switch only leaves it unused."""
+    if beam_width > 1:
+        return 0
+    return config.num_experts_per_token * config.expert_params * element_size(dtype)
 
 
 def _generate_kwargs(settings: GenerationSettings, model) -> dict:

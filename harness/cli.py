@@ -254,8 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--remeasure-systems",
-        help="comma-separated, of --systems: on a resume, also measure again (once) every row of these systems "
-        "(after a fix to how they run); the rows replaced go to DIR/raw-replaced.csv",
+        help="comma-separated, of --systems: on a resume, also measure again (once) every measured row of these "
+        "systems (after a fix to how they run); the rows replaced go to DIR/raw-replaced.csv",
     )
     run.add_argument("--cpu-threads", type=int)
     run.add_argument(

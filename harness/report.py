@@ -646,7 +646,8 @@ def budget_markdown(raw: list[dict]) -> str:
 def replaced_markdown(raw: list[dict], replaced: list[dict]) -> str:
     """The rows measured again after a fix to their system (``--remeasure-systems``; the old
     ones in the run folder's raw-replaced.csv, out of the tables): per system, how many, which
-    commits measured the old and the new. Empty when none were."""
+    commits measured the old and the new (a new one that failed is not counted: the resume
+    retries it). Empty when none were."""
     from harness.runner import KEY
 
     if not replaced:
@@ -661,14 +662,16 @@ def replaced_markdown(raw: list[dict], replaced: list[dict]) -> str:
         "",
         "Replaced rows are kept in raw-replaced.csv, out of the tables.",
         "",
-        "| system | rows replaced | measured before by | measured again by |",
+        "| system | rows replaced | measured before by | measured again | by |",
         "|---|---|---|---|",
     ]
     for system in dict.fromkeys(r["system"] for r in replaced):
         old = [r for r in replaced if r["system"] == system]
         keys = {identity(r) for r in old}
-        new = [r for r in raw if r["system"] == system and identity(r) in keys]
-        lines.append(f"| {system} | {len(old)} | {_commits(old)} | {_commits(new)} |")
+        new = [
+            r for r in raw if r["system"] == system and identity(r) in keys and r.get("status") in MEASURED_ROW_STATUSES
+        ]
+        lines.append(f"| {system} | {len(old)} | {_commits(old)} | {len(new)} | {_commits(new)} |")
     return "\n".join(lines) + "\n"
 
 

@@ -30,10 +30,10 @@ or the hypervisor took cores (``harness.timing.disturbed``), each replaced row k
 ``DISTURBED_RAW`` (a failure to measure it again is a ``failed`` row like any other, retried
 by the next resume, the measurement kept there meanwhile; a row measured again stands,
 disturbed or not, so a host that stays noisy costs one more generation per row). With
-``remeasure_systems`` it measures again, once, every row of the systems named (a fix to how a
-system runs, such as the GPU memory it keeps free), each replaced row kept in ``REPLACED_RAW``
-the same way; such a row, once measured again, may still be measured once more for a
-disturbance.
+``remeasure_systems`` it measures again, once, every measured row of the systems named (a fix
+to how a system runs, such as the GPU memory it keeps free), each replaced row kept in
+``REPLACED_RAW`` the same way; such a row may then be measured once more for a disturbance,
+unless an earlier measurement of it already was ("once" counts over the folder's history).
 The reference system (for token agreement) runs like the others."""
 
 from __future__ import annotations
@@ -135,8 +135,8 @@ class SweepSpec:
     # measure again, once, the rows during which other processes or the hypervisor took cores
     # (``harness.timing.disturbed``); each one replaced is kept in ``DISTURBED_RAW``
     remeasure_disturbed: bool = False
-    # measure again, once, every row of these systems (what measured them was since fixed); each
-    # one replaced is kept in ``REPLACED_RAW``
+    # measure again, once, every measured row of these systems (what measured them was since
+    # fixed); each one replaced is kept in ``REPLACED_RAW``
     remeasure_systems: tuple[str, ...] = ()
 
     def settings(self) -> dict[str, object]:
@@ -297,7 +297,7 @@ def run_sweep(spec: SweepSpec) -> Path:
         is kept first, in the file its reason to be measured again names."""
         old = rows.get(_key(row))
         if old is not None and old["status"] in MEASURED_ROW_STATUSES:
-            _set_aside(spec.out / set_aside_into.get(_key(row), DISTURBED_RAW), old)
+            _set_aside(spec.out / set_aside_into[_key(row)], old)  # a measured row is replaced only so
         rows[_key(row)] = row
 
     def record(name: str, todo: list[tuple[Run, int]], status: str, reason: str) -> None:

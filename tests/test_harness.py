@@ -611,20 +611,43 @@ def test_rows_of_a_fixed_system_are_measured_again_once(tmp_path, loads):
     again = dataclasses.replace(first, remeasure_systems=("fiddler-paper",))
     loads.clear()
     run_sweep(again)
-    assert set(loads) == {"fiddler-paper"}  # once a round
+    assert loads == ["fiddler-paper"] * 2  # once a round
     rows = read_raw(out / "raw.csv")
     kept = read_raw(out / REPLACED_RAW)
     assert len(rows) == 8 and len(kept) == 4 and {r["system"] for r in kept} == {"fiddler-paper"}
     for r in rows:
         same = r["step_times_s"] == before[_key_of(r)]["step_times_s"]
         assert same == (r["system"] == "expert-lru"), r["system"]
-    assert "| fiddler-paper | 4 |" in (out / "tables.md").read_text()
+    commit = str(rows[0]["git_commit"])[:7]
+    assert f"| fiddler-paper | 4 | {commit} | 4 | {commit} |" in (out / "tables.md").read_text()
     assert not (out / DISTURBED_RAW).exists()
     loads.clear()
     run_sweep(again)
     assert loads == [] and len(read_raw(out / REPLACED_RAW)) == 4
     with pytest.raises(ValueError, match="does not run"):
         run_sweep(dataclasses.replace(first, remeasure_systems=("layer-streaming",)))
+
+
+def test_a_fixed_system_that_fails_to_be_measured_again_is_retried_and_its_row_kept(tmp_path, monkeypatch):
+    from harness import runner
+
+    first = dataclasses.replace(spec(tmp_path, systems=("expert-lru",)), reference=None)
+    out = run_sweep(first)
+    again = dataclasses.replace(first, remeasure_systems=("expert-lru",))
+
+    def broken(name, options):
+        raise RuntimeError("the GPU went away")
+
+    original = runner.load_system
+    monkeypatch.setattr(runner, "load_system", broken)
+    run_sweep(again)
+    assert {r["status"] for r in read_raw(out / "raw.csv")} == {"failed"}
+    assert len(read_raw(out / runner.REPLACED_RAW)) == 4  # every measurement kept meanwhile
+    assert "| expert-lru | 4 |" in (out / "tables.md").read_text() and "| 0 | - |" in (out / "tables.md").read_text()
+    monkeypatch.setattr(runner, "load_system", original)
+    run_sweep(again)
+    assert {r["status"] for r in read_raw(out / "raw.csv")} <= {"ok", "time-limited"}
+    assert len(read_raw(out / runner.REPLACED_RAW)) == 4
 
 
 def _key_of(row: dict) -> tuple:
