@@ -29,11 +29,15 @@
 #      sessions; SWEEP_SECONDS=565, the stage stops itself between rounds when time is short): sweep24's
 #      accelerate-offload rows with the fixed reservation (6 decoder layers resident at 24 GB
 #      instead of 7); the README's 24 GB figures for it change with them.
-#   3. `head-marks` where a call has ~3 minutes left: the 0.17-0.29 ms a decode layer spends
+#   3. `paths-ab` (~6 min, ROUNDS=3): the executor learning where its paths end (adapt_paths,
+#      eighteenth session; off by default, so the sweeps' engine is unchanged) against not, in
+#      both CPU modes at 15 threads. If it wins, it becomes the default (EngineOptions) and the
+#      README's decode share is re-measured with it.
+#   4. `head-marks` where a call has ~3 minutes left: the 0.17-0.29 ms a decode layer spends
 #      between the routing read and the CPU job's submission, divided (the largest serial piece
 #      left of the decode gap; the torch bookkeeping on 2-element tensors in it takes ~25 us a
 #      layer on the development machine, plain Python ~4: too little to be the rest).
-#   Engine changes to the decode path wait until sweep48 is whole (one engine per sweep).
+#   Engine changes to the decode path's defaults wait until sweep48 is whole (one engine per sweep).
 #   Optional: the cause of the prefill CPU job's 1.06-1.28x over decode's (results/orchestration-h200/
 #      run 11): time the kernel at 32-64 tokens from the engine's worker on its pinned expert pool.
 # Stages (in the order given):
@@ -99,6 +103,10 @@
 #                  round a call (ROUNDS=1 measures one round and stops)
 #   acc-mem24      issue 8: accelerate-offload at 24 GB, 32 and 256 prompt tokens, 4 new tokens, one
 #                  prompt: its peak allocation against loading's (results/h200-accelerate-memory-24gb/)
+#   paths-ab       issue 8: hybrid with and without the executor learning where its CPU and copy
+#                  paths end (adapt_paths: offsets in the planning model, so the division follows
+#                  the measured ends), thread and stream modes at 15 threads, ROUNDS=3 interleaved
+#                  rounds of 48 tokens (~6 min), into results/orchestration-h200/paths-ab/
 #   head-marks     issue 8: hybrid in both CPU modes with the timed layers' new marks between the
 #                  routing read and the CPU job's submission (planned, hidden_down, out_free,
 #                  gathered): which of the 0.17-0.29 ms is planning, waiting or gathering (~2.5 min),
@@ -278,6 +286,16 @@ for name in "$@"; do
       stage threads-rounds timeout -k 10 "${ROUNDS_SECONDS:-420}" python3 experiments/orchestration_gpu.py \
         --out "$OUT/results/orchestration-h200/threads-rounds" --gpu-memory-gb 24 --new-tokens 48 --repeats 1 \
         --rounds "${ROUNDS:-4}" --policies hybrid --cpu-modes thread,stream --ab-threads 16,15 --check-layers 0 ;;
+    # issue 8's decode target: the executor learning where its two paths end (adapt_paths), off
+    # and on, in both CPU modes at 15 kernel threads (the best setting of runs 14-15), in
+    # interleaved rounds on one engine; its CUDA test first
+    paths-ab)
+      stage paths-tests timeout -k 10 120 python3 -m pytest -q -p no:cacheprovider tests/test_orchestrator.py \
+        -k "path_offsets or cuda"
+      stage paths-ab timeout -k 10 "${PATHS_SECONDS:-420}" python3 experiments/orchestration_gpu.py \
+        --out "$OUT/results/orchestration-h200/paths-ab" --gpu-memory-gb 24 --new-tokens 48 --repeats 1 \
+        --rounds "${ROUNDS:-3}" --policies hybrid --cpu-modes thread,stream --ab-threads 15 --adapt-paths off,on \
+        --check-layers 0 ;;
     quick) stage quick python3 -m harness.reproduce --quick --results "$OUT/runs" ;;
     cpu-sustained) stage cpu-sustained python3 experiments/cpu_sustained.py --out "$OUT/results/cpu-sustained-h200" \
                      --kernels amx-bf16,avx512-bf16 --tokens 1,4,16,128 --seconds 3 ;;

@@ -15,6 +15,8 @@
    instead: each calibrated under its own (``calibration-threads<N>.json``), then every
    (thread count, policy, CPU mode) on one engine in ``--rounds`` interleaved rounds, so that
    the host's drift between minutes touches every variant alike (rates per round recorded).
+   ``--adapt-paths off,on`` adds the executor's learning of where its two paths end (the
+   offsets of ``fiddler.orchestrator``) as one more dimension of the variants.
 
 Writes ``<out>/orchestration.json`` after each step (atomically).
 Usage: ``python experiments/orchestration_gpu.py --out $OUT``.
@@ -176,18 +178,20 @@ def speed(args, calibrations: dict[int | None, Path]) -> dict:
     # a decode layer routes one token per beam; a prefill layer the whole prompt
     decode_rows = args.beam_width * config.num_experts_per_token
     variants = [
-        (threads, policy, mode)
+        (threads, policy, mode, adapt)
         for threads in calibrations
         for policy in args.policies.split(",")
         for mode in args.cpu_modes.split(",")
+        for adapt in args.adapt_paths.split(",")
     ]
     measured: dict[str, dict] = {}
     for round_index in range(args.rounds):
-        for threads, policy, mode in variants:
+        for threads, policy, mode, adapt in variants:
             executor.use_cpu_threads(threads)  # on the CPU worker too
             executor.use_calibration(*settings[threads])  # the in-run corrections from it up
-            executor.policy, executor.cpu_mode = policy, mode
+            executor.policy, executor.cpu_mode, executor.adapt_paths = policy, mode, adapt == "on"
             name = variant_name(policy, mode) + (f" at {threads} threads" if len(calibrations) > 1 else "")
+            name += ADAPT_SUFFIX if adapt == "on" else ""
             entry = measured.setdefault(name, {"threads": threads, "runs": [], "by_round": []})
             generate(engine, prompt, GenerationSettings(max_new_tokens=3, beam_width=args.beam_width))  # warm-up
             runs = [generate(engine, prompt, long) for _ in range(args.repeats)]
@@ -219,6 +223,10 @@ def speed(args, calibrations: dict[int | None, Path]) -> dict:
                 per_token["rows_gpu"] + per_token["rows_cpu"] + per_token["rows_copied"] + per_token["rows_split"], 1e-9
             ),
             "token_ids": runs[-1].token_ids,
+            # the paths' offsets the last run ended with (adapt_paths; zero without)
+            "path_offsets_ms": {
+                k: 1e3 * runs[-1].stats[k] for k in ("cpu_offset_s", "copy_offset_s") if k in runs[-1].stats
+            },
         }
         # issue 8's yardstick: the missing experts' bytes alone at the calibration's rates
         # (infinite, recorded as None, when every routed expert was resident)
@@ -254,7 +262,7 @@ def speed(args, calibrations: dict[int | None, Path]) -> dict:
         for part in ("layer_timing_decode", "layer_timing_prefill"):
             shown[part] = {k: v for k, v in row[part].items() if k != "sample"}
         print("speed", name, shown, flush=True)
-    executor.cpu_mode = THREAD
+    executor.cpu_mode, executor.adapt_paths = THREAD, False
     if torch.cuda.is_available():
         result["peak_gpu_gb"] = torch.cuda.max_memory_allocated() / 1e9
         free_bytes, total_bytes = torch.cuda.mem_get_info()
@@ -264,6 +272,9 @@ def speed(args, calibrations: dict[int | None, Path]) -> dict:
 
 
 VARIANT_SUFFIX = {INLINE: " (CPU rows on the main thread)", STREAM: " (stream waits for the CPU rows)"}
+
+
+ADAPT_SUFFIX = " adapting path ends"  # a variant with the executor's adapt_paths on
 
 
 def variant_name(policy: str, mode: str) -> str:
@@ -376,6 +387,12 @@ def main() -> int:
         help="how the CPU rows meet the main thread, each measured (and checked) per policy: thread (the "
         "worker, the main thread waits), inline (the main thread), stream (the worker, the stream waits)",
     )
+    parser.add_argument(
+        "--adapt-paths",
+        default="off",
+        help="speed: off, on or off,on: whether the executor learns where its CPU and copy paths end "
+        "(each a variant, interleaved with the others)",
+    )
     parser.add_argument("--cpu-threads", type=int)
     parser.add_argument(
         "--ab-threads",
@@ -399,6 +416,8 @@ def main() -> int:
     unknown = sorted(set(args.cpu_modes.split(",")) - set(CPU_MODES))
     if unknown:  # before calibration spends minutes of the GPU host's time
         parser.error(f"--cpu-modes takes {', '.join(CPU_MODES)}; got {', '.join(unknown)}")
+    if not set(args.adapt_paths.split(",")) <= {"off", "on"}:
+        parser.error(f"--adapt-paths takes off, on or off,on; got {args.adapt_paths!r}")
     if args.check_layers < 0:
         parser.error("--check-layers must be 0 (no correctness check) or more")
     if args.new_tokens < 2 or args.repeats < 1:  # decode rates need a decode step, medians a run

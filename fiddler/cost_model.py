@@ -8,7 +8,9 @@ it), ``cpu_part(n, share)`` for a share of an expert on the CPU (interpolated ov
 calibration's measured shares when it has them, else proportional), ``copy`` for one
 expert's weights, and the slowdowns of the CPU and copy paths when both run at once.
 ``with_cpu_factor(f, s)`` is the same model with every CPU time scaled by f and, when given,
-the CPU's slowdown beside copies set to s (the executor's in-run corrections).
+the CPU's slowdown beside copies set to s; ``with_path_offsets(cpu, copy)`` the same model with
+each path's end moved by the seconds the run measured it late against the model (both the
+executor's in-run corrections; zero in a calibration).
 """
 
 from __future__ import annotations
@@ -52,6 +54,11 @@ class LatencyModel:
     copy_slowdown: float
     cpu_shares: tuple[float, ...] = (0.0, 1.0)  # measured shares of an expert on the CPU ...
     cpu_share_cost: tuple[float, ...] = (0.0, 1.0)  # ... and their cost as a fraction of the whole
+    # seconds each path ends later than the rest of this model says, from the routing read: what
+    # a run measured (its CPU job's hand-off and start; the copies' queueing and their rate
+    # beside the CPU), which the planner's division between the paths must see
+    cpu_offset_s: float = 0.0
+    copy_offset_s: float = 0.0
     # answers already interpolated, by (curve, n): the hybrid planner asks the same few token
     # counts hundreds of times per plan, on the CPU path's critical path in a layer
     _memo: dict[tuple[str, float], float] = dataclasses.field(
@@ -77,6 +84,10 @@ class LatencyModel:
         """Every CPU time scaled by ``factor``; the CPU's slowdown beside copies replaced when given."""
         slowdown = self.cpu_slowdown if cpu_slowdown is None else cpu_slowdown
         return dataclasses.replace(self, cpu_expert_s=[t * factor for t in self.cpu_expert_s], cpu_slowdown=slowdown)
+
+    def with_path_offsets(self, cpu_offset_s: float, copy_offset_s: float) -> LatencyModel:
+        """Each path's end moved by the seconds given (``cpu_offset_s``, ``copy_offset_s``)."""
+        return dataclasses.replace(self, cpu_offset_s=cpu_offset_s, copy_offset_s=copy_offset_s)
 
     def _at(self, curve: str, n: float) -> float:
         """``curve`` (a field of per-token-count seconds) at n tokens, interpolated once."""

@@ -40,7 +40,15 @@ speed the CPU up), so a curve measured slow is lowered by jobs that beat it. A `
 above 1 that leaves a layer with no CPU work relaxes toward the calibration (its excess halves
 over one pass through the model's layers): a plan that no longer uses the CPU measures nothing
 that could lower it, and a few slow jobs would otherwise keep the CPU path shut for the whole
-run.
+run. With ``adapt_paths`` (on an accelerator) the executor also learns how late each path ends
+against the plan's timeline, from the routing read: the CPU job's end on the host clock, the
+last copy's landing from events on the accelerator, read one layer later when they have
+happened (no synchronisation), in every decode or beam step's layer (a pass of at most
+``MAIN_THREAD_GATHER_ROWS`` routed rows) where both paths ran. The two offsets
+(``cpu_offset``, ``copy_offset``) go into the planning model, so the division of a layer's
+missing experts between the paths follows where they actually end: the calibration's model
+leaves out the CPU job's hand-off and start and the copies' queueing, and the timed decode layers
+on the GPU host ended with the copies 0.45-0.73 ms after the CPU (results/orchestration-h200/).
 
 With ``layer_timing`` on, each layer is timed between two device synchronisations and
 ``layer_log`` records its plan, predicted and measured time and a timeline in ms from the
@@ -93,6 +101,9 @@ CPU_FACTOR_SMOOTHING = 0.2
 CPU_FACTOR_STEP = 0.05
 CPU_FACTOR_BOUNDS = (0.25, 4.0)
 CPU_SLOWDOWN_BOUNDS = (1.0, 4.0)  # copies never speed the CPU up
+# the paths' offsets are applied in steps of this many seconds (cached plans stay valid between
+# steps): a tenth of a millisecond, a fiftieth of a decode layer's ~5 ms
+PATH_OFFSET_STEP_S = 1e-4
 # the counters that time the CPU path on the host clock (ExpertCounters, stats())
 CPU_PATH_COUNTERS = ("cpu_jobs", "cpu_start_s", "cpu_compute_s", "cpu_wait_s")
 # how the CPU rows and the main thread meet (the module docstring): the worker with the main
@@ -159,6 +170,20 @@ class _CpuJobOut:
     routed_at: float
 
 
+@dataclasses.dataclass(frozen=True)
+class _PathSample:
+    """One layer's paths, to be measured once its events have happened (``adapt_paths``): the
+    routing read's event and the host clock just after it, the last copy's landing, the CPU
+    job, the plan and the offsets it was made with."""
+
+    routed: torch.cuda.Event
+    synced_at: float
+    landed: torch.cuda.Event
+    job: Future | _InlineJob
+    plan: LayerPlan
+    offsets: tuple[float, float]
+
+
 @dataclasses.dataclass
 class _Slot:
     """One staging buffer on the accelerator for a copied expert (or its copied blocks)."""
@@ -218,6 +243,7 @@ class FiddlerExecutor:
         layer_timing: bool = False,
         adapt_cpu: bool = True,
         cpu_mode: str = THREAD,
+        adapt_paths: bool = False,
     ):
         self.config, self.device, self.host = config, device, host
         self.resident, self.placement, self.latency = resident, placement, latency
@@ -250,7 +276,10 @@ class FiddlerExecutor:
         # the excess of cpu_factor over 1 halves over config.num_layers layers without CPU work
         self._cpu_factor_keep = 0.5 ** (1.0 / config.num_layers)
         self.cpu_slowdown = latency.cpu_slowdown
-        self._models: dict[tuple[float, float], LatencyModel] = {}
+        self.adapt_paths = adapt_paths  # may be switched between generations
+        self.cpu_offset = self.copy_offset = 0.0
+        self._path_sample: _PathSample | None = None
+        self._models: dict[tuple[float, ...], LatencyModel] = {}
         self.layer_timing = layer_timing
         self._cpu_mode = THREAD
         self._signal: HostSignal | None = None  # made when the stream mode is first asked for
@@ -284,13 +313,19 @@ class FiddlerExecutor:
         return self.policy != COPY_EXPERTS and self.placement.num_resident < every_expert
 
     @property
-    def planning_corrections(self) -> tuple[float, float]:
-        """The in-run corrections in steps: (CPU curve scale, CPU slowdown beside copies)."""
+    def planning_corrections(self) -> tuple[float, float, float, float]:
+        """The in-run corrections in steps: (CPU curve scale, CPU slowdown beside copies, CPU
+        path's offset, copy path's offset)."""
 
-        def step(value: float) -> float:
-            return round(round(value / CPU_FACTOR_STEP) * CPU_FACTOR_STEP, 6)
+        def step(value: float, size: float) -> float:
+            return round(round(value / size) * size, 9)
 
-        return step(self.cpu_factor), step(self.cpu_slowdown)
+        return (
+            step(self.cpu_factor, CPU_FACTOR_STEP),
+            step(self.cpu_slowdown, CPU_FACTOR_STEP),
+            step(self.cpu_offset, PATH_OFFSET_STEP_S),
+            step(self.copy_offset, PATH_OFFSET_STEP_S),
+        )
 
     def planning_model(self) -> LatencyModel:
         corrections = self.planning_corrections
@@ -298,7 +333,9 @@ class FiddlerExecutor:
         if model is None:
             if len(self._models) >= MODEL_CACHE_SIZE:  # each holds its interpolations: bounded
                 self._models.clear()
-            model = self._models[corrections] = self.latency.with_cpu_factor(*corrections)
+            factor, slowdown, cpu_offset, copy_offset = corrections
+            model = self.latency.with_cpu_factor(factor, slowdown).with_path_offsets(cpu_offset, copy_offset)
+            self._models[corrections] = model
         return model
 
     def use_cpu_threads(self, threads: int | None) -> int:
@@ -315,6 +352,8 @@ class FiddlerExecutor:
         self._models.clear()
         self._plans.clear()
         self.cpu_factor, self.cpu_slowdown = 1.0, latency.cpu_slowdown
+        self.cpu_offset = self.copy_offset = 0.0
+        self._path_sample = None
 
     def plan(self, layer: int, tokens: dict[int, int]) -> LayerPlan:
         resident = self.resident_by_layer[layer]
@@ -362,6 +401,25 @@ class FiddlerExecutor:
         if self.adapt_cpu and self.cpu_factor > 1.0:
             self.cpu_factor = 1.0 + (self.cpu_factor - 1.0) * self._cpu_factor_keep
 
+    def learn_path_ends(self, plan: LayerPlan, offsets: tuple[float, float], cpu_done: float, landed: float) -> None:
+        """Fold one layer's measured path ends (seconds from the routing read: the CPU job's end,
+        the last copy's landing) into the paths' offsets: each moves toward how late its path
+        ended against the plan's timeline without the offsets it was made with (``offsets``),
+        kept within one expert's copy time either way."""
+        bounds = (-self.latency.copy, self.latency.copy)
+        self.cpu_offset = _smoothed(self.cpu_offset, cpu_done - (plan.cpu_done_s - offsets[0]), bounds)
+        self.copy_offset = _smoothed(self.copy_offset, landed - (plan.copies_landed_s - offsets[1]), bounds)
+
+    def _measure_paths(self) -> None:
+        """Measure the last sampled layer's paths, whose events have happened by now (the
+        routing read that follows it waited for them on the device)."""
+        sample, self._path_sample = self._path_sample, None
+        if sample is None or not self.adapt_paths:
+            return
+        cpu_done = sample.job.result().end - sample.synced_at
+        landed = elapsed_ms(sample.routed, sample.landed) / 1e3
+        self.learn_path_ends(sample.plan, sample.offsets, cpu_done, landed)
+
     def __call__(self, layer: int, hidden: torch.Tensor, routing: Routing) -> torch.Tensor:
         clock = Clock(self.device) if self.layer_timing else None
         start = clock.now() if clock else 0.0
@@ -371,7 +429,10 @@ class FiddlerExecutor:
         num_tokens, top_k = routing.experts.shape
         flat = routing.experts.reshape(-1)
         order = torch.argsort(flat, stable=True)  # rows sorted by expert, on the accelerator
-        routed = self._read_routing(flat)
+        # events to read one layer later; only in small passes (decode and beam steps), whose
+        # hand-off differs from a prefill's by milliseconds (results/orchestration-h200/, run 11)
+        sampling = self.adapt_paths and self.device.type == "cuda" and flat.shape[0] <= MAIN_THREAD_GATHER_ROWS
+        routed = self._read_routing(flat, timing=sampling)
         # queued after the routing read, so that a long pass's hidden states (tens of MB) do not
         # hold the small read up on the device->host copy engine
         host_hidden, hidden_landed = self._send_hidden_down(hidden)
@@ -381,6 +442,8 @@ class FiddlerExecutor:
         # compute in the read's wait (a spinning main thread takes a core from the CPU kernel)
         self._take_in_pending()
         host_wait(routed)  # the one sync: the compute stream up to the routing read
+        synced_at = host.now() if sampling else 0.0
+        self._measure_paths()
         counts = torch.bincount(flat_host, minlength=self.config.num_experts).tolist()
         offsets = [0]
         for count in counts:
@@ -416,8 +479,9 @@ class FiddlerExecutor:
         pending = ([(split.expert, split.cpu_blocks)] if split else []) + [(e, 0) for e in plan.copy]
         in_flight: collections.deque = collections.deque()
         copies_begin = record(self.device, self.copy_stream, timing=True) if clock and pending else None
+        timed_copies = self.layer_timing or sampling
         for _ in range(min(len(self.slots), len(pending))):
-            in_flight.append(self._queue_copy(layer, *pending.pop(0), self._take_slot()))
+            in_flight.append(self._queue_copy(layer, *pending.pop(0), self._take_slot(), timed_copies))
         landed_last = None
 
         sorted_out = hidden.new_empty(flat.shape[0], hidden.shape[-1])
@@ -438,7 +502,7 @@ class FiddlerExecutor:
             )
             slot.free = record(self.device)
             if pending:  # into the slot just freed: the copy waits for that compute
-                in_flight.append(self._queue_copy(layer, *pending.pop(0), slot))
+                in_flight.append(self._queue_copy(layer, *pending.pop(0), slot, timed_copies))
 
         gpu_done = record(self.device, timing=True) if clock else None
         issued_at = host.now()
@@ -463,6 +527,8 @@ class FiddlerExecutor:
                 else:
                     target.copy_(results[position:end])
                 position = end
+            if sampling and landed_last is not None:
+                self._path_sample = _PathSample(routed, synced_at, landed_last, cpu_job, plan, planned[2:])
         else:
             self._relax_cpu_factor()
         outputs = torch.empty_like(sorted_out).index_copy_(0, order, sorted_out)
@@ -510,6 +576,8 @@ class FiddlerExecutor:
                     "timeline_ms": timeline | {k: v for k, v in on_gpu.items() if v is not None},
                     "cpu_factor": planned[0],
                     "cpu_slowdown": planned[1],
+                    "cpu_offset_ms": 1e3 * planned[2],
+                    "copy_offset_ms": 1e3 * planned[3],
                 }
             )
         return combine(outputs.view(num_tokens, top_k, -1), routing, hidden.dtype)
@@ -526,6 +594,9 @@ class FiddlerExecutor:
             "split_blocks": self.blocks,
             "cpu_factor": self.cpu_factor,
             "cpu_slowdown": self.cpu_slowdown,
+            "adapt_paths": self.adapt_paths,
+            "cpu_offset_s": self.cpu_offset,
+            "copy_offset_s": self.copy_offset,
             **self.counters.to_json(),
         }
 
@@ -554,9 +625,10 @@ class FiddlerExecutor:
         self._next_slot = (self._next_slot + 1) % len(self.slots)
         return slot
 
-    def _queue_copy(self, layer: int, expert: int, first_block: int, slot: _Slot):
+    def _queue_copy(self, layer: int, expert: int, first_block: int, slot: _Slot, timing: bool = False):
         """Queue blocks [first_block, blocks) of one expert into ``slot`` on the side stream,
-        after the GPU's last use of the slot. Returns (expert, slot, landed event, blocks)."""
+        after the GPU's last use of the slot. Returns (expert, slot, landed event (a timing one
+        with ``timing``), blocks)."""
         w13b, w2b = self.host.experts[layer][expert]
         count = self.blocks - first_block
         rows = count * self.block
@@ -564,16 +636,17 @@ class FiddlerExecutor:
             wait(slot.free, self.copy_stream)  # the accelerator is done with the slot's last expert
             slot.w13b[: 2 * rows].copy_(w13b[2 * first_block * self.block :], non_blocking=True)
             slot.w2b[:count].copy_(w2b[first_block:], non_blocking=True)
-            landed = record(self.device, self.copy_stream, timing=self.layer_timing)
+            landed = record(self.device, self.copy_stream, timing=timing)
         return expert, slot, landed, count
 
-    def _read_routing(self, flat: torch.Tensor) -> torch.cuda.Event | None:
+    def _read_routing(self, flat: torch.Tensor, timing: bool = False) -> torch.cuda.Event | None:
         """Queue the routing ids' copy into page-locked host memory on the compute stream;
-        returns the event of its landing (``self._host_routing`` holds them then)."""
+        returns the event of its landing (``self._host_routing`` holds them then; a timing event
+        with ``timing``)."""
         if self._host_routing.shape[0] < flat.shape[0]:
             self._host_routing = torch.empty(flat.shape[0], dtype=flat.dtype, pin_memory=self.device.type == "cuda")
         self._host_routing[: flat.shape[0]].copy_(flat, non_blocking=True)
-        return record(self.device)
+        return record(self.device, timing=timing)
 
     def _send_hidden_down(self, hidden: torch.Tensor) -> tuple[torch.Tensor | None, torch.cuda.Event | None]:
         """Queue the layer's hidden states into host memory on the down stream, after the

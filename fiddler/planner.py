@@ -21,8 +21,12 @@ runs its experts one after another (a divided expert costs what the calibration 
 that share) and moves the results up; the copy engine brings the divided expert's
 remainder first, then whole experts, at most ``staging_slots`` ahead of the accelerator using
 them; the accelerator runs resident experts first, then each copied one once it has landed.
-When both paths are busy, each runs at its calibrated concurrent slowdown. The layer
-finishes when both paths have.
+When both paths are busy, each runs at its calibrated concurrent slowdown. Each path's end
+is moved by the model's offsets for it (``cpu_offset_s``, ``copy_offset_s``: how late the run
+measured that path against the rest of the model; zero unless the executor learned them). The
+layer finishes when both paths have. A plan keeps, besides the layer's predicted end, when its
+CPU path stops computing and when its last copy lands (``cpu_done_s``, ``copies_landed_s``),
+against which the executor measures those offsets.
 """
 
 from __future__ import annotations
@@ -56,6 +60,17 @@ class LayerPlan:
     copy: tuple[int, ...]  # whole experts copied, in copy order
     predicted_s: float
     split: Split | None = None
+    cpu_done_s: float = 0.0  # when the CPU path stops computing (0: no CPU path)
+    copies_landed_s: float = 0.0  # when the last copy lands (0: no copies)
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerTimeline:
+    """When, by the model, a layer's CPU path stops computing, its last copy lands, and it ends."""
+
+    cpu_done_s: float
+    copies_landed_s: float
+    end_s: float
 
 
 def predict_layer(
@@ -68,6 +83,19 @@ def predict_layer(
     split: Split | None = None,
     hidden_rows: int | None = None,
 ) -> float:
+    return layer_timeline(tokens, gpu, cpu, copy, model, staging_slots, split, hidden_rows).end_s
+
+
+def layer_timeline(
+    tokens: dict[int, int],
+    gpu: tuple[int, ...],
+    cpu: tuple[int, ...],
+    copy: tuple[int, ...],
+    model: LatencyModel,
+    staging_slots: int,
+    split: Split | None = None,
+    hidden_rows: int | None = None,
+) -> LayerTimeline:
     both = bool(cpu or split) and bool(copy or split)
     cpu_slow = model.cpu_slowdown if both else 1.0
     copy_time = model.copy * (model.copy_slowdown if both else 1.0)
@@ -78,7 +106,8 @@ def predict_layer(
     # the CPU path starts once the hidden states it reads are in host memory: its own rows, or
     # the whole pass's when the executor sends every row down ahead of planning
     down = cpu_rows if hidden_rows is None else hidden_rows
-    cpu_end = (model.act_d2h(down) + cpu_compute * cpu_slow + model.act_h2d(cpu_rows)) if cpu_rows else 0.0
+    cpu_done = (model.cpu_offset_s + model.act_d2h(down) + cpu_compute * cpu_slow) if cpu_rows else 0.0
+    cpu_end = (cpu_done + model.act_h2d(cpu_rows)) if cpu_rows else 0.0
 
     # (copy seconds, accelerator seconds) per copied item, the divided expert's remainder first
     items = [(copy_time, model.gpu(tokens[e])) for e in copy]
@@ -86,14 +115,14 @@ def predict_layer(
         rest = 1.0 - split.cpu_fraction
         items.insert(0, (copy_time * rest, model.gpu(tokens[split.expert]) * rest))
     accelerator = sum(model.gpu(tokens[e]) for e in gpu)
-    copy_end = 0.0
+    copy_end = model.copy_offset_s if items else 0.0
     compute_end: list[float] = []
     for i, (copy_s, compute_s) in enumerate(items):
         slot_free = compute_end[i - staging_slots] if i >= staging_slots else 0.0
         copy_end = max(copy_end, slot_free) + copy_s
         accelerator = max(accelerator, copy_end) + compute_s
         compute_end.append(accelerator)
-    return max(accelerator, cpu_end)
+    return LayerTimeline(cpu_done, copy_end, max(accelerator, cpu_end))
 
 
 def plan_layer(
@@ -115,8 +144,10 @@ def plan_layer(
     def make(cpu: list[int], copy: list[int], split: Split | None = None) -> LayerPlan:
         copy_order = tuple(sorted(copy, key=lambda e: (-tokens[e], e)))  # big ones first: overlap
         cpu_order = tuple(sorted(cpu))
-        predicted = predict_layer(tokens, gpu, cpu_order, copy_order, model, staging_slots, split, hidden_rows)
-        return LayerPlan(gpu, cpu_order, copy_order, predicted, split)
+        timeline = layer_timeline(tokens, gpu, cpu_order, copy_order, model, staging_slots, split, hidden_rows)
+        return LayerPlan(
+            gpu, cpu_order, copy_order, timeline.end_s, split, timeline.cpu_done_s, timeline.copies_landed_s
+        )
 
     if policy == "cpu-experts":
         return make(missing, [])
@@ -154,7 +185,8 @@ def _balanced_blocks(
     cpu_base = sum(model.cpu(tokens[e]) for e in cpu) * model.cpu_slowdown
     cpu_divided = model.cpu(tokens[divided]) * model.cpu_slowdown
     copy_one = model.copy * model.copy_slowdown
-    share = (copy_one + len(copied) * copy_one - cpu_base) / (cpu_divided + copy_one)
+    lag = model.copy_offset_s - model.cpu_offset_s  # the copies' lateness beyond the CPU's
+    share = (lag + copy_one + len(copied) * copy_one - cpu_base) / (cpu_divided + copy_one)
     share = min(max(share, 0.0), 1.0) * blocks
     low = math.floor(share)
     return {b for b in range(low - BALANCE_NEIGHBOURS, low + BALANCE_NEIGHBOURS + 2) if 0 < b < blocks}

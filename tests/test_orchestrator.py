@@ -591,6 +591,53 @@ def test_jobs_beside_copies_that_beat_the_curve_lower_it():
     engine.close()
 
 
+def test_path_offsets_are_learned_from_where_the_paths_ended(reference):
+    """``adapt_paths``: measured path ends (seconds from the routing read) move the offsets toward
+    how late each path ended against the plan, the planning model carries them (stepped), and
+    copies measured late give the CPU more of the divided expert; offsets stay within one
+    expert's copy time and start again with another calibration. With ``cpu`` standing in there
+    are no events to measure: nothing is learned and the outputs stay exact."""
+    engine = fiddler_engine(placement_with(set()), "hybrid")
+    executor = engine.model.experts
+    executor.adapt_paths = True
+    settings = GenerationSettings(max_new_tokens=4)
+    assert generate(engine, PROMPT, settings).token_ids == generate(reference, PROMPT, settings).token_ids
+    assert (executor.cpu_offset, executor.copy_offset) == (0.0, 0.0)
+    executor.adapt_cpu = False
+    tokens = {1: 1, 6: 1}
+    plan = executor.plan(0, tokens)
+    assert plan.split is not None and plan.copies_landed_s > 0
+    for _ in range(60):
+        executor.learn_path_ends(plan, (0.0, 0.0), plan.cpu_done_s + 3e-4, plan.copies_landed_s + 9e-4)
+    assert executor.cpu_offset == pytest.approx(3e-4, rel=1e-3)
+    assert executor.copy_offset == pytest.approx(9e-4, rel=1e-3)
+    assert executor.planning_corrections[2:] == pytest.approx((3e-4, 9e-4))
+    model = executor.planning_model()
+    assert (model.cpu_offset_s, model.copy_offset_s) == pytest.approx((3e-4, 9e-4))
+    again = executor.plan(0, tokens)
+    assert again.split.cpu_blocks > plan.split.cpu_blocks  # copies 0.6 ms later than the CPU: more on the CPU
+    for _ in range(60):
+        executor.learn_path_ends(plan, (0.0, 0.0), plan.cpu_done_s - 1.0, plan.copies_landed_s + 1.0)
+    assert (executor.cpu_offset, executor.copy_offset) == pytest.approx((-HOST_LIKE.copy, HOST_LIKE.copy))
+    executor.use_calibration(HOST_LIKE, make_kernel("torch"))
+    assert (executor.cpu_offset, executor.copy_offset) == (0.0, 0.0)
+    engine.close()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA events")
+def test_path_offsets_on_cuda_are_learned_and_keep_outputs(reference):
+    engine = Engine.fiddler(
+        SOURCE, "cuda", torch.float32, 128, placement_with(set()), HOST_LIKE, "hybrid", make_kernel("torch")
+    )
+    executor = engine.model.experts
+    executor.adapt_paths = True
+    settings = GenerationSettings(max_new_tokens=6)
+    assert generate(engine, PROMPT, settings).token_ids == generate(reference, PROMPT, settings).token_ids
+    assert (executor.cpu_offset, executor.copy_offset) != (0.0, 0.0)
+    assert all(abs(v) <= HOST_LIKE.copy for v in (executor.cpu_offset, executor.copy_offset))
+    engine.close()
+
+
 def _cpu_time_of(executor, plan, tokens) -> float:
     alone = sum(executor.latency.cpu(tokens[e]) for e in plan.cpu)
     if plan.split:

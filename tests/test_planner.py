@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from fiddler.cost_model import LatencyModel
-from fiddler.planner import POLICIES, Split, _balanced_blocks, plan_layer, predict_layer
+from fiddler.planner import POLICIES, Split, _balanced_blocks, layer_timeline, plan_layer, predict_layer
 
 # A latency model shaped like the GPU host's (DESIGN.md): a CPU expert costs about a copy.
 HOST_LIKE = LatencyModel(
@@ -134,6 +134,7 @@ def test_hybrids_narrowed_search_finds_what_trying_every_division_finds():
     rng = random.Random(1)
     for case in range(3000):
         model = rng.choice(models).with_cpu_factor(rng.choice([0.7, 1.0, 1.4]), rng.choice([None, 1.0, 1.5]))
+        model = model.with_path_offsets(rng.choice([0.0, 3e-4, -2e-4]), rng.choice([0.0, 7e-4, -3e-4]))
         rows = rng.choice([1, 1, 4, 8, 16, 32, 128, 1024])
         tokens: dict[int, int] = {}
         for _ in range(rows):
@@ -145,3 +146,26 @@ def test_hybrids_narrowed_search_finds_what_trying_every_division_finds():
         plan = plan_layer(tokens, resident, "hybrid", model, slots, blocks, hidden_rows)
         best = _every_division(tokens, resident, model, slots, blocks, hidden_rows)
         assert plan.predicted_s <= best * (1 + 1e-12), (case, tokens, resident, slots, blocks)
+
+
+def test_path_offsets_move_each_path_and_the_division_follows():
+    """A decode layer like the GPU host's (one expert on the CPU, one divided): an offset moves
+    its path's end by itself; copies measured late move blocks of the divided expert to the CPU,
+    a CPU measured late moves them to the copies, and the plan's path ends are its timeline's."""
+    tokens, blocks = {2: 1, 5: 1}, 32
+    base = plan_layer(tokens, set(), "hybrid", HOST_LIKE, 2, blocks)
+    assert base.split is not None and base.cpu_done_s > 0 and base.copies_landed_s > 0
+    args = (tokens, (), base.cpu, base.copy, HOST_LIKE, 2, base.split)
+    plain = layer_timeline(*args)
+    moved = layer_timeline(*args[:4], HOST_LIKE.with_path_offsets(2e-4, 5e-4), *args[5:])
+    assert (plain.cpu_done_s, plain.copies_landed_s) == (base.cpu_done_s, base.copies_landed_s)
+    assert moved.cpu_done_s == pytest.approx(plain.cpu_done_s + 2e-4)
+    assert moved.copies_landed_s == pytest.approx(plain.copies_landed_s + 5e-4)
+    assert predict_layer(*args) == plain.end_s == base.predicted_s
+    late_copies = plan_layer(tokens, set(), "hybrid", HOST_LIKE.with_path_offsets(0.0, 1e-3), 2, blocks)
+    late_cpu = plan_layer(tokens, set(), "hybrid", HOST_LIKE.with_path_offsets(1e-3, 0.0), 2, blocks)
+    assert late_copies.split.cpu_blocks > base.split.cpu_blocks > late_cpu.split.cpu_blocks
+    # balanced again: the two paths' ends closer than one block of either apart
+    for plan, model in ((late_copies, (0.0, 1e-3)), (late_cpu, (1e-3, 0.0))):
+        block = HOST_LIKE.copy / blocks
+        assert abs(plan.cpu_done_s - plan.copies_landed_s) < 2 * block, (plan, model)
