@@ -49,6 +49,10 @@ happened (no synchronisation), in every decode or beam step's layer (a pass of a
 missing experts between the paths follows where they actually end: the calibration's model
 leaves out the CPU job's hand-off and start and the copies' queueing, and the timed decode layers
 on the GPU host ended with the copies 0.45-0.73 ms after the CPU (results/orchestration-h200/).
+(The host's origin is its clock once it woke from the routing read's synchronisation, the
+device's that read's event: the CPU's end is measured early by the wake-up's microseconds.
+Timed layers, which synchronise the device first, are not measured; switching ``adapt_paths``
+or ``cpu_mode``, or another calibration, starts the offsets again from zero.)
 
 With ``layer_timing`` on, each layer is timed between two device synchronisations and
 ``layer_log`` records its plan, predicted and measured time and a timeline in ms from the
@@ -104,6 +108,10 @@ CPU_SLOWDOWN_BOUNDS = (1.0, 4.0)  # copies never speed the CPU up
 # the paths' offsets are applied in steps of this many seconds (cached plans stay valid between
 # steps): a tenth of a millisecond, a fiftieth of a decode layer's ~5 ms
 PATH_OFFSET_STEP_S = 1e-4
+# the offset a plan uses moves to another step only once the learned average is this share of a
+# step away from it: noise around the edge between two steps would otherwise switch between them,
+# and each switch plans the layers again (~0.1 ms a plan on the decode's critical path)
+PATH_OFFSET_HYSTERESIS = 0.75
 # the counters that time the CPU path on the host clock (ExpertCounters, stats())
 CPU_PATH_COUNTERS = ("cpu_jobs", "cpu_start_s", "cpu_compute_s", "cpu_wait_s")
 # how the CPU rows and the main thread meet (the module docstring): the worker with the main
@@ -124,6 +132,11 @@ def _mark(marks: dict[str, float] | None, name: str) -> None:
     """A timed layer's timeline mark on the host clock; ``marks`` None: the layer is not timed."""
     if marks is not None:
         marks[name] = HOST_CLOCK.now()
+
+
+def _stepped(value: float, size: float) -> float:
+    """``value`` on the grid of ``size`` (an in-run correction as plans use it)."""
+    return round(round(value / size) * size, 9)
 
 
 def _smoothed(current: float, measured: float, bounds: tuple[float, float]) -> float:
@@ -276,9 +289,10 @@ class FiddlerExecutor:
         # the excess of cpu_factor over 1 halves over config.num_layers layers without CPU work
         self._cpu_factor_keep = 0.5 ** (1.0 / config.num_layers)
         self.cpu_slowdown = latency.cpu_slowdown
-        self.adapt_paths = adapt_paths  # may be switched between generations
-        self.cpu_offset = self.copy_offset = 0.0
+        self.cpu_offset = self.copy_offset = 0.0  # learned averages
+        self._applied_offsets = (0.0, 0.0)  # the steps plans use
         self._path_sample: _PathSample | None = None
+        self._adapt_paths = adapt_paths
         self._models: dict[tuple[float, ...], LatencyModel] = {}
         self.layer_timing = layer_timing
         self._cpu_mode = THREAD
@@ -288,6 +302,22 @@ class FiddlerExecutor:
         self.cpu_mode = cpu_mode  # checked; the stream mode's signal made and self-tested
         self.layer_log: list[dict[str, object]] = []
         self.counters = ExpertCounters()
+
+    @property
+    def adapt_paths(self) -> bool:
+        """Whether the executor learns where its paths end (module docstring); switched between
+        generations, the offsets start again from zero."""
+        return self._adapt_paths
+
+    @adapt_paths.setter
+    def adapt_paths(self, on: bool) -> None:
+        self._adapt_paths = on
+        self._reset_path_offsets()
+
+    def _reset_path_offsets(self) -> None:
+        self.cpu_offset = self.copy_offset = 0.0
+        self._applied_offsets = (0.0, 0.0)
+        self._path_sample = None
 
     @property
     def cpu_mode(self) -> str:
@@ -302,6 +332,7 @@ class FiddlerExecutor:
         if mode == STREAM and self._signal is None:
             self._signal = host_signal(self.device)  # ValueError, saying why, where it cannot work
         self._cpu_mode = mode
+        self._reset_path_offsets()  # where the CPU path ends depends on how it meets the main thread
 
     # ---- the executor interface ---------------------------------------------------------
 
@@ -315,20 +346,13 @@ class FiddlerExecutor:
     @property
     def planning_corrections(self) -> tuple[float, float, float, float]:
         """The in-run corrections in steps: (CPU curve scale, CPU slowdown beside copies, CPU
-        path's offset, copy path's offset)."""
+        path's offset, copy path's offset; the offsets zero unless ``adapt_paths``)."""
 
-        def step(value: float, size: float) -> float:
-            return round(round(value / size) * size, 9)
+        factor, slowdown = _stepped(self.cpu_factor, CPU_FACTOR_STEP), _stepped(self.cpu_slowdown, CPU_FACTOR_STEP)
+        return (factor, slowdown, *self._applied_offsets) if self._adapt_paths else (factor, slowdown, 0.0, 0.0)
 
-        return (
-            step(self.cpu_factor, CPU_FACTOR_STEP),
-            step(self.cpu_slowdown, CPU_FACTOR_STEP),
-            step(self.cpu_offset, PATH_OFFSET_STEP_S),
-            step(self.copy_offset, PATH_OFFSET_STEP_S),
-        )
-
-    def planning_model(self) -> LatencyModel:
-        corrections = self.planning_corrections
+    def planning_model(self, corrections: tuple[float, float, float, float] | None = None) -> LatencyModel:
+        corrections = self.planning_corrections if corrections is None else corrections
         model = self._models.get(corrections)
         if model is None:
             if len(self._models) >= MODEL_CACHE_SIZE:  # each holds its interpolations: bounded
@@ -352,19 +376,23 @@ class FiddlerExecutor:
         self._models.clear()
         self._plans.clear()
         self.cpu_factor, self.cpu_slowdown = 1.0, latency.cpu_slowdown
-        self.cpu_offset = self.copy_offset = 0.0
-        self._path_sample = None
+        self._reset_path_offsets()
 
-    def plan(self, layer: int, tokens: dict[int, int]) -> LayerPlan:
+    def plan(
+        self, layer: int, tokens: dict[int, int], corrections: tuple[float, float, float, float] | None = None
+    ) -> LayerPlan:
+        """The layer's plan for ``tokens`` under ``corrections`` (default: the current
+        ``planning_corrections``), cached."""
+        corrections = self.planning_corrections if corrections is None else corrections
         resident = self.resident_by_layer[layer]
-        key = (resident, tuple(sorted(tokens.items())), self.policy, self.planning_corrections)
+        key = (resident, tuple(sorted(tokens.items())), self.policy, corrections)
         plan = self._plans.get(key)
         if plan is None:
             if len(self._plans) >= PLAN_CACHE_SIZE:
                 self._plans.clear()
             rows_down = sum(tokens.values()) // self.config.num_experts_per_token if self.uses_cpu else None
             plan = plan_layer(
-                tokens, resident, self.policy, self.planning_model(), len(self.slots), self.blocks, rows_down
+                tokens, resident, self.policy, self.planning_model(corrections), len(self.slots), self.blocks, rows_down
             )
             self._plans[key] = plan
         return plan
@@ -409,13 +437,21 @@ class FiddlerExecutor:
         bounds = (-self.latency.copy, self.latency.copy)
         self.cpu_offset = _smoothed(self.cpu_offset, cpu_done - (plan.cpu_done_s - offsets[0]), bounds)
         self.copy_offset = _smoothed(self.copy_offset, landed - (plan.copies_landed_s - offsets[1]), bounds)
+        self._applied_offsets = tuple(
+            _stepped(learned, PATH_OFFSET_STEP_S)
+            if abs(learned - applied) >= PATH_OFFSET_HYSTERESIS * PATH_OFFSET_STEP_S
+            else applied
+            for learned, applied in zip((self.cpu_offset, self.copy_offset), self._applied_offsets, strict=True)
+        )
 
     def _measure_paths(self) -> None:
         """Measure the last sampled layer's paths, whose events have happened by now (the
         routing read that follows it waited for them on the device)."""
         sample, self._path_sample = self._path_sample, None
-        if sample is None or not self.adapt_paths:
+        if sample is None or not self._adapt_paths:
             return
+        if isinstance(sample.job, Future) and sample.job.exception() is not None:
+            return  # a failed job: raised where it was taken in, and nothing to measure
         cpu_done = sample.job.result().end - sample.synced_at
         landed = elapsed_ms(sample.routed, sample.landed) / 1e3
         self.learn_path_ends(sample.plan, sample.offsets, cpu_done, landed)
@@ -431,7 +467,13 @@ class FiddlerExecutor:
         order = torch.argsort(flat, stable=True)  # rows sorted by expert, on the accelerator
         # events to read one layer later; only in small passes (decode and beam steps), whose
         # hand-off differs from a prefill's by milliseconds (results/orchestration-h200/, run 11)
-        sampling = self.adapt_paths and self.device.type == "cuda" and flat.shape[0] <= MAIN_THREAD_GATHER_ROWS
+        # (not in a timed layer, which synchronises the device at its start)
+        sampling = (
+            self._adapt_paths
+            and clock is None
+            and self.device.type == "cuda"
+            and flat.shape[0] <= MAIN_THREAD_GATHER_ROWS
+        )
         routed = self._read_routing(flat, timing=sampling)
         # queued after the routing read, so that a long pass's hidden states (tens of MB) do not
         # hold the small read up on the device->host copy engine
@@ -453,7 +495,7 @@ class FiddlerExecutor:
         if clock:
             marks["routed"] = routed_at
         planned = self.planning_corrections
-        plan = self.plan(layer, tokens)
+        plan = self.plan(layer, tokens, planned)
         if clock:
             marks["planned"] = host.now()
         split = plan.split

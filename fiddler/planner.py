@@ -118,7 +118,8 @@ def layer_timeline(
     copy_end = model.copy_offset_s if items else 0.0
     compute_end: list[float] = []
     for i, (copy_s, compute_s) in enumerate(items):
-        slot_free = compute_end[i - staging_slots] if i >= staging_slots else 0.0
+        # a slot not used before in the layer is free from its start (the offset may be negative)
+        slot_free = compute_end[i - staging_slots] if i >= staging_slots else -math.inf
         copy_end = max(copy_end, slot_free) + copy_s
         accelerator = max(accelerator, copy_end) + compute_s
         compute_end.append(accelerator)

@@ -162,10 +162,21 @@ def test_path_offsets_move_each_path_and_the_division_follows():
     assert moved.cpu_done_s == pytest.approx(plain.cpu_done_s + 2e-4)
     assert moved.copies_landed_s == pytest.approx(plain.copies_landed_s + 5e-4)
     assert predict_layer(*args) == plain.end_s == base.predicted_s
+    early = layer_timeline(*args[:4], HOST_LIKE.with_path_offsets(-2e-4, -5e-4), *args[5:])
+    assert early.cpu_done_s == pytest.approx(plain.cpu_done_s - 2e-4)
+    assert early.copies_landed_s == pytest.approx(plain.copies_landed_s - 5e-4)  # copies faster than modelled
     late_copies = plan_layer(tokens, set(), "hybrid", HOST_LIKE.with_path_offsets(0.0, 1e-3), 2, blocks)
     late_cpu = plan_layer(tokens, set(), "hybrid", HOST_LIKE.with_path_offsets(1e-3, 0.0), 2, blocks)
+    early_copies = plan_layer(tokens, set(), "hybrid", HOST_LIKE.with_path_offsets(0.0, -1e-3), 2, blocks)
     assert late_copies.split.cpu_blocks > base.split.cpu_blocks > late_cpu.split.cpu_blocks
-    # balanced again: the two paths' ends closer than one block of either apart
-    for plan, model in ((late_copies, (0.0, 1e-3)), (late_cpu, (1e-3, 0.0))):
+    assert early_copies.split.cpu_blocks < base.split.cpu_blocks
+    # balanced again, and as fast as trying every block count of the divided expert
+    for plan, offsets in ((late_copies, (0.0, 1e-3)), (late_cpu, (1e-3, 0.0)), (early_copies, (0.0, -1e-3))):
+        model = HOST_LIKE.with_path_offsets(*offsets)
         block = HOST_LIKE.copy / blocks
-        assert abs(plan.cpu_done_s - plan.copies_landed_s) < 2 * block, (plan, model)
+        assert abs(plan.cpu_done_s - plan.copies_landed_s) < 2 * block, (plan, offsets)
+        every = [
+            predict_layer(tokens, (), plan.cpu, plan.copy, model, 2, Split(plan.split.expert, b, blocks))
+            for b in range(1, blocks)
+        ]
+        assert plan.predicted_s <= min(every) * (1 + 1e-12), offsets
