@@ -52,6 +52,7 @@ class EngineOptions:
     staging_experts: int = 2
     layer_timing: bool = False
     cpu_mode: str = THREAD  # how the CPU rows meet the main thread (fiddler.orchestrator.CPU_MODES)
+    adapt_paths: bool = False  # learn where the CPU and copy paths end (fiddler.orchestrator)
 
 
 def build_engine(options: EngineOptions) -> tuple[Engine, dict[str, object]]:
@@ -98,9 +99,11 @@ def build_engine(options: EngineOptions) -> tuple[Engine, dict[str, object]]:
         options.staging_experts,
         options.layer_timing,
         cpu_mode=options.cpu_mode,
+        adapt_paths=options.adapt_paths,
     )
     record["policy"] = policy
     record["cpu_mode"] = options.cpu_mode
+    record["adapt_paths"] = options.adapt_paths
     return engine, record
 
 

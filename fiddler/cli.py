@@ -70,6 +70,12 @@ def add_placement_arguments(parser: argparse.ArgumentParser) -> None:
         help="how CPU-computed experts meet the GPU's work: thread (the main thread waits for the CPU worker), "
         "inline (the main thread computes them), stream (the GPU stream waits for the worker; CUDA)",
     )
+    parser.add_argument(
+        "--adapt-paths",
+        action="store_true",
+        help="learn during the run where the CPU path and the copies actually end, and divide each layer's "
+        "missing experts between them by it (CUDA; not yet measured to help: results/orchestration-h200/)",
+    )
 
 
 def device_and_dtype(args: argparse.Namespace, config) -> tuple[torch.device, torch.dtype]:
@@ -98,6 +104,7 @@ def engine_options(args: argparse.Namespace, max_seq_len: int, beam_width: int =
         staging_experts=args.staging_experts,
         layer_timing=args.layer_timing,
         cpu_mode=args.cpu_mode,
+        adapt_paths=args.adapt_paths,
     )
 
 

@@ -170,6 +170,7 @@ class Engine:
         layer_timing: bool = False,
         piecewise: bool | None = None,
         cpu_mode: str = THREAD,
+        adapt_paths: bool = False,
     ) -> Engine:
         """Dense weights and the placement's experts on ``device``; every expert also in
         page-locked host memory, where the CPU path reads it and copies start from."""
@@ -192,6 +193,7 @@ class Engine:
             staging_slots,
             layer_timing,
             cpu_mode=cpu_mode,
+            adapt_paths=adapt_paths,
         )
         model = MixtralModel(source.config, dense, executor, max_seq_len=max_seq_len)
         return cls(model, piecewise=piecewise)

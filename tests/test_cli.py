@@ -106,6 +106,11 @@ def test_calibrate_profile_and_generate_under_a_budget(capsys, tmp_path):
     assert streamed["token_ids"] == result["token_ids"]
     assert streamed["stats"]["cpu_rows_on"] == "worker thread, stream waits"
     assert streamed["stats"]["engine"]["cpu_mode"] == "stream"
+    assert main([*generate_args, "--adapt-paths"]) == 0  # the same run, learning where the paths end
+    adapting = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert adapting["token_ids"] == result["token_ids"]
+    assert adapting["stats"]["adapt_paths"] and adapting["stats"]["engine"]["adapt_paths"]
+    assert not result["stats"]["adapt_paths"]
 
 
 def test_budget_too_small_is_one_clear_error(capsys):
