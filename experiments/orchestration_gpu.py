@@ -225,7 +225,9 @@ def speed(args, calibrations: dict[int | None, Path]) -> dict:
             "token_ids": runs[-1].token_ids,
             # the paths' offsets the last run ended with (adapt_paths; zero without)
             "path_offsets_ms": {
-                k: 1e3 * runs[-1].stats[k] for k in ("cpu_offset_s", "copy_offset_s") if k in runs[-1].stats
+                path: 1e3 * runs[-1].stats[f"{path}_offset_s"]
+                for path in ("cpu", "copy")
+                if f"{path}_offset_s" in runs[-1].stats
             },
         }
         # issue 8's yardstick: the missing experts' bytes alone at the calibration's rates
