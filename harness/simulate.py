@@ -25,7 +25,8 @@ The model of each system, per decoder layer and forward pass over T new tokens:
 - ``expert-lru``: the LRU cache replayed over the sampled routing (the baseline's own slot
   count, ``baselines.expert_lru.lru_slots``); each miss costs a pinned copy, copies serialised;
 - ``layer-streaming``: max(layer bytes / pinned bandwidth, layer compute), double buffered;
-- ``accelerate-offload``: the layers that do not fit copied from pageable memory, no overlap;
+- ``accelerate-offload``: the layers that do not fit copied from pageable memory, no overlap
+  (the budget less the room the baseline keeps for transformers' decode-step expert copies);
 - ``cpu-only``: dense part and routed experts on the CPU, the experts at the calibration's
   torch curve where it has one (the baseline is transformers on the CPU, not this
   project's native kernels, which set the calibration's main curve).
@@ -49,6 +50,7 @@ from typing import Any
 import torch
 
 from baselines.expert_lru import spread_slots
+from baselines.hf_generate import decode_expert_copies_bytes
 from fiddler.calibrate import calibration_matches
 from fiddler.config import ModelConfig
 from fiddler.cost_model import LatencyModel
@@ -420,7 +422,9 @@ class _Simulator:
             if needed > budget:
                 return state, f"layer-streaming needs {needed / GB:.3g} GB"
         elif system == "accelerate-offload":
-            for_weights = budget - b.kv_cache - b.workspace - 2 * cfg.vocab_size * cfg.hidden_size * BF16_BYTES
+            # the baseline's allowance (baselines.accelerate_offload): less generate's decode copies
+            copies = decode_expert_copies_bytes(cfg, torch.bfloat16, beams)
+            for_weights = budget - b.kv_cache - b.workspace - copies - 2 * cfg.vocab_size * cfg.hidden_size * BF16_BYTES
             state["layers_on_gpu"] = max(0, min(cfg.num_layers, for_weights // layer_bytes - 1))  # one for offload
         return state, None
 

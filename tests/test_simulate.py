@@ -299,3 +299,27 @@ def test_cpu_only_runs_at_the_calibrated_torch_curve(tmp_path):
         decode[name] = {r["system"]: r["decode_tokens_per_s"] for r in simulate(spec)}
     assert decode["slow-torch"]["cpu-only"] < 0.6 * decode["plain"]["cpu-only"]
     assert decode["slow-torch"]["fiddler-hybrid"] == decode["plain"]["fiddler-hybrid"]
+
+
+def test_simulated_accelerate_keeps_the_baselines_layers_on_the_gpu():
+    """The simulator's accelerate-offload holds as many decoder layers on the GPU as the
+    baseline's own plan (accelerate's device map, with the room kept for the decode copies)."""
+    from baselines import SystemOptions
+    from baselines.accelerate_offload import plan_device_map
+    from fiddler.hf_reference import empty_transformers_model
+    from harness.simulate import _Simulator
+
+    spec = SimulationSpec(
+        systems=("accelerate-offload",),
+        cells=tuple(cells("single-batch", inputs=(256,), outputs=(512,))),
+        config=MIXTRAL,
+        hardware="h200-host",
+        gpu_memory_gb=24.0,
+        samples=1,
+    )
+    calibration, hw = load_profile("h200-host")
+    state, refused = _Simulator(spec, calibration, hw).setup("accelerate-offload", 768, 1)
+    options = SystemOptions(config=MIXTRAL, max_seq_len=768, device="cuda", dtype=torch.bfloat16, gpu_memory_gb=24)
+    device_map = plan_device_map(empty_transformers_model(MIXTRAL), options, options.budget_bytes, index=0)
+    on_gpu = [m for m, d in device_map.items() if d == 0 and m.startswith("model.layers.")]
+    assert refused is None and state["layers_on_gpu"] == len(on_gpu) == 6
