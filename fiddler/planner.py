@@ -73,17 +73,9 @@ class LayerTimeline:
     end_s: float
 
 
-def predict_layer(
-    tokens: dict[int, int],
-    gpu: tuple[int, ...],
-    cpu: tuple[int, ...],
-    copy: tuple[int, ...],
-    model: LatencyModel,
-    staging_slots: int,
-    split: Split | None = None,
-    hidden_rows: int | None = None,
-) -> float:
-    return layer_timeline(tokens, gpu, cpu, copy, model, staging_slots, split, hidden_rows).end_s
+def predict_layer(*args: object, **kwargs: object) -> float:
+    """The layer's predicted seconds: ``layer_timeline``'s end, from the same arguments."""
+    return layer_timeline(*args, **kwargs).end_s
 
 
 def layer_timeline(
