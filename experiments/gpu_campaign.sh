@@ -32,8 +32,9 @@
 #   3. `paths-ab` (~6 min, ROUNDS=3): the executor learning where its paths end (adapt_paths,
 #      eighteenth session; off by default, so the sweeps' engine is unchanged) against not, in
 #      both CPU modes at 15 threads. If it wins, it becomes the default (EngineOptions) and the
-#      README's decode share is re-measured with it.
-#   4. `head-marks` where a call has ~3 minutes left: the 0.17-0.29 ms a decode layer spends
+#      README's decode share is re-measured with it. Its timed layers carry the head's marks
+#      (planned, hidden_down, out_free, gathered) too: after it, `head-marks` is not needed.
+#   4. `head-marks` (only if paths-ab did not run) where a call has ~3 minutes left: the 0.17-0.29 ms a decode layer spends
 #      between the routing read and the CPU job's submission, divided (the largest serial piece
 #      left of the decode gap; the torch bookkeeping on 2-element tensors in it takes ~25 us a
 #      layer on the development machine, plain Python ~4: too little to be the rest).
