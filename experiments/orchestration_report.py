@@ -7,7 +7,9 @@ as ``fiddler.orchestrator`` records it); from the sampled timed layers, the rate
 path moved expert bytes while it was busy (CPU: the experts' bytes it computed over
 cpu_begin..cpu_end; copies: the bytes copied over copies_begin..copies_landed), all missing
 experts' bytes over the whole layers, and the mean time before the CPU began and after the main
-thread's wait was over; and the timed prefill against the planner's prediction (where TTFT goes).
+thread's wait was over; the path offsets a variant learned (``--adapt-paths``: how late the
+CPU's compute and the last copy ended against the plan, as the planner then used them); and the
+timed prefill against the planner's prediction (where TTFT goes).
 
 Usage: python experiments/orchestration_report.py DIR [--out FILE]   (markdown on stdout or FILE)
 """
@@ -72,6 +74,16 @@ def variant_rows(run: dict, folder: Path, variant: str) -> list[str]:
             + " | ".join(_cell(timeline.get(mark)) for mark in MARKS)
             + " |"
         )
+    return rows
+
+
+def offset_rows(run: dict, variant: str) -> list[str]:
+    """One row per policy whose run learned path offsets (any not zero), in ms."""
+    rows = []
+    for policy, result in run.get("speed", {}).get("policies", {}).items():
+        offsets = result.get("path_offsets_ms") or {}
+        if any(offsets.values()):
+            rows.append(f"| {variant} | {policy} | {_cell(offsets.get('cpu'))} | {_cell(offsets.get('copy'))} |")
     return rows
 
 
@@ -207,13 +219,24 @@ def report(directory: Path) -> str:
         + " |",
         "|" + "---|" * (8 + len(MARKS)),
     ]
+    offsets = [
+        "",
+        "Path offsets learned in the run (`--adapt-paths`; the last generation's, ms): how much later "
+        "than the plan's timeline the CPU's compute and the last copy ended, as the planner then used them.",
+        "",
+        "| variant | policy | CPU offset ms | copy offset ms |",
+        "|" + "---|" * 4,
+    ]
     prefill_body: list[str] = []
+    offset_body: list[str] = []
     for variant, path in runs:
         run = json.loads(path.read_text())
         lines += variant_rows(run, path.parent, variant)
         rates += rate_rows(run, variant)
+        offset_body += offset_rows(run, variant)
         prefill_body += prefill_rows(run, variant)
-    return "\n".join(lines + rates + (prefill + prefill_body if prefill_body else [])) + "\n"
+    tables = lines + rates + (offsets + offset_body if offset_body else [])
+    return "\n".join(tables + (prefill + prefill_body if prefill_body else [])) + "\n"
 
 
 def main() -> int:

@@ -1,6 +1,7 @@
 """The orchestration report: one row per variant and policy, the timeline's marks in order, the
-timed prefill beside the planner's prediction, the untimed decode's CPU job, one run's folder as well as the threads-ab
-variants, each row beside the calibration it planned with, and a clear error for a folder without runs."""
+timed prefill beside the planner's prediction, the untimed decode's CPU job, the path offsets a run
+learned, one run's folder as well as the threads-ab variants, each row beside the calibration it
+planned with, and a clear error for a folder without runs."""
 
 import json
 import sys
@@ -135,3 +136,17 @@ def test_the_untimed_cpu_job_per_job_and_absent_in_older_runs(tmp_path):
     path.write_text(json.dumps(run))
     row = next(line for line in report(tmp_path).splitlines() if line.startswith("| default | hybrid | 1 |"))
     assert row.endswith("| 0.30 | 4.00 |")
+
+
+def test_learned_path_offsets_are_shown_only_where_a_run_learned_some(tmp_path):
+    write_variant(tmp_path, "paths", 6.1, {"routed": 0.1, "end": 5.0})
+    assert "Path offsets" not in report(tmp_path)
+    run_file = tmp_path / "ab-paths" / "orchestration.json"
+    run = json.loads(run_file.read_text())
+    row = run["speed"]["policies"]["hybrid"]
+    run["speed"]["policies"]["hybrid adapting path ends"] = row | {"path_offsets_ms": {"cpu": 0.31, "copy": 0.84}}
+    row["path_offsets_ms"] = {"cpu": 0.0, "copy": 0.0}
+    run_file.write_text(json.dumps(run))
+    text = report(tmp_path)
+    assert "| paths | hybrid adapting path ends | 0.31 | 0.84 |" in text
+    assert "| paths | hybrid | 0.00 | 0.00 |" not in text
