@@ -648,14 +648,10 @@ def replaced_markdown(raw: list[dict], replaced: list[dict]) -> str:
     ones in the run folder's raw-replaced.csv, out of the tables): per system, how many, which
     commits measured the old and the new (a new one that failed is not counted: the resume
     retries it). Empty when none were."""
-    from harness.runner import KEY
+    from harness.runner import run_key
 
     if not replaced:
         return ""
-
-    def identity(row: dict) -> tuple[str, ...]:
-        return tuple(str(row[k]) for k in KEY)
-
     lines = [
         "",
         "## Rows measured again after a fix",
@@ -663,13 +659,13 @@ def replaced_markdown(raw: list[dict], replaced: list[dict]) -> str:
         "Replaced rows are kept in raw-replaced.csv, out of the tables.",
         "",
         "| system | rows replaced | measured before by | measured again | by |",
-        "|---|---|---|---|",
+        "|---|---|---|---|---|",
     ]
     for system in dict.fromkeys(r["system"] for r in replaced):
         old = [r for r in replaced if r["system"] == system]
-        keys = {identity(r) for r in old}
+        keys = {run_key(r) for r in old}
         new = [
-            r for r in raw if r["system"] == system and identity(r) in keys and r.get("status") in MEASURED_ROW_STATUSES
+            r for r in raw if r["system"] == system and run_key(r) in keys and r.get("status") in MEASURED_ROW_STATUSES
         ]
         lines.append(f"| {system} | {len(old)} | {_commits(old)} | {len(new)} | {_commits(new)} |")
     return "\n".join(lines) + "\n"

@@ -157,7 +157,7 @@ def _write_raw(path: Path, rows: list[dict]) -> None:
 
 def same_measurement(a: dict, b: dict) -> bool:
     """Two raw rows of one generation: the same run and the same step times."""
-    return _key(a) == _key(b) and str(a["step_times_s"]) == str(b["step_times_s"])
+    return run_key(a) == run_key(b) and str(a["step_times_s"]) == str(b["step_times_s"])
 
 
 def _set_aside(path: Path, row: dict) -> None:
@@ -172,7 +172,7 @@ def _set_aside(path: Path, row: dict) -> None:
 def _measured_again(rows: dict[tuple, dict], kept_path: Path) -> set[tuple]:
     """Keys of rows already measured again: their kept measurement is not the one ``rows`` holds
     (one that ``rows`` still holds was not replaced yet: a stop between the two writes)."""
-    return {_key(r) for r in read_raw(kept_path) if _key(r) in rows and not same_measurement(r, rows[_key(r)])}
+    return {run_key(r) for r in read_raw(kept_path) if run_key(r) in rows and not same_measurement(r, rows[run_key(r)])}
 
 
 def read_raw(path: Path) -> list[dict]:
@@ -185,7 +185,8 @@ def read_raw(path: Path) -> list[dict]:
     return frame.to_dict("records")
 
 
-def _key(row: dict) -> tuple:
+def run_key(row: dict) -> tuple:
+    """The run a raw row measures (its ``KEY`` columns, as text: rows read back compare equal)."""
     return tuple(str(row[k]) for k in KEY)
 
 
@@ -254,7 +255,7 @@ def run_sweep(spec: SweepSpec) -> Path:
     raw_path = spec.out / "raw.csv"
     # by key: a resumed sweep runs failed rows again, and each keeps its place (and its failure on
     # record) until its run is measured anew
-    rows = {_key(r): r for r in read_raw(raw_path)}
+    rows = {run_key(r): r for r in read_raw(raw_path)}
     # rows measured again, and the file each replaced one is kept in: a row of a system named in
     # remeasure_systems first, then a disturbed one; each once
     set_aside_into: dict[tuple, str] = {}
@@ -271,7 +272,7 @@ def run_sweep(spec: SweepSpec) -> Path:
     done = {key for key, r in rows.items() if r["status"] != "failed"} - set(set_aside_into)
     longest = max(r.input_tokens + r.output_tokens for r in plan)
     # what this invocation may measure; rows of later rounds or other systems are not its progress
-    scope = {_key(_row_key(name, r, i)) for name in systems for r in plan for i in range(rounds)}
+    scope = {run_key(_row_key(name, r, i)) for name in systems for r in plan for i in range(rounds)}
     progress = _Progress(len(scope), len(scope & done))
     base = {
         "model": config.name,
@@ -295,10 +296,10 @@ def run_sweep(spec: SweepSpec) -> Path:
     def put(row: dict) -> None:
         """Into ``rows``; a measurement it replaces (a row measured again, or that failed to be)
         is kept first, in the file its reason to be measured again names."""
-        old = rows.get(_key(row))
+        old = rows.get(run_key(row))
         if old is not None and old["status"] in MEASURED_ROW_STATUSES:
-            _set_aside(spec.out / set_aside_into[_key(row)], old)  # a measured row is replaced only so
-        rows[_key(row)] = row
+            _set_aside(spec.out / set_aside_into[run_key(row)], old)  # only rows set aside at the start are
+        rows[run_key(row)] = row
 
     def record(name: str, todo: list[tuple[Run, int]], status: str, reason: str) -> None:
         """One row per run the system still had to do, all with the same status."""
@@ -378,7 +379,7 @@ def run_sweep(spec: SweepSpec) -> Path:
     try:
         for round_index in range(rounds):
             for name in systems:
-                todo = [(r, round_index) for r in plan if _key(_row_key(name, r, round_index)) not in done]
+                todo = [(r, round_index) for r in plan if run_key(_row_key(name, r, round_index)) not in done]
                 if todo and name in given_up:
                     record(name, todo, *given_up[name])
                 elif todo and too_late_for(name):

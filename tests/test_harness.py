@@ -17,7 +17,7 @@ from fiddler.config import ModelConfig
 from fiddler.tokenizer import find_tokenizer
 from harness import prompts as P
 from harness.report import SUMMARY_COLUMNS, render, summarize
-from harness.runner import KEY, SweepSpec, read_raw, run_sweep
+from harness.runner import KEY, SweepSpec, read_raw, run_key, run_sweep
 from harness.scenarios import cells, runs
 from harness.timing import cell_metrics, steps_within
 
@@ -607,7 +607,7 @@ def test_rows_of_a_fixed_system_are_measured_again_once(tmp_path, loads):
 
     first = dataclasses.replace(spec(tmp_path), reference=None)
     out = run_sweep(first)
-    before = {_key_of(r): r for r in read_raw(out / "raw.csv")}
+    before = {run_key(r): r for r in read_raw(out / "raw.csv")}
     again = dataclasses.replace(first, remeasure_systems=("fiddler-paper",))
     loads.clear()
     run_sweep(again)
@@ -616,7 +616,7 @@ def test_rows_of_a_fixed_system_are_measured_again_once(tmp_path, loads):
     kept = read_raw(out / REPLACED_RAW)
     assert len(rows) == 8 and len(kept) == 4 and {r["system"] for r in kept} == {"fiddler-paper"}
     for r in rows:
-        same = r["step_times_s"] == before[_key_of(r)]["step_times_s"]
+        same = r["step_times_s"] == before[run_key(r)]["step_times_s"]
         assert same == (r["system"] == "expert-lru"), r["system"]
     commit = str(rows[0]["git_commit"])[:7]
     assert f"| fiddler-paper | 4 | {commit} | 4 | {commit} |" in (out / "tables.md").read_text()
@@ -648,10 +648,6 @@ def test_a_fixed_system_that_fails_to_be_measured_again_is_retried_and_its_row_k
     run_sweep(again)
     assert {r["status"] for r in read_raw(out / "raw.csv")} <= {"ok", "time-limited"}
     assert len(read_raw(out / runner.REPLACED_RAW)) == 4
-
-
-def _key_of(row: dict) -> tuple:
-    return tuple(str(row[k]) for k in KEY)
 
 
 def _same_run(a: dict, b: dict) -> bool:
