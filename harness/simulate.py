@@ -49,8 +49,9 @@ from typing import Any
 
 import torch
 
+from baselines.accelerate_offload import weights_allowance
+from baselines.base import SystemOptions, SystemRefused
 from baselines.expert_lru import spread_slots
-from baselines.hf_generate import decode_expert_copies_bytes
 from fiddler.calibrate import calibration_matches
 from fiddler.config import ModelConfig
 from fiddler.cost_model import LatencyModel
@@ -422,9 +423,13 @@ class _Simulator:
             if needed > budget:
                 return state, f"layer-streaming needs {needed / GB:.3g} GB"
         elif system == "accelerate-offload":
-            # the baseline's allowance (baselines.accelerate_offload): less generate's decode copies
-            copies = decode_expert_copies_bytes(cfg, torch.bfloat16, beams)
-            for_weights = budget - b.kv_cache - b.workspace - copies - 2 * cfg.vocab_size * cfg.hidden_size * BF16_BYTES
+            # the baseline's own allowance for weights (room kept for generate's decode copies)
+            options = SystemOptions(config=cfg, max_seq_len=max_seq_len, dtype=torch.bfloat16, beam_width=beams)
+            try:
+                allowance = weights_allowance(options, budget)
+            except SystemRefused:
+                allowance = 0
+            for_weights = allowance - 2 * cfg.vocab_size * cfg.hidden_size * BF16_BYTES
             state["layers_on_gpu"] = max(0, min(cfg.num_layers, for_weights // layer_bytes - 1))  # one for offload
         return state, None
 
