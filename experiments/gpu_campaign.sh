@@ -4,15 +4,15 @@
 # (kernels + orchestration ~6 min; baselines ~8 min; quick ~8 min). Results are packed into $OUT/campaign.tar.gz (the device tool
 # returns at most 8 files). Usage, on the GPU host from the repository root:
 #   bash experiments/gpu_campaign.sh kernels orchestration baselines quick
-# What is left (plan of 2026-12-02, eighteenth session; ~30 GPU minutes a session, a fresh machine
+# What is left (plan of 2026-12-02, nineteenth session; ~30 GPU minutes a session, a fresh machine
 # costs ~1 minute of it, and a machine goes back 30 s after a call: take the results and commit
-# at once). Done: orchestration runs 10-15 (15: threads-rounds, the thread/stream x 16/15 variants
-# interleaved: the defaults stay), prefill24 and beam24 (whole), llama v1 and v3 (v2 on a
-# disturbed calibration), cpu-sustained, sweep24 (whole, 108 of 108), sweep48 rounds 0-1 and
-# fiddler-hybrid's round 2 (36 of 48), stream24 (paused at 12 of 24: its question went to run
+# at once). Done: orchestration runs 10-16 (15: threads-rounds, the thread/stream x 16/15 variants
+# interleaved: the defaults stay; 16: paths-ab, adapt_paths loses: it stays off), prefill24 and
+# beam24 (whole), llama v1 and v3 (v2 on a disturbed calibration), cpu-sustained, sweep24 (whole,
+# 108 of 108), sweep48 (whole, 48 of 48), stream24 (paused at 12 of 24: its question went to run
 # 15), acc-mem24 and acc-trace (accelerate-offload's excess is transformers' decode step copying
-# the routed experts' weights, batched_mm: fixed in baselines/accelerate_offload.py). After each
-# call run
+# the routed experts' weights, batched_mm: fixed in baselines/accelerate_offload.py), acc24-again
+# round 0 (4 of 12 rows). After each call run
 # `bash tools/take_campaign_results.sh DIR` (DIR: the folder its files came back to) and commit
 # BEFORE the next call: the tree travels with each call, and a sweep resumes from the rows it
 # carries (the seventh session re-measured a piece for want of this). Pass carry [".carry"]
@@ -21,24 +21,15 @@
 # `$(git rev-parse ...)` runs on the device, whose copy of .git is not this session's.
 # Sweeps count SWEEP_SECONDS from the script's start, so stages chain within one call; a resumed
 # sweep calibrates its machine first (~15 s, machine-calibrations/ in the run folder). Next:
-#   1. `sweep48` (SWEEP_SECONDS=565, then ~556): its last 12 generations (fiddler-paper,
-#      expert-lru, expert-lru-prefetch of round 2; ~14 min: 2 calls). When whole, `python -m
-#      harness headline DIR --output 512` prints the README's 48 GB tables; drop "interim" there,
-#      re-validate.
-#   2. `acc24-again` (a call a round, ~6.5-8 min as in sweep24's piece 18: 3 calls over two
-#      sessions; SWEEP_SECONDS=565, the stage stops itself between rounds when time is short): sweep24's
-#      accelerate-offload rows with the fixed reservation (6 decoder layers resident at 24 GB
-#      instead of 7); the README's 24 GB figures for it change with them.
-#   3. `paths-ab` (~6 min, ROUNDS=3): the executor learning where its paths end (adapt_paths,
-#      eighteenth session; off by default, so the sweeps' engine is unchanged) against not, in
-#      both CPU modes at 15 threads. If it wins, it becomes the default (EngineOptions) and the
-#      README's decode share is re-measured with it. Its timed layers carry the head's marks
-#      (planned, hidden_down, out_free, gathered) too: after it, `head-marks` is not needed.
-#   4. `head-marks` (only if paths-ab did not run) where a call has ~3 minutes left: the 0.17-0.29 ms a decode layer spends
-#      between the routing read and the CPU job's submission, divided (the largest serial piece
-#      left of the decode gap; the torch bookkeeping on 2-element tensors in it takes ~25 us a
-#      layer on the development machine, plain Python ~4: too little to be the rest).
-#   Engine changes to the decode path's defaults wait until sweep48 is whole (one engine per sweep).
+#   1. `acc24-again` (a call a round, ~6.5 min as round 0 took: 2 calls; SWEEP_SECONDS=565, the
+#      stage stops itself between rounds when time is short): sweep24's accelerate-offload rows
+#      of rounds 1-2 with the fixed reservation (round 0's four: peak 21.24-21.27 GB, within 24).
+#      Then the sweep24 README's and the top README's accelerate-offload figures and memory line,
+#      and sweep24 re-validated.
+#   2. The decode gap (orchestration run 16 lists what is left by size): time the CPU job on
+#      split blocks of an expert against whole ones at decode's one row, from the engine's worker
+#      beside copies (the CPU path moved 85 GB/s while busy against the calibration's ~102).
+#   `head-marks` is no longer needed (run 16's timed layers carry the head's marks).
 #   Optional: the cause of the prefill CPU job's 1.06-1.28x over decode's (results/orchestration-h200/
 #      run 11): time the kernel at 32-64 tokens from the engine's worker on its pinned expert pool.
 # Stages (in the order given):
