@@ -391,6 +391,13 @@ def machine_calibrations_named(raw: list[dict], run_dir: Path) -> dict[str, dict
     return found
 
 
+def steady_machine_calibrations(machines: dict[str, dict]) -> dict[str, dict]:
+    """Those of ``machines`` (name -> contents) measured on a steady host: a calibration that
+    says it was disturbed (``fiddler.steadiness``) prices its machine slower than it was and
+    would lower the bound of the rows measured there, so those rows take the run's instead."""
+    return {name: machine for name, machine in machines.items() if not recorded_problems(machine)}
+
+
 def _resident_experts(raw: list[dict], compared: list[str]) -> int | None:
     """How many experts Fiddler's placement kept on the accelerator under the run's budget (the
     compared Fiddler systems' rows); None when no such row says, or they disagree."""
@@ -443,8 +450,10 @@ def bounds_markdown(
     rows do not record decode's own), then every system's long-prefill TTFT against the
     copy-bound limit; empty when the run has no such cells, or its model does not resolve or
     does not match the calibration. ``machines`` (a machine calibration's run-folder-relative
-    name -> its contents, for rows that name one: ``harness run --calibrate-machine``): a cell's
-    bound is then the median over its rows of the bound on each row's machine."""
+    name -> its contents, for rows that name one: ``harness run --calibrate-machine``; ``render``
+    passes the steady ones, ``steady_machine_calibrations``): a cell's bound is then the median
+    over its rows of the bound on each row's machine, the run's calibration's for a row whose
+    machine is not among them."""
     import torch
 
     from fiddler.bounds import decode_bound_tokens_per_s
@@ -483,7 +492,8 @@ def bounds_markdown(
         f"(`fiddler.bounds`). Issue 8's target for fiddler-hybrid: {BOUND_TARGET:.0%} of it. "
         "A hit rate marked + is the whole run's (prefill included): the rows did not record decode's own. "
         "Where rows name the calibration of the machine that measured them (`harness run --calibrate-machine`), "
-        "a cell's bound is the median over its rows of each machine's.",
+        "a cell's bound is the median over its rows of each machine's (the run's, for a row whose machine "
+        "calibration was measured on a disturbed host).",
         "",
         "| system | input/output | GPU hit rate | decode tokens/s | bound | share of bound |",
         "|---|---|---|---|---|---|",
@@ -588,7 +598,7 @@ def render(run_dir: str | Path) -> pd.DataFrame:
     calibration = None
     if (run_dir / "calibration.json").exists():  # a sweep's own calibration (experiments/gpu_campaign.sh)
         calibration = json.loads((run_dir / "calibration.json").read_text())
-        machines = machine_calibrations_named(raw, run_dir)
+        machines = steady_machine_calibrations(machine_calibrations_named(raw, run_dir))
         tables += bounds_markdown(summary, calibration, raw, matrix.get("compared") or matrix["systems"], machines)
 
     # a kept row raw.csv still holds was not replaced (the sweep stopped between the two writes)

@@ -772,6 +772,16 @@ def test_a_resumed_piece_calibrates_its_machine_and_validation_prices_its_rows_t
     plain_bounds = bounds(bounds_markdown(summary, base, raw_now, ["fiddler-paper"]))
     machine_bounds = bounds(bounds_markdown(summary, base, raw_now, ["fiddler-paper"], machines))
     assert len(plain_bounds) == 2 and all(m < p for m, p in zip(machine_bounds, plain_bounds, strict=True))
+    # the same file saying its host was disturbed: the bound, which it would lower, takes the run's;
+    # validation still prices the row there (the prediction as made before it: the host may stay slow)
+    from harness.report import steady_machine_calibrations
+
+    slow["steadiness"] = {"attempt": 1, "attempts": 1, "problems": ["the hypervisor kept 1.32 cores busy"]}
+    save_calibration(slow, machine)
+    steady = steady_machine_calibrations(machine_calibrations_named(raw_now, out))
+    assert steady == {} and bounds(bounds_markdown(summary, base, raw_now, ["fiddler-paper"], steady)) == plain_bounds
+    still = validate(out, "h200-host", calibration, samples=2, per_machine=True)
+    assert still.predicted.tolist() == pytest.approx(priced.predicted.tolist())
     with pytest.raises(ValueError, match="do not combine"):
         validate(out, "h200-host", calibration, corrections={"fiddler-paper": (1.0, 1.0)}, per_machine=True)
     with pytest.raises(ValueError, match="--calibrate-machine"):
