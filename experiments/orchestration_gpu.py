@@ -34,9 +34,9 @@ from pathlib import Path
 
 import torch
 
-from fiddler.bounds import decode_bound_tokens_per_s
+from fiddler.bounds import decode_bound_tokens_per_s, same_window_model
 from fiddler.build import EngineOptions, build_engine, latency_model
-from fiddler.calibrate import DEFAULT_TOKEN_COUNTS, calibrate, save_calibration
+from fiddler.calibrate import DEFAULT_TOKEN_COUNTS, calibrate, load_calibration, save_calibration
 from fiddler.config import resolve_model
 from fiddler.cpu_experts import AUTO
 from fiddler.engine import Engine
@@ -237,6 +237,10 @@ def speed(args, calibrations: dict[int | None, Path]) -> dict:
         finite = math.isfinite(bound)
         row["decode_bound_tokens_per_s"] = bound if finite else None
         row["share_of_bound"] = row["decode_tokens_per_s"] / bound if finite else None
+        # the same with both paths' rates from one window of the calibration, where it records that
+        window = same_window_model(load_calibration(calibrations[entry["threads"]]))
+        same = decode_bound_tokens_per_s(config, window, row["gpu_hit_rate_decode"]) if window else math.inf
+        row["decode_bound_same_window_tokens_per_s"] = same if math.isfinite(same) else None
         layer_log, timed = entry["layer_log"], entry["timed"]
         decode_layers = [e for e in layer_log if sum(e["tokens"].values()) <= decode_rows]
         row["layer_timing_decode"] = {

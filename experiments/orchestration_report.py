@@ -67,9 +67,13 @@ def variant_rows(run: dict, folder: Path, variant: str) -> list[str]:
         timing = result.get("layer_timing_decode", {})
         timeline = timing.get("timeline_ms_median", {})
         share = result.get("share_of_bound")  # recorded since the handoff-ab stage
+        shown = "-" if share is None else f"{share:.0%}"
+        same = result.get("decode_bound_same_window_tokens_per_s")  # where the calibration records it
+        if same:
+            shown += f" ({result['decode_tokens_per_s'] / same:.0%} one window)"
         rows.append(
             f"| {variant} | {policy} | {_cell(result['decode_tokens_per_s'])} | "
-            f"{'-' if share is None else f'{share:.0%}'} | {_cell(result['ttft_s'])} | "
+            f"{shown} | {_cell(result['ttft_s'])} | "
             f"{_cell(cpu_1 * 1e3 if cpu_1 else None)} | {_cell(slowdown)} | {_cell(timing.get('measured_ms_mean'))} | "
             + " | ".join(_cell(timeline.get(mark)) for mark in MARKS)
             + " |"
@@ -189,7 +193,9 @@ def report(directory: Path) -> str:
         f"# Orchestration runs side by side ({directory})",
         "",
         "Decode tokens/s and TTFT as measured untimed, and that decode's share of the bandwidth bound "
-        "(`fiddler.bounds`, the run's calibration and decode GPU hit rate); the calibration's CPU expert "
+        "(`fiddler.bounds`, the run's calibration and decode GPU hit rate; in brackets, of the bound with "
+        "both paths' rates from one window of the calibration, `same_window_model`, where it records that); "
+        "the calibration's CPU expert "
         "at one token; the mean timed decode layer and the median of each timeline mark (ms from the "
         "layer's start; timing synchronises every layer, which the stream CPU mode's gain needs not to).",
         "",

@@ -13,10 +13,17 @@ as free), so any real decode is slower. Issue 8 holds ``fiddler-hybrid`` to 85% 
 every expert the accelerator does not hold copied once at the calibrated copy time (a long
 prompt routes tokens to every expert), the time a copy-only prefill cannot beat; Fiddler is
 held to 1.2x of it, using the CPU path for experts with few tokens.
+
+``same_window_model(calibration)`` is the calibration's model with the copies' slowdown taken
+in the window where the CPU's was measured (``concurrent.copy_slowdown_same_window``): both
+paths' rates at one moment, where the calibration's own pair comes from two windows, each
+path timed while the other loads the host's memory. Its bound tells whether the host gives both
+rates at once; issue 8's target stays on the calibration's bound. None for files without it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 from fiddler.config import ModelConfig
@@ -47,6 +54,14 @@ def decode_bound_tokens_per_s(config: ModelConfig, model: LatencyModel, gpu_hit_
     missing = config.num_layers * config.num_experts_per_token * (1.0 - gpu_hit_rate)
     seconds = missing_experts_s(model, missing)
     return math.inf if seconds == 0 else 1.0 / seconds
+
+
+def same_window_model(calibration: dict[str, object]) -> LatencyModel | None:
+    """The calibration's model with both paths' slowdowns from one window (the module's contract)."""
+    slowdown = (calibration.get("concurrent") or {}).get("copy_slowdown_same_window")
+    if slowdown is None:
+        return None
+    return dataclasses.replace(LatencyModel.from_calibration(calibration), copy_slowdown=float(slowdown))
 
 
 def prefill_copy_bound_s(config: ModelConfig, model: LatencyModel, resident: int) -> float:

@@ -24,7 +24,11 @@ schema ``fiddler-calibration`` version 1 (``save_calibration`` writes it atomica
   ``copy_slowdown`` (copy time while CPU experts run / alone); ``measured`` false where there
   is no accelerator to copy to (then both are 1); ``cpu_slowdown_by_tokens`` (token count ->
   the CPU's slowdown at that count, recorded, not yet read by the planner; files from before
-  it lack it).
+  it lack it); ``copy_slowdown_same_window`` (the copies' time per expert over the window in
+  which ``cpu_slowdown`` was measured, the CPU computing throughout, / alone: with
+  ``cpu_slowdown``, both paths' rates at one moment, where ``copy_slowdown`` is taken in a window
+  of its own; recorded for ``fiddler.bounds.same_window_model``, not read by the planner; files
+  from before it lack it).
 - ``cpu_share``: ``shares`` (parts of an expert, in split blocks) and ``fraction_of_whole``
   (their CPU time for one token over the whole expert's); the planner reads it to divide an
   expert between the paths (added in this version; older files without it mean proportional).
@@ -322,15 +326,18 @@ def _measure_concurrency(device, kernel, cold, slot13, slot2, repeats, token_cou
         kernel(rows, *cold.next(0))
         return host_clock.now() - start
 
-    def cpu_beside_copies(rows: torch.Tensor) -> tuple[float, list[float]]:
-        """The CPU alone (median), then its runs that overlapped queued copies from start to end."""
+    def cpu_beside_copies(rows: torch.Tensor) -> tuple[float, list[float], float]:
+        """The CPU alone (median), then its runs that overlapped queued copies from start to end,
+        and the copies' mean time over that window (the CPU computing throughout)."""
         alone = statistics.median(cpu_once(rows) for _ in range(samples))
         with on_stream(stream):  # keep the copy engine busy for the whole CPU measurement
+            began = torch.cuda.Event(enable_timing=True)
+            began.record(stream)
             for _ in range(CONCURRENT_COPIES):
                 w13, w2 = cold.next(1)
                 slot13.copy_(w13, non_blocking=True)
                 slot2.copy_(w2, non_blocking=True)
-            done = torch.cuda.Event()
+            done = torch.cuda.Event(enable_timing=True)
             done.record(stream)
         together = []
         while not done.query():
@@ -338,7 +345,7 @@ def _measure_concurrency(device, kernel, cold, slot13, slot2, repeats, token_cou
             if not done.query():
                 together.append(elapsed)
         done.synchronize()
-        return alone, together
+        return alone, together, began.elapsed_time(done) / 1e3 / CONCURRENT_COPIES
 
     def timed_copies(count: int) -> list[float]:
         times = []
@@ -354,10 +361,10 @@ def _measure_concurrency(device, kernel, cold, slot13, slot2, repeats, token_cou
                 times.append(start.elapsed_time(end) / 1e3)
         return times
 
-    cpu_alone, cpu_samples = cpu_beside_copies(x)
+    cpu_alone, cpu_samples, copy_same_window = cpu_beside_copies(x)
     by_tokens = {}
     for n in sorted(set(CONCURRENT_PROBE_TOKENS) & set(token_counts)):
-        alone, together = cpu_beside_copies(torch.randn(n, slot13.shape[1]).to(slot13.dtype))
+        alone, together, _ = cpu_beside_copies(torch.randn(n, slot13.shape[1]).to(slot13.dtype))
         if together:
             by_tokens[str(n)] = statistics.median(together) / alone
 
@@ -378,6 +385,7 @@ def _measure_concurrency(device, kernel, cold, slot13, slot2, repeats, token_cou
         "measured": bool(cpu_samples),
         "cpu_slowdown": cpu_together / cpu_alone,
         "copy_slowdown": copy_together / copy_alone,
+        "copy_slowdown_same_window": copy_same_window / copy_alone,
         "cpu_alone_s": cpu_alone,
         "cpu_samples": len(cpu_samples),
         "cpu_slowdown_by_tokens": by_tokens,

@@ -456,7 +456,7 @@ def bounds_markdown(
     machine is not among them."""
     import torch
 
-    from fiddler.bounds import decode_bound_tokens_per_s
+    from fiddler.bounds import decode_bound_tokens_per_s, same_window_model
     from fiddler.calibrate import calibration_matches
     from fiddler.config import resolve_recorded_model
     from fiddler.cost_model import LatencyModel
@@ -469,12 +469,14 @@ def bounds_markdown(
         if calibration_matches(calibration, config, getattr(torch, calibration["model"]["dtype"])):
             return ""
         model = LatencyModel.from_calibration(calibration)
+        window = same_window_model(calibration)
     except (FileNotFoundError, ValueError, KeyError, AttributeError):
         return ""
-    on_machine = {}
+    on_machine, window_on_machine = {}, {}
     for name, machine in (machines or {}).items():
         with contextlib.suppress(ValueError, KeyError):  # an unreadable one: its rows take the run's
             on_machine[name] = LatencyModel.from_calibration(machine)
+            window_on_machine[name] = same_window_model(machine)
     prefill = prefill_bound_markdown(summary, config, model, raw, compared)
     cells = summary[
         summary.system.isin(BOUND_SYSTEMS) & (summary.scenario == "single-batch") & summary.gpu_hit_rate.notna()
@@ -494,21 +496,44 @@ def bounds_markdown(
         "Where rows name the calibration of the machine that measured them (`harness run --calibrate-machine`), "
         "a cell's bound is the median over its rows of each machine's (the run's, for a row whose machine "
         "calibration was measured on a disturbed host).",
-        "",
-        "| system | input/output | GPU hit rate | decode tokens/s | bound | share of bound |",
-        "|---|---|---|---|---|---|",
     ]
+    rows = []
     for r in cells.sort_values(["system", "input_tokens", "output_tokens"]).itertuples():
         key = (r.system, r.scenario, int(r.input_tokens), int(r.beam_width))
         hit, mark = (decode_rates[key], "") if key in decode_rates else (float(r.gpu_hit_rate), "+")
         cell = (r.system, r.scenario, int(r.input_tokens), int(r.output_tokens), int(r.beam_width))
-        measured_on = [on_machine.get(name, model) if name else model for name in machines_of_cell(measured_by, cell)]
-        bound = statistics.median(decode_bound_tokens_per_s(config, m, hit) for m in measured_on or [model])
-        shown = (f"{bound:.3g}", f"{r.decode_tokens_per_s / bound:.0%}") if math.isfinite(bound) else ("-", "-")
-        lines.append(
-            f"| {r.system} | {r.input_tokens}/{r.output_tokens} | {hit:.1%}{mark} | "
-            f"{r.decode_tokens_per_s:.3g} | {shown[0]} | {shown[1]} |"
+        names = machines_of_cell(measured_by, cell) or [None]
+        bound = statistics.median(decode_bound_tokens_per_s(config, on_machine.get(n, model), hit) for n in names)
+        one_window = [window_on_machine.get(n, window) if n in on_machine else window for n in names]
+        same = (
+            statistics.median(decode_bound_tokens_per_s(config, m, hit) for m in one_window)
+            if all(one_window)
+            else None
         )
+        rows.append((r, hit, mark, bound, same))
+    with_window = any(same is not None for *_, same in rows)
+    header = "| system | input/output | GPU hit rate | decode tokens/s | bound | share of bound |"
+    if with_window:
+        lines.append(
+            "One window: the bound with the copies' slowdown taken in the window where the CPU's was "
+            "(`fiddler.bounds.same_window_model`: both paths' rates at one moment), for calibrations that "
+            "record it; it tells whether the host gives both paths' calibrated rates at once (the target "
+            "stays on the bound)."
+        )
+        header += " one-window bound | share of it |"
+    lines += ["", header, "|---" * header.count(" | ") + "|---|"]
+
+    def figure(bound: float | None, tokens_per_s: float) -> str:
+        if bound is None or not math.isfinite(bound):
+            return "- | -"
+        return f"{bound:.3g} | {tokens_per_s / bound:.0%}"
+
+    for r, hit, mark, bound, same in rows:
+        line = (
+            f"| {r.system} | {r.input_tokens}/{r.output_tokens} | {hit:.1%}{mark} | "
+            f"{r.decode_tokens_per_s:.3g} | {figure(bound, r.decode_tokens_per_s)} |"
+        )
+        lines.append(line + (f" {figure(same, r.decode_tokens_per_s)} |" if with_window else ""))
     return "\n".join(lines) + "\n" + prefill
 
 

@@ -12,7 +12,7 @@ import torch
 from test_harness import spec
 from test_planner import HOST_LIKE
 
-from fiddler.bounds import decode_bound_tokens_per_s, missing_experts_s, prefill_copy_bound_s
+from fiddler.bounds import decode_bound_tokens_per_s, missing_experts_s, prefill_copy_bound_s, same_window_model
 from fiddler.calibrate import calibrate, load_calibration, save_calibration
 from fiddler.config import ModelConfig
 from fiddler.cost_model import LatencyModel
@@ -61,6 +61,22 @@ def test_a_sweep_with_its_calibration_reports_fiddler_against_the_bound(tmp_path
     bound = decode_bound_tokens_per_s(config, model, hit)
     decode = row.decode_tokens_per_s
     assert f"| {hit:.1%} | {decode:.3g} | {bound:.3g} | {decode / bound:.0%} |" in tables
+    assert "one-window bound" not in tables  # the calibration does not record it (no accelerator)
+
+    # a calibration that times the copies in the CPU's window too: the copies were slower there
+    calibration = load_calibration(run / "calibration.json")
+    assert same_window_model(calibration) is None
+    calibration["concurrent"] |= {"cpu_slowdown": 1.1, "copy_slowdown": 1.05, "copy_slowdown_same_window": 1.6}
+    save_calibration(calibration, run / "calibration.json")
+    render(run)
+    tables = (run / "tables.md").read_text()
+    window = same_window_model(calibration)
+    assert window.copy_slowdown == 1.6 and window.cpu_slowdown == 1.1
+    bound = decode_bound_tokens_per_s(config, LatencyModel.from_calibration(calibration), hit)
+    lower = decode_bound_tokens_per_s(config, window, hit)
+    assert lower <= bound
+    line = f"| {decode:.3g} | {bound:.3g} | {decode / bound:.0%} | {lower:.3g} | {decode / lower:.0%} |"
+    assert line in tables and "| one-window bound | share of it |" in tables
 
 
 def test_prefill_copy_bound_copies_every_expert_not_held():

@@ -50,6 +50,9 @@ def test_the_share_of_the_bound_is_shown_where_recorded(tmp_path):
     run["speed"]["policies"]["hybrid"]["share_of_bound"] = 0.824
     run_file.write_text(json.dumps(run))
     assert "| stream | hybrid | 6.60 | 82% | 0.50 |" in report(tmp_path)
+    run["speed"]["policies"]["hybrid"]["decode_bound_same_window_tokens_per_s"] = 7.5
+    run_file.write_text(json.dumps(run))
+    assert "| stream | hybrid | 6.60 | 82% (88% one window) | 0.50 |" in report(tmp_path)
 
 
 def test_a_row_of_a_thread_ab_run_shows_its_own_calibration(tmp_path):
