@@ -26,10 +26,10 @@
 #      of rounds 1-2 with the fixed reservation (round 0's four: peak 21.24-21.27 GB, within 24).
 #      Then the sweep24 README's and the top README's accelerate-offload figures and memory line,
 #      and sweep24 re-validated.
-#   2. The decode gap (orchestration run 16 lists what is left by size): time the CPU job on
-#      split blocks of an expert against whole ones at decode's one row, from the engine's worker
-#      beside copies (the CPU path moved 85 GB/s while busy against the calibration's ~102).
-#   `head-marks` is no longer needed (run 16's timed layers carry the head's marks).
+#   2. `window-bound` (~3 min) where a call has the time: whether the host gives both paths their
+#      calibrated rates at once (the README's decode breakdown: together ~130 GB/s in decode
+#      against the bound's 154); every machine calibration of step 1 records the one-window
+#      copy rate too. Then the decode target's closing note.
 #   Optional: the cause of the prefill CPU job's 1.06-1.28x over decode's (results/orchestration-h200/
 #      run 11): time the kernel at 32-64 tokens from the engine's worker on its pinned expert pool.
 # Stages (in the order given):
@@ -99,10 +99,10 @@
 #                  paths end (adapt_paths: offsets in the planning model, so the division follows
 #                  the measured ends), thread and stream modes at 15 threads, ROUNDS=3 interleaved
 #                  rounds of 48 tokens (~6 min), into results/orchestration-h200/paths-ab/
-#   head-marks     issue 8: hybrid in both CPU modes with the timed layers' new marks between the
-#                  routing read and the CPU job's submission (planned, hidden_down, out_free,
-#                  gathered): which of the 0.17-0.29 ms is planning, waiting or gathering (~2.5 min),
-#                  into results/orchestration-h200/head-marks/
+#   window-bound   issue 8: hybrid in stream mode at 15 threads, calibrated under them (the
+#                  calibration now times the copies in the CPU's window too), 2 rounds of 48 tokens
+#                  (~3 min): decode against the calibration's bound and the one-window bound
+#                  (fiddler.bounds.same_window_model), into results/orchestration-h200/window-bound/
 #   acc-trace      issue 8: where accelerate-offload's generation peak comes from at 24 GB: the allocation
 #                  at every hook around its device map's units and two levels inside them, 256
 #                  prompt tokens, 2 new (~3 min; experiments/module_memory.py), into
@@ -325,9 +325,9 @@ for name in "$@"; do
     # loading's peak recorded apart (row telemetry), on two prompt lengths (one load, ~5 min)
     acc-mem24) sweep acc-mem24 results/h200-accelerate-memory-24gb --scenario single-batch --inputs 32,256 \
                --outputs 4 --prompts-per-cell 1 --gpu-memory-gb 24 --systems accelerate-offload ;;
-    head-marks) stage head-marks timeout -k 10 "${MARKS_SECONDS:-240}" python3 experiments/orchestration_gpu.py \
-                  --out "$OUT/results/orchestration-h200/head-marks" --gpu-memory-gb 24 --new-tokens 48 --repeats 1 \
-                  --policies hybrid --cpu-modes thread,stream --check-layers 0 ;;
+    window-bound) stage window-bound timeout -k 10 "${WINDOW_SECONDS:-240}" python3 experiments/orchestration_gpu.py \
+                    --out "$OUT/results/orchestration-h200/window-bound" --gpu-memory-gb 24 --new-tokens 48 \
+                    --repeats 1 --rounds 2 --policies hybrid --cpu-modes stream --ab-threads 15 --check-layers 0 ;;
     acc-trace) stage acc-trace timeout -k 10 "${TRACE_SECONDS:-300}" python3 experiments/module_memory.py \
                  --out "$OUT/results/h200-accelerate-memory-24gb/trace-in256" --system accelerate-offload \
                  --gpu-memory-gb 24 --input-tokens 256 --new-tokens 2 ;;
