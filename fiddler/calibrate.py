@@ -313,7 +313,9 @@ def _measure_concurrency(device, kernel, cold, slot13, slot2, repeats, token_cou
     each against the same operation alone measured right before (the host is noisy). The CPU
     reads one set of experts and the copies the other, as in a real layer. The CPU's slowdown is
     also taken, for the record, at the larger ``CONCURRENT_PROBE_TOKENS`` the calibration
-    measures (the planner reads the one-token figure; runs found multi-token jobs slowed more)."""
+    measures (the planner reads the one-token figure; runs found multi-token jobs slowed more),
+    and the copies' time over the one-token window (``copy_slowdown_same_window``, where the CPU
+    ran inside it: both paths' rates at one moment)."""
     if device.type != "cuda":
         return {"measured": False, "cpu_slowdown": 1.0, "copy_slowdown": 1.0}
     host_clock = Clock("cpu")
@@ -381,15 +383,17 @@ def _measure_concurrency(device, kernel, cold, slot13, slot2, repeats, token_cou
     stop.set()
     worker.join()
     cpu_together = statistics.median(cpu_samples) if cpu_samples else cpu_alone
-    return {
+    found = {
         "measured": bool(cpu_samples),
         "cpu_slowdown": cpu_together / cpu_alone,
         "copy_slowdown": copy_together / copy_alone,
-        "copy_slowdown_same_window": copy_same_window / copy_alone,
         "cpu_alone_s": cpu_alone,
         "cpu_samples": len(cpu_samples),
         "cpu_slowdown_by_tokens": by_tokens,
     }
+    if cpu_samples:  # one operating point only where the CPU was timed inside the copies' window
+        found["copy_slowdown_same_window"] = copy_same_window / copy_alone
+    return found
 
 
 def _measure_shares(kernel, cold, hidden: int, dtype, repeats: int, generator) -> dict[str, list[float]]:

@@ -394,8 +394,16 @@ def machine_calibrations_named(raw: list[dict], run_dir: Path) -> dict[str, dict
 def steady_machine_calibrations(machines: dict[str, dict]) -> dict[str, dict]:
     """Those of ``machines`` (name -> contents) measured on a steady host: a calibration that
     says it was disturbed (``fiddler.steadiness``) prices its machine slower than it was and
-    would lower the bound of the rows measured there, so those rows take the run's instead."""
-    return {name: machine for name, machine in machines.items() if not recorded_problems(machine)}
+    would lower the bound of the rows measured there, so those rows take the run's instead (as
+    do a file's rows when it cannot be judged)."""
+
+    def steady(machine: dict) -> bool:
+        try:
+            return not recorded_problems(machine)
+        except (KeyError, TypeError, ValueError):  # malformed: not judged steady
+            return False
+
+    return {name: machine for name, machine in machines.items() if steady(machine)}
 
 
 def _resident_experts(raw: list[dict], compared: list[str]) -> int | None:
@@ -475,8 +483,8 @@ def bounds_markdown(
     on_machine, window_on_machine = {}, {}
     for name, machine in (machines or {}).items():
         with contextlib.suppress(ValueError, KeyError):  # an unreadable one: its rows take the run's
-            on_machine[name] = LatencyModel.from_calibration(machine)
-            window_on_machine[name] = same_window_model(machine)
+            both = LatencyModel.from_calibration(machine), same_window_model(machine)
+            on_machine[name], window_on_machine[name] = both
     prefill = prefill_bound_markdown(summary, config, model, raw, compared)
     cells = summary[
         summary.system.isin(BOUND_SYSTEMS) & (summary.scenario == "single-batch") & summary.gpu_hit_rate.notna()
@@ -495,7 +503,7 @@ def bounds_markdown(
         "A hit rate marked + is the whole run's (prefill included): the rows did not record decode's own. "
         "Where rows name the calibration of the machine that measured them (`harness run --calibrate-machine`), "
         "a cell's bound is the median over its rows of each machine's (the run's, for a row whose machine "
-        "calibration was measured on a disturbed host).",
+        "calibration was measured on a disturbed host or cannot be read).",
     ]
     rows = []
     for r in cells.sort_values(["system", "input_tokens", "output_tokens"]).itertuples():
@@ -514,12 +522,13 @@ def bounds_markdown(
     with_window = any(same is not None for *_, same in rows)
     header = "| system | input/output | GPU hit rate | decode tokens/s | bound | share of bound |"
     if with_window:
-        lines.append(
+        lines += [
+            "",
             "One window: the bound with the copies' slowdown taken in the window where the CPU's was "
             "(`fiddler.bounds.same_window_model`: both paths' rates at one moment), for calibrations that "
             "record it; it tells whether the host gives both paths' calibrated rates at once (the target "
-            "stays on the bound)."
-        )
+            "stays on the bound).",
+        ]
         header += " one-window bound | share of it |"
     lines += ["", header, "|---" * header.count(" | ") + "|---|"]
 

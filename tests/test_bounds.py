@@ -77,6 +77,49 @@ def test_a_sweep_with_its_calibration_reports_fiddler_against_the_bound(tmp_path
     assert lower <= bound
     line = f"| {decode:.3g} | {bound:.3g} | {decode / bound:.0%} | {lower:.3g} | {decode / lower:.0%} |"
     assert line in tables and "| one-window bound | share of it |" in tables
+    assert "\n" + "|---" * 8 + "|\n" in tables  # the separator spans the two added columns
+
+
+def test_a_cell_whose_machine_calibration_lacks_the_one_window_figure_shows_none():
+    """The run's calibration records it, the machine that measured the cell's row does not: that
+    cell's one-window bound is not made up from the run's calibration (-), another cell's is."""
+    import pandas as pd
+
+    from harness.report import bounds_markdown
+
+    config = ModelConfig.preset("mixtral-tiny")
+    base = calibrate(config, "cpu", torch.float32, token_counts=(1,))
+    base["concurrent"] |= {"cpu_slowdown": 1.1, "copy_slowdown": 1.05, "copy_slowdown_same_window": 1.6}
+    machine = dict(base, concurrent=dict(base["concurrent"]))
+    del machine["concurrent"]["copy_slowdown_same_window"]
+
+    def row(inputs, name):
+        telemetry = json.dumps({"machine_calibration": name} if name else {})
+        stats = json.dumps({"decode_gpu_hit_rate": 0.25})
+        return dict(system="fiddler-hybrid", scenario="single-batch", input_tokens=inputs, beam_width=1,
+                    run_output_tokens=8, status="ok", telemetry=telemetry, stats=stats)  # fmt: skip
+
+    raw = [row(16, "m/old.json"), row(32, None)]
+    summary = pd.DataFrame(
+        [
+            dict(
+                system="fiddler-hybrid",
+                scenario="single-batch",
+                model="mixtral-tiny",
+                num_layers=config.num_layers,
+                input_tokens=n,
+                output_tokens=8,
+                beam_width=1,
+                gpu_hit_rate=0.25,
+                decode_tokens_per_s=1.0,
+                ttft_s=0.1,
+            )
+            for n in (16, 32)
+        ]
+    )
+    text = bounds_markdown(summary, base, raw, ["fiddler-hybrid"], {"m/old.json": machine})
+    lines = {n: next(x for x in text.splitlines() if x.startswith(f"| fiddler-hybrid | {n}/8 |")) for n in (16, 32)}
+    assert lines[16].endswith("| - | - |") and not lines[32].endswith("| - | - |")
 
 
 def test_prefill_copy_bound_copies_every_expert_not_held():
