@@ -26,6 +26,9 @@
 #      of rounds 1-2 with the fixed reservation (round 0's four: peak 21.24-21.27 GB, within 24).
 #      Then the sweep24 README's and the top README's accelerate-offload figures and memory line,
 #      and sweep24 re-validated.
+#      The first call (SWEEP_SECONDS=565) measures round 1 and starts round 2 (finished rows
+#      stay); give the second `acc24-again window-bound` (SWEEP_SECONDS=565; the sweep ends when
+#      its rows are done, ~5 min, then window-bound runs).
 #   2. `window-bound` (~3 min) where a call has the time: whether the host gives both paths their
 #      calibrated rates at once (the README's decode breakdown: together ~130 GB/s in decode
 #      against the bound's 154); every machine calibration of step 1 records the one-window
