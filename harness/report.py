@@ -512,7 +512,7 @@ def bounds_markdown(
         cell = (r.system, r.scenario, int(r.input_tokens), int(r.output_tokens), int(r.beam_width))
         names = machines_of_cell(measured_by, cell) or [None]
         bound = statistics.median(decode_bound_tokens_per_s(config, on_machine.get(n, model), hit) for n in names)
-        one_window = [window_on_machine.get(n, window) if n in on_machine else window for n in names]
+        one_window = [window_on_machine.get(n, window) for n in names]
         same = (
             statistics.median(decode_bound_tokens_per_s(config, m, hit) for m in one_window)
             if all(one_window)
